@@ -1,0 +1,12 @@
+//! Device models for hotplug-vmm, usable by any VMM: PCI/PCIe configuration space, host bridge,
+//! legacy platform devices (16550 console, ACPI power registers).
+//!
+//! Nothing here depends on KVM. Devices raise interrupts through [`interrupt::InterruptLine`] and
+//! sit on the port/MMIO buses of the `vm-device` crate.
+
+#![warn(missing_docs)]
+
+pub mod interrupt;
+pub mod pci;
+pub mod power_control;
+pub mod serial;

@@ -1,0 +1,177 @@
+//! The 16550 UART on the guest's port I/O bus: vm-superio's model wired to an [`InterruptLine`]
+//! and to a host writer, with input flow control.
+//!
+//! The 16550's receive FIFO is small (64 bytes), so host input that does not fit is kept by the
+//! caller and offered again when the guest drains the FIFO: [`SerialDevice::with_drain_notifier`]
+//! tells the caller when that happens.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use vm_device::bus::{PioAddress, PioAddressOffset};
+use vm_device::MutDevicePio;
+use vm_superio::serial::SerialEvents;
+use vm_superio::{Serial, Trigger};
+
+use crate::interrupt::InterruptLine;
+
+/// Number of I/O ports a 16550 decodes (THR/RBR .. SCR).
+pub const SERIAL_PORT_SIZE: u16 = 8;
+
+/// Adapts an [`InterruptLine`] to vm-superio's [`Trigger`].
+pub struct LineTrigger(pub Arc<dyn InterruptLine>);
+
+impl Trigger for LineTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.trigger()
+    }
+}
+
+/// Called when the guest has read every byte of the receive FIFO.
+pub trait DrainNotifier: Send {
+    /// The receive FIFO is empty again.
+    fn drained(&self);
+}
+
+/// Forwards vm-superio's "input buffer empty" event to a [`DrainNotifier`].
+pub struct DrainEvents(Option<Box<dyn DrainNotifier>>);
+
+impl SerialEvents for DrainEvents {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if let Some(n) = &self.0 {
+            n.drained();
+        }
+    }
+}
+
+/// A 16550 UART (the guest's console) registered on the port I/O bus at its base port.
+pub struct SerialDevice {
+    uart: Serial<LineTrigger, DrainEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialDevice {
+    /// A UART that raises `irq` and writes what the guest transmits to `out`.
+    pub fn new(irq: Arc<dyn InterruptLine>, out: Box<dyn Write + Send>) -> Self {
+        Self::with_drain_notifier(irq, out, None)
+    }
+
+    /// Like [`SerialDevice::new`], and `notifier` hears when the guest has emptied the receive FIFO.
+    pub fn with_drain_notifier(
+        irq: Arc<dyn InterruptLine>,
+        out: Box<dyn Write + Send>,
+        notifier: Option<Box<dyn DrainNotifier>>,
+    ) -> Self {
+        SerialDevice {
+            uart: Serial::with_events(LineTrigger(irq), DrainEvents(notifier), out),
+        }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fitted into the receive FIFO.
+    pub fn enqueue_input(&mut self, input: &[u8]) -> io::Result<usize> {
+        let room = self.uart.fifo_capacity();
+        let n = room.min(input.len());
+        if n == 0 {
+            return Ok(0);
+        }
+        self.uart
+            .enqueue_raw_bytes(&input[..n])
+            .map_err(|e| io::Error::other(format!("serial input: {e:?}")))
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+}
+
+impl MutDevicePio for SerialDevice {
+    fn pio_read(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        // A 16550 has byte-wide registers; wider reads see the register in the low byte.
+        data.fill(0);
+        if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            if off < SERIAL_PORT_SIZE as u8 {
+                *first = self.uart.read(off);
+            }
+        }
+    }
+
+    fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        if let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            if off < SERIAL_PORT_SIZE as u8 {
+                if let Err(e) = self.uart.write(off, value) {
+                    log::warn!("serial write at offset {off}: {e:?}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupt::CountingInterrupt;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const BASE: PioAddress = PioAddress(0x3f8);
+
+    #[test]
+    fn transmits_to_writer_and_receives_input() {
+        let irq = Arc::new(CountingInterrupt::default());
+        let sink = Sink::default();
+        let mut s = SerialDevice::new(irq.clone(), Box::new(sink.clone()));
+        s.pio_write(BASE, 0, b"h");
+        s.pio_write(BASE, 0, b"i");
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi");
+
+        // Enable the received-data interrupt (IER bit 0), then queue input.
+        s.pio_write(BASE, 1, &[1]);
+        assert_eq!(s.enqueue_input(b"ok").unwrap(), 2);
+        assert!(irq.count() >= 1);
+        let mut b = [0u8; 1];
+        s.pio_read(BASE, 0, &mut b);
+        assert_eq!(b[0], b'o');
+        s.pio_read(BASE, 0, &mut b);
+        assert_eq!(b[0], b'k');
+    }
+
+    #[test]
+    fn input_beyond_fifo_is_left_to_caller() {
+        let irq = Arc::new(CountingInterrupt::default());
+        let mut s = SerialDevice::new(irq, Box::new(io::sink()));
+        let big = vec![b'x'; 1000];
+        let n = s.enqueue_input(&big).unwrap();
+        assert!(n < big.len());
+        assert_eq!(s.input_room(), 0);
+        assert_eq!(s.enqueue_input(&big).unwrap(), 0);
+    }
+
+    #[test]
+    fn odd_accesses_do_not_panic() {
+        let irq = Arc::new(CountingInterrupt::default());
+        let mut s = SerialDevice::new(irq, Box::new(io::sink()));
+        for off in 0..16u16 {
+            for len in 0..9 {
+                let mut d = vec![0xAAu8; len];
+                s.pio_read(BASE, off, &mut d);
+                s.pio_write(BASE, off, &d);
+            }
+        }
+        s.pio_write(BASE, 0xffff, &[1, 2, 3, 4]);
+    }
+}

@@ -1,0 +1,373 @@
+//! Harness for integration tests that boot real guests in hotplug-vmm.
+//!
+//! A [`Guest`] is a running VMM whose serial console is a pipe: the harness reads everything the
+//! guest prints (with the host time it arrived) and runs shell commands in the guest's console
+//! shell, framed by markers so that their output and exit status can be told apart from the
+//! kernel log lines the test guest's /init forwards to the console.
+//!
+//! Boots are slow on PVM hosts, so a test boots once and checks many things in that boot.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Marker the test guest's /init prints when user space is up.
+pub const READY_MARKER: &str = "HOTPLUG-VMM-READY";
+
+/// How long a boot may take before the test gives up.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// Where resources/build-guest.sh caches the guest.
+pub fn guest_dir() -> PathBuf {
+    if let Ok(c) = std::env::var("HOTPLUG_VMM_CACHE") {
+        return PathBuf::from(c).join("guest");
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    PathBuf::from(home).join(".cache/hotplug-vmm/guest")
+}
+
+fn must_exist(p: PathBuf) -> PathBuf {
+    assert!(
+        p.exists(),
+        "{} is missing: build the test guest first with resources/build-guest.sh",
+        p.display()
+    );
+    p
+}
+
+/// The test guest's uncompressed kernel for `version` ("6.1" or "6.12").
+pub fn vmlinux(version: &str) -> PathBuf {
+    must_exist(guest_dir().join(format!("linux-{version}/vmlinux")))
+}
+
+/// The test guest's bzImage for `version`.
+pub fn bzimage(version: &str) -> PathBuf {
+    must_exist(guest_dir().join(format!("linux-{version}/bzImage")))
+}
+
+/// The test guest's initramfs.
+pub fn initramfs() -> PathBuf {
+    must_exist(guest_dir().join("initramfs.cpio"))
+}
+
+/// The VMM binary under test.
+pub fn vmm_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hotplug-vmm"))
+}
+
+/// The kernel versions the suites run on; `HOTPLUG_VMM_KERNELS=6.1` narrows it.
+pub fn kernel_versions() -> Vec<String> {
+    std::env::var("HOTPLUG_VMM_KERNELS")
+        .unwrap_or_else(|_| "6.1,6.12".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+#[derive(Default)]
+struct Console {
+    /// Every complete line the guest printed, with the host time it arrived.
+    lines: Vec<(Duration, String)>,
+    /// Bytes of the line being printed.
+    partial: Vec<u8>,
+    closed: bool,
+}
+
+type Shared = Arc<(Mutex<Console>, Condvar)>;
+
+/// Options for booting a guest.
+#[derive(Clone, Debug)]
+pub struct BootOptions {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cpus: u8,
+    pub memory: String,
+    /// Extra kernel parameters appended to the VMM's default command line.
+    pub extra_cmdline: String,
+    pub extra_args: Vec<String>,
+}
+
+impl BootOptions {
+    /// The test guest with `version`'s vmlinux.
+    pub fn new(version: &str) -> Self {
+        BootOptions {
+            kernel: vmlinux(version),
+            initramfs: Some(initramfs()),
+            cpus: 1,
+            memory: "256M".into(),
+            extra_cmdline: String::new(),
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// Sets the vCPU count.
+    pub fn cpus(mut self, n: u8) -> Self {
+        self.cpus = n;
+        self
+    }
+}
+
+/// The VMM's default kernel command line, as `--help` prints it.
+pub fn default_cmdline() -> String {
+    let out = Command::new(vmm_binary()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let start = help
+        .find("[default: ")
+        .expect("--help shows the default cmdline");
+    let rest = &help[start + "[default: ".len()..];
+    rest[..rest.find(']').unwrap()].to_string()
+}
+
+/// A running VMM with a guest.
+pub struct Guest {
+    child: Child,
+    stdin: ChildStdin,
+    console: Shared,
+    stderr: Arc<Mutex<String>>,
+    started: Instant,
+    seq: u32,
+    /// Index of the first console line not yet consumed by `run`.
+    cursor: usize,
+    name: String,
+}
+
+impl Guest {
+    /// Starts the VMM; does not wait for the guest.
+    pub fn start(opts: &BootOptions) -> Guest {
+        let mut cmdline = default_cmdline();
+        if !opts.extra_cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&opts.extra_cmdline);
+        }
+        let mut cmd = Command::new(vmm_binary());
+        cmd.arg("--kernel")
+            .arg(&opts.kernel)
+            .args(["--cpus", &opts.cpus.to_string()])
+            .args(["--memory", &opts.memory])
+            .args(["--cmdline", &cmdline]);
+        if let Some(i) = &opts.initramfs {
+            cmd.arg("--initramfs").arg(i);
+        }
+        cmd.args(&opts.extra_args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd.spawn().expect("spawn hotplug-vmm");
+        let console: Shared = Arc::default();
+        let name = format!(
+            "{}/{}cpu",
+            opts.kernel
+                .parent()
+                .and_then(Path::file_name)
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            opts.cpus
+        );
+
+        let mut out = child.stdout.take().unwrap();
+        let c = console.clone();
+        let echo = std::env::var_os("HOTPLUG_VMM_TEST_ECHO").is_some();
+        let tag = name.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = out.read(&mut buf).unwrap_or(0);
+                let (lock, cv) = &*c;
+                let mut con = lock.lock().unwrap();
+                if n == 0 {
+                    con.closed = true;
+                    cv.notify_all();
+                    return;
+                }
+                for &b in &buf[..n] {
+                    if b == b'\n' {
+                        let line = String::from_utf8_lossy(&con.partial)
+                            .trim_end_matches('\r')
+                            .to_string();
+                        if echo {
+                            eprintln!("[{tag} {:7.2}] {line}", started.elapsed().as_secs_f64());
+                        }
+                        con.partial.clear();
+                        con.lines.push((started.elapsed(), line));
+                    } else {
+                        con.partial.push(b);
+                    }
+                }
+                cv.notify_all();
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        let s = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut s = s.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let stdin = child.stdin.take().unwrap();
+        Guest {
+            child,
+            stdin,
+            console,
+            stderr,
+            started,
+            seq: 0,
+            cursor: 0,
+            name,
+        }
+    }
+
+    /// Boots and waits for the ready marker; returns the guest and the marker line.
+    pub fn boot(opts: &BootOptions) -> (Guest, String) {
+        let mut g = Guest::start(opts);
+        let line = g.wait_for_line(|l| l.starts_with(READY_MARKER), BOOT_TIMEOUT);
+        let t = g.started.elapsed();
+        eprintln!("{}: ready after {:.1}s: {line}", g.name, t.as_secs_f64());
+        (g, line)
+    }
+
+    /// Host time since the VMM was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Everything the guest printed so far.
+    pub fn console_text(&self) -> String {
+        let con = self.console.0.lock().unwrap();
+        let mut s: String = con.lines.iter().map(|(_, l)| format!("{l}\n")).collect();
+        s.push_str(&String::from_utf8_lossy(&con.partial));
+        s
+    }
+
+    /// What the VMM wrote on stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        let con = self.console_text();
+        let tail: Vec<&str> = con.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!(
+            "{}: {what} (after {:.1}s)\n--- last console lines ---\n{}\n--- VMM stderr ---\n{}",
+            self.name,
+            self.started.elapsed().as_secs_f64(),
+            tail.join("\n"),
+            self.stderr_text()
+        );
+    }
+
+    /// Waits for a console line (from the cursor on) that satisfies `pred`; returns it.
+    pub fn wait_for_line(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.console;
+        let mut con = lock.lock().unwrap();
+        loop {
+            if let Some(i) = (self.cursor..con.lines.len()).find(|&i| pred(&con.lines[i].1)) {
+                self.cursor = i + 1;
+                return con.lines[i].1.clone();
+            }
+            if con.closed {
+                drop(con);
+                self.fail("the VMM exited before the expected console line");
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(con);
+                self.fail("timed out waiting for a console line");
+            }
+            con = cv.wait_timeout(con, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits for a console line containing `needle`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let n = needle.to_string();
+        self.wait_for_line(move |l| l.contains(&n), timeout)
+    }
+
+    /// Sends raw bytes to the guest console.
+    pub fn send(&mut self, s: &str) {
+        self.stdin.write_all(s.as_bytes()).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Runs `cmd` in the guest shell; returns (output lines, exit status). Kernel log lines that
+    /// /init forwards and block-device reports are left out of the output.
+    pub fn run_status(&mut self, cmd: &str, timeout: Duration) -> (String, i32) {
+        self.seq += 1;
+        let begin = format!("@@B{}", self.seq);
+        let end = format!("@@E{} ", self.seq);
+        self.send(&format!("echo {begin}; {{ {cmd}\n}} 2>&1; echo {end}$?\n"));
+        self.wait_for_line(|l| l == begin, timeout);
+        let endl = self.wait_for_line(|l| l.starts_with(&end), timeout);
+        let status: i32 = endl[end.len()..].trim().parse().unwrap_or(-1);
+        let con = self.console.0.lock().unwrap();
+        let start = (0..self.cursor - 1)
+            .rev()
+            .find(|&i| con.lines[i].1 == begin)
+            .unwrap();
+        let out: Vec<&str> = con.lines[start + 1..self.cursor - 1]
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .filter(|l| !is_async_line(l))
+            .collect();
+        (out.join("\n"), status)
+    }
+
+    /// Runs `cmd` and requires exit status 0; returns its output.
+    pub fn run(&mut self, cmd: &str) -> String {
+        let (out, status) = self.run_status(cmd, Duration::from_secs(300));
+        if status != 0 {
+            self.fail(&format!("`{cmd}` exited with {status}: {out}"));
+        }
+        out
+    }
+
+    /// `poweroff -f` in the guest; returns the VMM's exit status.
+    pub fn poweroff(mut self) -> ExitStatus {
+        self.send("poweroff -f\n");
+        self.wait_exit(Duration::from_secs(120))
+    }
+
+    /// Waits for the VMM to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() >= deadline {
+                self.fail("the VMM did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Lines the guest prints on its own: forwarded kernel log lines and block-device reports.
+pub fn is_async_line(l: &str) -> bool {
+    let kmsg = l.starts_with('[')
+        && l.find("] ").is_some_and(|i| {
+            l[1..i]
+                .trim()
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == '.')
+        });
+    kmsg || l.starts_with("BLOCK-ADD ") || l.starts_with("BLOCK-REMOVE ")
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,147 @@
+//! The command line (SPEC.md §3) and the machine configuration parsed from it.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Kernel parameters every guest gets unless `--cmdline` replaces them: the console, and the
+/// switches that keep a stock kernel off instructions KVM's emulator cannot run on PVM hosts
+/// (docs/guest-on-pvm.md explains each one).
+pub const DEFAULT_CMDLINE: &str = concat!(
+    "console=ttyS0 quiet ",
+    "noxsave clearcpuid=smap,smep,popcnt,cx16,fsgsbase,rdpid,pcid,invpcid,rdrand,rdseed,movbe,",
+    "erms,fsrm,clflushopt,clwb,avx,avx2,bmi1,bmi2 nopti mitigations=off"
+);
+
+/// hotplug-vmm: a minimal x86_64 VMM on KVM for PCI Express hotplug research.
+///
+/// The guest console is on stdout (stdin goes to the guest); logs go to stderr, filtered by
+/// RUST_LOG (e.g. RUST_LOG=debug). The guest powering off ends the process with status 0, and so
+/// does a guest reboot (the VMM does not restart the guest).
+#[derive(Parser, Debug)]
+#[command(name = "hotplug-vmm", version, about, long_about = None)]
+pub struct Cli {
+    /// Guest kernel: an uncompressed vmlinux (ELF; PVH entry point when it has one) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+
+    /// Initramfs (cpio archive, optionally compressed) handed to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+
+    /// Kernel command line. Replaces the default, which is printed here.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+
+    /// Guest RAM, with an optional K, M or G suffix (bytes without one).
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    pub memory: u64,
+
+    /// Number of vCPUs (1..=64).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_cpus)]
+    pub cpus: u8,
+
+    /// Where the guest console goes: stdio (stdout, with stdin as input), null, or file=PATH.
+    #[arg(long, value_name = "stdio|null|file=PATH", default_value = "stdio", value_parser = parse_serial)]
+    pub serial: SerialMode,
+}
+
+/// Destination of the guest console.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SerialMode {
+    /// stdout for output, stdin for input.
+    Stdio,
+    /// Output discarded, no input.
+    Null,
+    /// Output written to a file, no input.
+    File(PathBuf),
+}
+
+/// Smallest guest RAM we accept: the kernel, its page tables and the initramfs must fit.
+pub const MIN_MEMORY: u64 = 64 << 20;
+/// Largest guest RAM we accept.
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Most vCPUs: the MADT, the CPUID topology and the guest kernel (NR_CPUS) are sized for this.
+pub const MAX_CPUS: u8 = 64;
+
+/// Parses "512M", "1G", "65536K", "1048576".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (use e.g. 512M or 2G)"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))?;
+    if bytes < MIN_MEMORY {
+        return Err(format!(
+            "'{s}' is less than the minimum of {}M",
+            MIN_MEMORY >> 20
+        ));
+    }
+    if bytes > MAX_MEMORY {
+        return Err(format!(
+            "'{s}' is more than the maximum of {}G",
+            MAX_MEMORY >> 30
+        ));
+    }
+    if bytes % 4096 != 0 {
+        return Err(format!("'{s}' is not a multiple of 4K"));
+    }
+    Ok(bytes)
+}
+
+fn parse_cpus(s: &str) -> Result<u8, String> {
+    match s.trim().parse::<u8>() {
+        Ok(n) if (1..=MAX_CPUS).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}' is not a vCPU count from 1 to {MAX_CPUS}")),
+    }
+}
+
+fn parse_serial(s: &str) -> Result<SerialMode, String> {
+    match s {
+        "stdio" => Ok(SerialMode::Stdio),
+        "null" => Ok(SerialMode::Null),
+        _ => match s.strip_prefix("file=") {
+            Some(p) if !p.is_empty() => Ok(SerialMode::File(PathBuf::from(p))),
+            _ => Err(format!("'{s}' is not stdio, null or file=PATH")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("131072k"), Ok(128 << 20));
+        assert_eq!(parse_size("134217728"), Ok(128 << 20));
+        for bad in ["", "M", "12X", "-1G", "1M", "99999999999G", "67108865"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cpus_and_serial() {
+        assert_eq!(parse_cpus("2"), Ok(2));
+        assert!(parse_cpus("0").is_err());
+        assert!(parse_cpus("65").is_err());
+        assert!(parse_cpus("x").is_err());
+        assert_eq!(parse_serial("null"), Ok(SerialMode::Null));
+        assert_eq!(
+            parse_serial("file=/tmp/x"),
+            Ok(SerialMode::File("/tmp/x".into()))
+        );
+        assert!(parse_serial("file=").is_err());
+        assert!(parse_serial("tcp").is_err());
+    }
+}

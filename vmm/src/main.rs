@@ -1,0 +1,41 @@
+//! hotplug-vmm: a minimal x86_64 VMM on KVM for PCI Express hotplug research.
+
+mod boot;
+mod config;
+mod console;
+mod layout;
+mod terminal;
+mod vcpu;
+mod vm;
+
+use clap::Parser;
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .target(env_logger::Target::Stderr)
+        .init();
+    let cli = config::Cli::parse();
+    let raw = (cli.serial == config::SerialMode::Stdio).then(terminal::RawMode::enter);
+    let result = vm::run(&cli);
+    drop(raw);
+    let code = match result {
+        Ok(vm::VmExit::PowerOff) => {
+            log::info!("guest powered off");
+            0
+        }
+        Ok(vm::VmExit::Reset) => {
+            log::info!("guest reset: ending (hotplug-vmm does not restart guests)");
+            0
+        }
+        Ok(vm::VmExit::Quit) => 0,
+        Ok(vm::VmExit::Fatal(msg)) => {
+            eprintln!("hotplug-vmm: {msg}");
+            1
+        }
+        Err(e) => {
+            eprintln!("hotplug-vmm: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,384 @@
+//! The machine: KVM VM, guest memory, interrupt controller, platform devices, ACPI tables, vCPU
+//! threads, and the main event loop that runs until the guest powers off or something fails.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex, RwLock};
+
+use devices::interrupt::InterruptLine;
+use devices::pci::{Bdf, PciConfigIo, PciConfigMmio, PciHostBridge, PciRoot};
+use devices::power_control::{
+    PowerControl, PowerHandler, POWER_CONTROL_PORTS, RESET_OFFSET, RESET_VALUE,
+    SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET,
+};
+use devices::serial::{SerialDevice, SERIAL_PORT_SIZE};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot;
+use crate::config::{Cli, SerialMode};
+use crate::console::{ConsoleInput, EventFdNotifier};
+use crate::layout::*;
+use crate::vcpu::Vcpu;
+
+/// Why the VM stopped.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VmExit {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset; the VMM ends instead of restarting.
+    Reset,
+    /// The user asked the VMM to quit.
+    Quit,
+    /// Something the VMM cannot go on from: the message explains it.
+    Fatal(String),
+}
+
+/// The first reason to stop wins; the main loop wakes up through the eventfd.
+pub struct ExitSignal {
+    evt: EventFd,
+    reason: Mutex<Option<VmExit>>,
+}
+
+impl ExitSignal {
+    fn new() -> io::Result<Self> {
+        Ok(ExitSignal {
+            evt: EventFd::new(EFD_NONBLOCK)?,
+            reason: Mutex::new(None),
+        })
+    }
+
+    /// Asks the VM to stop for `why` (ignored if it is already stopping).
+    pub fn request(&self, why: VmExit) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_none() {
+            *r = Some(why);
+        }
+        let _ = self.evt.write(1);
+    }
+
+    /// Whether the VM is stopping.
+    pub fn is_requested(&self) -> bool {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    fn reason(&self) -> Option<VmExit> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// A failure to build the machine.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0}")]
+    Kvm(kvm_ioctls::Error),
+    #[error("{0}: {1}")]
+    KvmIoctl(&'static str, kvm_ioctls::Error),
+    #[error("cannot allocate {0} MiB of guest memory: {1}")]
+    Memory(u64, String),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::VcpuSetupError),
+    #[error("ACPI tables: {0}")]
+    Acpi(String),
+    #[error("cannot open serial output {0}: {1}")]
+    SerialFile(String, io::Error),
+    #[error("device bus: {0}")]
+    Bus(String),
+    #[error("{0}: {1}")]
+    Io(&'static str, io::Error),
+}
+
+/// An interrupt line into KVM's in-kernel IOAPIC through an irqfd.
+struct IrqfdLine(EventFd);
+
+impl InterruptLine for IrqfdLine {
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+struct ExitOnPower(Arc<ExitSignal>);
+
+impl PowerHandler for ExitOnPower {
+    fn power_off(&self) {
+        self.0.request(VmExit::PowerOff);
+    }
+    fn reset(&self) {
+        self.0.request(VmExit::Reset);
+    }
+}
+
+/// Wakes the event loop when the VM is asked to stop.
+struct ExitWatcher(Arc<ExitSignal>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0.evt, EventSet::IN)) {
+            log::error!("cannot watch the exit event: {e:?}");
+        }
+    }
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.evt.read();
+    }
+}
+
+/// A stdout writer that flushes every write, so the console is never held back.
+struct Unbuffered<W: Write>(W);
+
+impl<W: Write> Write for Unbuffered<W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let n = self.0.write(b)?;
+        self.0.flush()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Builds the machine from the command line and runs it until it stops.
+pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
+    // Check the user's files before anything else, so that their errors come first.
+    File::open(&cli.kernel)
+        .map_err(|e| boot::BootError::KernelOpen(cli.kernel.display().to_string(), e))?;
+    if let Some(p) = &cli.initramfs {
+        File::open(p).map_err(|e| boot::BootError::InitramfsOpen(p.display().to_string(), e))?;
+    }
+
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmError::KvmIoctl("KVM_CREATE_VM", e))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(|e| VmError::KvmIoctl("KVM_SET_TSS_ADDR", e))?;
+    if let Err(e) = vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS) {
+        log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+    }
+    vm.create_irq_chip()
+        .map_err(|e| VmError::KvmIoctl("KVM_CREATE_IRQCHIP", e))?;
+
+    let mem = create_memory(&vm, cli.memory)?;
+    let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Io("eventfd", e))?);
+    let mut io_mgr = IoManager::new();
+
+    // Console.
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Io("eventfd", e))?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(|e| VmError::KvmIoctl("KVM_IRQFD", e))?;
+    let out: Box<dyn Write + Send> = match &cli.serial {
+        SerialMode::Stdio => Box::new(Unbuffered(io::stdout())),
+        SerialMode::Null => Box::new(io::sink()),
+        SerialMode::File(p) => Box::new(Unbuffered(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| VmError::SerialFile(p.display().to_string(), e))?,
+        )),
+    };
+    let drained = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Io("eventfd", e))?;
+    let notifier = EventFdNotifier(drained.try_clone().map_err(|e| VmError::Io("eventfd", e))?);
+    let serial = Arc::new(Mutex::new(SerialDevice::with_drain_notifier(
+        Arc::new(IrqfdLine(serial_irq)),
+        out,
+        Some(Box::new(notifier)),
+    )));
+    register_pio(&mut io_mgr, SERIAL_PORT, SERIAL_PORT_SIZE, serial.clone())?;
+
+    // Power off and reset.
+    let power = Arc::new(Mutex::new(PowerControl::new(Box::new(ExitOnPower(
+        exit.clone(),
+    )))));
+    register_pio(&mut io_mgr, POWER_PORT, POWER_CONTROL_PORTS, power)?;
+
+    // PCI: the root complex with its host bridge, reachable through both configuration mechanisms.
+    let pci_root = Arc::new(Mutex::new(PciRoot::new()));
+    pci_root
+        .lock()
+        .unwrap()
+        .add_device(
+            Bdf::new(0, 0, 0).expect("00:00.0 is a valid address"),
+            Arc::new(Mutex::new(PciHostBridge::new())),
+        )
+        .map_err(|e| VmError::Bus(format!("host bridge: {e}")))?;
+    register_pio(
+        &mut io_mgr,
+        PCI_CONFIG_IO_PORT,
+        PCI_CONFIG_IO_SIZE,
+        Arc::new(Mutex::new(PciConfigIo::new(pci_root.clone(), None))),
+    )?;
+    let ecam = PciConfigMmio::new(pci_root.clone(), ECAM_BUSES, None);
+    io_mgr
+        .register_mmio(
+            MmioRange::new(MmioAddress(ECAM_START), ecam.size())
+                .map_err(|e| VmError::Bus(format!("{e:?}")))?,
+            Arc::new(Mutex::new(ecam)),
+        )
+        .map_err(|e| VmError::Bus(format!("ECAM: {e:?}")))?;
+
+    // ACPI tables.
+    for (addr, blob) in acpi::build_tables(&acpi_config(cli), ACPI_START)
+        .map_err(|e| VmError::Acpi(format!("{e:?}")))?
+    {
+        mem.write_slice(&blob, GuestAddress(addr))
+            .map_err(|e| VmError::Acpi(format!("writing at {addr:#x}: {e}")))?;
+    }
+
+    let entry = boot::load_guest(
+        &mem,
+        cli.memory,
+        &cli.kernel,
+        cli.initramfs.as_deref(),
+        &cli.cmdline,
+    )?;
+    log::info!("boot entry: {entry:x?}");
+
+    let io = Arc::new(RwLock::new(io_mgr));
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmError::KvmIoctl("KVM_GET_SUPPORTED_CPUID", e))?;
+    let mut vcpus = Vec::new();
+    for id in 0..cli.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VmError::KvmIoctl("KVM_CREATE_VCPU", e))?;
+        let boot = (id == 0).then_some(entry);
+        vcpus.push(Vcpu::new(
+            fd,
+            id,
+            cli.cpus,
+            &cpuid,
+            boot,
+            mem.clone(),
+            io.clone(),
+            exit.clone(),
+        )?);
+    }
+
+    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = EventManager::new()
+        .map_err(|e| VmError::Io("epoll", io::Error::other(format!("{e:?}"))))?;
+    em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
+    if cli.serial == SerialMode::Stdio {
+        let tty = crate::terminal::stdin_is_tty();
+        em.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
+            serial.clone(),
+            drained,
+            exit.clone(),
+            tty,
+        ))));
+    }
+
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu.run())
+            .map_err(|e| VmError::Io("spawning a vCPU thread", e))?;
+    }
+
+    while !exit.is_requested() {
+        if let Err(e) = em.run() {
+            log::warn!("event loop: {e:?}");
+        }
+    }
+    let _ = pci_root;
+    Ok(exit.reason().unwrap_or(VmExit::Quit))
+}
+
+fn register_pio<D>(
+    io: &mut IoManager,
+    base: u16,
+    size: u16,
+    dev: Arc<Mutex<D>>,
+) -> Result<(), VmError>
+where
+    D: vm_device::MutDevicePio + Send + 'static,
+{
+    let range =
+        PioRange::new(PioAddress(base), size).map_err(|e| VmError::Bus(format!("{e:?}")))?;
+    io.register_pio(range, dev)
+        .map_err(|e| VmError::Bus(format!("ports {base:#x}+{size}: {e:?}")))
+}
+
+fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let ranges: Vec<(GuestAddress, usize)> = ram_regions(size)
+        .into_iter()
+        .map(|(s, l)| (GuestAddress(s), l as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges)
+        .map_err(|e| VmError::Memory(size >> 20, e.to_string()))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmError::Memory(size >> 20, e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the host range [host, host + len) is a live mmap owned by `mem`, which the VM
+        // keeps (every vCPU holds a clone) for as long as the process runs; the guest ranges of
+        // the regions do not overlap.
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|e| VmError::KvmIoctl("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    Ok(mem)
+}
+
+fn acpi_config(cli: &Cli) -> acpi::MachineConfig {
+    acpi::MachineConfig {
+        cpus: cli.cpus,
+        lapic_addr: LAPIC_START as u32,
+        ioapic_addr: IOAPIC_START as u32,
+        ioapic_id: cli.cpus,
+        sci_irq: SCI_IRQ,
+        sleep_control_port: POWER_PORT + SLEEP_CONTROL_OFFSET,
+        sleep_status_port: POWER_PORT + SLEEP_STATUS_OFFSET,
+        reset_port: POWER_PORT + RESET_OFFSET,
+        reset_value: RESET_VALUE,
+        pci: acpi::HostBridgeConfig {
+            segment: 0,
+            ecam_base: ECAM_START,
+            bus_start: 0,
+            bus_end: (ECAM_BUSES - 1) as u8,
+            io_window: PCI_IO_WINDOW,
+            mmio32: (MMIO32_START, MMIO32_SIZE),
+            mmio64: (mmio64_start(cli.memory), MMIO64_SIZE),
+            osc: acpi::OscConfig {
+                grant_native_hotplug: true,
+                report_port: None,
+            },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acpi_and_power_registers_agree() {
+        // The DSDT's _S5 and the FADT's reset value must be what the power device decodes.
+        assert_eq!(acpi::fadt::SLP_TYP_S5, devices::power_control::SLP_TYP_S5);
+        let cli = <Cli as clap::Parser>::parse_from(["hotplug-vmm", "--kernel", "k"]);
+        let cfg = acpi_config(&cli);
+        assert_eq!(cfg.reset_value, RESET_VALUE);
+        assert_eq!(cfg.sleep_control_port, POWER_PORT);
+        assert_eq!(cfg.pci.ecam_base, ECAM_START);
+        acpi::build_tables(&cfg, ACPI_START).expect("tables for the default machine");
+    }
+}
