@@ -34,11 +34,11 @@ pub struct Cli {
     pub cmdline: String,
 
     /// Guest RAM, with an optional K, M or G suffix (bytes without one).
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size, allow_hyphen_values = true)]
     pub memory: u64,
 
     /// Number of vCPUs (1..=64).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_cpus)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_cpus, allow_hyphen_values = true)]
     pub cpus: u8,
 
     /// Where the guest console goes: stdio (stdout, with stdin as input), null, or file=PATH.

@@ -28,6 +28,10 @@ const MSR_IA32_MISC_ENABLE_FAST_STRING: u64 = 1;
 const MSR_K7_HWCR: u32 = 0xc001_0015;
 const MSR_K7_HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
 
+/// Environment variable: sample every vCPU's RIP every so many milliseconds (a debugging aid for
+/// guests that hang: the samples go to stderr at warn level).
+pub const SAMPLE_ENV: &str = "HOTPLUG_VMM_SAMPLE_MS";
+
 /// CR0/CR4/EFER bits (Intel SDM vol. 3, §2.5, §2.2.1).
 const X86_CR0_PE: u64 = 1 << 0;
 const X86_CR0_ET: u64 = 1 << 4;
@@ -64,6 +68,8 @@ pub struct Vcpu {
     io: Arc<RwLock<IoManager>>,
     mem: GuestMemoryMmap,
     exit: Arc<ExitSignal>,
+    /// Log where the vCPU is whenever a kick interrupts KVM_RUN (HOTPLUG_VMM_SAMPLE_MS).
+    sample: bool,
 }
 
 impl Vcpu {
@@ -117,12 +123,14 @@ impl Vcpu {
         if let Some(entry) = boot {
             setup_boot_registers(&fd, &mem, entry).map_err(err("boot registers"))?;
         }
+        let sample = std::env::var_os(SAMPLE_ENV).is_some();
         Ok(Vcpu {
             fd,
             id,
             io,
             mem,
             exit,
+            sample,
         })
     }
 
@@ -133,6 +141,9 @@ impl Vcpu {
             let outcome = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, &self.io),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if self.sample {
+                        log::warn!("vCPU {} sample: {}", self.id, self.describe_state());
+                    }
                     Outcome::Continue
                 }
                 Err(e) => Outcome::Fatal(format!("KVM_RUN failed: {e}")),

@@ -15,16 +15,20 @@ use devices::serial::{SerialDevice, SERIAL_PORT_SIZE};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
+use std::os::unix::thread::JoinHandleExt;
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::boot;
 use crate::config::{Cli, SerialMode};
 use crate::console::{ConsoleInput, EventFdNotifier};
 use crate::layout::*;
 use crate::vcpu::Vcpu;
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// Why the VM stopped.
 #[derive(Clone, Debug, PartialEq)]
@@ -281,11 +285,30 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         ))));
     }
 
+    // A signal that only interrupts KVM_RUN, to kick vCPUs out of the guest.
+    register_signal_handler(SIGRTMIN(), kick_handler)
+        .map_err(|e| VmError::Io("signal handler", io::Error::from_raw_os_error(e.errno())))?;
+    let mut threads = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
-        std::thread::Builder::new()
+        let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || vcpu.run())
             .map_err(|e| VmError::Io("spawning a vCPU thread", e))?;
+        threads.push(t);
+    }
+    if let Some(ms) = std::env::var(crate::vcpu::SAMPLE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let tids: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(ms.max(10)));
+            for &tid in &tids {
+                // SAFETY: the vCPU threads never exit before the process does, so the handles
+                // stay valid; SIGRTMIN has a no-op handler installed above.
+                unsafe { libc::pthread_kill(tid, SIGRTMIN()) };
+            }
+        });
     }
 
     while !exit.is_requested() {

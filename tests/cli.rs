@@ -1,0 +1,100 @@
+//! Bad command lines end the VMM with a one-line error naming the problem and a non-zero status,
+//! never a panic (SPEC.md §3). No guest is booted.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hotplug-vmm"))
+        .args(args)
+        .output()
+        .expect("run hotplug-vmm");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    let (code, err) = run(args);
+    assert_ne!(code, 0, "{args:?} must fail");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines.iter().any(|l| l.contains(needle)),
+        "{args:?}: expected {needle:?} in {err}"
+    );
+    // clap adds a usage hint after its error line; our own errors are exactly one line.
+    let ours = !err.starts_with("error:");
+    if ours {
+        assert_eq!(lines.len(), 1, "{args:?}: more than one line: {err}");
+    }
+}
+
+fn temp_file(name: &str, contents: &[u8]) -> String {
+    let p = std::env::temp_dir().join(format!("hotplug-vmm-cli-{}-{name}", std::process::id()));
+    std::fs::write(&p, contents).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn missing_kernel_file() {
+    assert_one_line_error(
+        &["--kernel", "/nonexistent/vmlinux"],
+        "/nonexistent/vmlinux",
+    );
+}
+
+#[test]
+fn kernel_that_is_not_a_kernel() {
+    let k = temp_file("bogus-kernel", b"not an ELF and not a bzImage");
+    assert_one_line_error(&["--kernel", &k], "not an x86_64 ELF vmlinux or bzImage");
+}
+
+#[test]
+fn unreadable_initramfs() {
+    let k = temp_file("k", b"x");
+    assert_one_line_error(
+        &["--kernel", &k, "--initramfs", "/nonexistent/initrd"],
+        "/nonexistent/initrd",
+    );
+}
+
+#[test]
+fn bad_memory_sizes() {
+    for bad in ["lots", "0", "1M", "12X", "99999999G"] {
+        assert_one_line_error(&["--kernel", "k", "--memory", bad], "--memory");
+    }
+}
+
+#[test]
+fn bad_cpu_counts() {
+    for bad in ["0", "65", "-1", "two"] {
+        assert_one_line_error(&["--kernel", "k", "--cpus", bad], "--cpus");
+    }
+}
+
+#[test]
+fn bad_serial_mode() {
+    assert_one_line_error(&["--kernel", "k", "--serial", "tcp:1234"], "--serial");
+}
+
+#[test]
+fn kernel_is_required_and_help_documents_every_flag() {
+    assert_one_line_error(&[], "--kernel");
+    let out = Command::new(env!("CARGO_BIN_EXE_hotplug-vmm"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--kernel",
+        "--initramfs",
+        "--cmdline",
+        "--memory",
+        "--cpus",
+        "--serial",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
