@@ -19,7 +19,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(os.environ.get("HOTPLUG_VMM_CACHE", os.path.expanduser("~/.cache/hotplug-vmm")), "guest")
 VMM = os.path.join(ROOT, "target", "release", "hotplug-vmm")
-MARKER = b"HOTPLUG-VMM-READY"
+READY_MARKER = b"HOTPLUG-VMM-READY"
+INIT_MARKER = b"Run /init as init process"
 
 
 def default_cmdline():
@@ -28,8 +29,8 @@ def default_cmdline():
     return out[start:out.index("]", start)]
 
 
-def time_to_marker(cmd, timeout):
-    """Seconds from spawning `cmd` to MARKER on its stdout, or None on timeout/exit."""
+def time_to_marker(cmd, marker, timeout):
+    """Seconds from spawning `cmd` to `marker` on its stdout, or None on timeout/exit."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     found = threading.Event()
@@ -42,7 +43,7 @@ def time_to_marker(cmd, timeout):
             if not chunk:
                 return
             buf = (buf + chunk)[-4096:]
-            if MARKER in buf:
+            if marker in buf:
                 result["t"] = time.monotonic() - t0
                 found.set()
                 return
@@ -61,14 +62,20 @@ def main():
     ap.add_argument("--cpus", default="1")
     ap.add_argument("--memory", default="256M")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--until", choices=["ready", "init"], default="ready",
+                    help="ready: the test guest's ready marker (user space up); init: the kernel's "
+                         "'Run /init as init process' (kernel boot done; quiet is dropped to see it)")
     args = ap.parse_args()
+    marker = READY_MARKER if args.until == "ready" else INIT_MARKER
 
     kernel = os.path.join(CACHE, f"linux-{args.kernel_version}", "vmlinux")
     initrd = os.path.join(CACHE, "initramfs.cpio")
     cmdline = default_cmdline()
+    if args.until == "init":
+        cmdline = " ".join(p for p in cmdline.split() if p != "quiet")
     ours = [VMM, "--kernel", kernel, "--initramfs", initrd, "--cmdline", cmdline,
             "--cpus", args.cpus, "--memory", args.memory]
-    qemu = ["qemu-system-x86_64", "-machine", "q35,accel=kvm", "-cpu", "host", "-m", args.memory,
+    qemu = ["qemu-system-x86_64", "-machine", "q35,accel=kvm", "-m", args.memory,
             "-smp", args.cpus, "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
             "-kernel", kernel, "-initrd", initrd, "-append", cmdline]
 
@@ -76,7 +83,7 @@ def main():
     for name, cmd in (("hotplug-vmm", ours), ("QEMU q35", qemu)):
         times = []
         for i in range(args.runs):
-            t = time_to_marker(cmd, args.timeout)
+            t = time_to_marker(cmd, marker, args.timeout)
             print(f"{name} run {i + 1}: {'%.1fs' % t if t is not None else 'no ready marker within %ds' % args.timeout}",
                   file=sys.stderr, flush=True)
             times.append(t)
@@ -86,8 +93,9 @@ def main():
         ok = [t for t in ts if t is not None]
         return statistics.median(ok) if len(ok) == len(ts) and ok else None
 
-    print(f"\nBoot to ready marker, Linux {args.kernel_version}, {args.cpus} vCPU, {args.memory}, "
-          f"median of {args.runs} (`resources/bench-boot.py --runs {args.runs} --kernel-version {args.kernel_version}`)\n")
+    what = "ready marker" if args.until == "ready" else "'Run /init as init process'"
+    print(f"\nBoot to {what}, Linux {args.kernel_version}, {args.cpus} vCPU, {args.memory}, "
+          f"median of {args.runs} (`resources/bench-boot.py --runs {args.runs} --kernel-version {args.kernel_version} --until {args.until}`)\n")
     print("| VMM | median | runs | ratio ours/QEMU |")
     print("| --- | --- | --- | --- |")
     ours_med = med(rows[0][1])

@@ -89,6 +89,8 @@ pub struct BootOptions {
     pub memory: String,
     /// Extra kernel parameters appended to the VMM's default command line.
     pub extra_cmdline: String,
+    /// Default-command-line parameters to leave out (e.g. "quiet" to see the whole kernel log).
+    pub drop_params: Vec<String>,
     pub extra_args: Vec<String>,
 }
 
@@ -101,8 +103,24 @@ impl BootOptions {
             cpus: 1,
             memory: "256M".into(),
             extra_cmdline: String::new(),
+            drop_params: Vec::new(),
             extra_args: Vec::new(),
         }
+    }
+
+    /// Appends kernel parameters.
+    pub fn append(mut self, params: &str) -> Self {
+        if !self.extra_cmdline.is_empty() {
+            self.extra_cmdline.push(' ');
+        }
+        self.extra_cmdline.push_str(params);
+        self
+    }
+
+    /// Leaves `param` out of the default command line.
+    pub fn without(mut self, param: &str) -> Self {
+        self.drop_params.push(param.to_string());
+        self
     }
 
     /// Sets the vCPU count.
@@ -139,7 +157,11 @@ pub struct Guest {
 impl Guest {
     /// Starts the VMM; does not wait for the guest.
     pub fn start(opts: &BootOptions) -> Guest {
-        let mut cmdline = default_cmdline();
+        let mut cmdline = default_cmdline()
+            .split_whitespace()
+            .filter(|p| !opts.drop_params.iter().any(|d| d == p))
+            .collect::<Vec<_>>()
+            .join(" ");
         if !opts.extra_cmdline.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(&opts.extra_cmdline);
@@ -336,6 +358,12 @@ impl Guest {
     pub fn poweroff(mut self) -> ExitStatus {
         self.send("poweroff -f\n");
         self.wait_exit(Duration::from_secs(120))
+    }
+
+    /// The console lines printed so far, without the host timestamps.
+    pub fn lines(&self) -> Vec<String> {
+        let con = self.console.0.lock().unwrap();
+        con.lines.iter().map(|(_, l)| l.clone()).collect()
     }
 
     /// Waits for the VMM to exit.
