@@ -26,7 +26,7 @@ INIT_MARKER = b"Run /init as init process"
 def default_cmdline():
     out = subprocess.run([VMM, "--help"], capture_output=True, text=True, check=True).stdout
     start = out.index("[default: ") + len("[default: ")
-    return out[start:out.index("]", start)]
+    return out[start:out.index("]", start)].strip('"')
 
 
 def time_to_marker(cmd, marker, timeout):

@@ -138,7 +138,10 @@ pub fn default_cmdline() -> String {
         .find("[default: ")
         .expect("--help shows the default cmdline");
     let rest = &help[start + "[default: ".len()..];
-    rest[..rest.find(']').unwrap()].to_string()
+    // clap quotes a default that has spaces in it.
+    rest[..rest.find(']').unwrap()]
+        .trim_matches('"')
+        .to_string()
 }
 
 /// A running VMM with a guest.

@@ -331,6 +331,14 @@ fn patch_cpuid(cpuid: &mut CpuId, id: u8, cpus: u8) {
                 e.edx |= 1 << 28;
             }
             0xb | 0x1f => e.edx = u32::from(id),
+            // AMD extended APIC ID (AMD64 APM vol. 3, CPUID Fn8000_001E): EAX the APIC ID, EBX
+            // the core ID (one thread per core), ECX node 0. Linux reads the APIC ID from here on
+            // AMD and reports a mismatch with the LAPIC otherwise.
+            0x8000_001e => {
+                e.eax = u32::from(id);
+                e.ebx = u32::from(id);
+                e.ecx = 0;
+            }
             _ => {}
         }
     }
