@@ -10,3 +10,4 @@ pub mod interrupt;
 pub mod pci;
 pub mod power_control;
 pub mod serial;
+pub mod virtio;

@@ -52,11 +52,13 @@
 //! assert_eq!(u32::from_le_bytes(id), 0x0008_1b36);
 //! ```
 
+pub mod bar_space;
 pub mod bus;
 pub mod configuration;
 pub mod device;
 pub mod host_bridge;
 
+pub use bar_space::BarSpace;
 pub use bus::{
     BarReprogrammingHandler, Bdf, PciBusError, PciConfigIo, PciConfigMmio, PciRoot,
     PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_COUNT,

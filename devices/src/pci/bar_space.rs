@@ -1,0 +1,314 @@
+//! The address space of BARs: where each decoded BAR of every function is mapped, as one region
+//! on a VMM's bus that dispatches accesses to the BAR under them.
+//!
+//! Guests move BARs with configuration writes, and those writes are themselves dispatched by the
+//! VMM's bus, which typically holds that bus shared while dispatching. Keeping BAR mappings in a
+//! [`BarSpace`] of their own — registered once on the VMM's bus over the host bridge's windows —
+//! lets a configuration write remap BARs without exclusive access to the VMM's bus. A
+//! [`BarSpace`] is also a [`BarReprogrammingHandler`] that applies every [`BarReprogram`].
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+
+use vm_device::bus::{MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset};
+use vm_device::{DeviceMmio, DevicePio};
+
+use super::bus::{BarReprogrammingHandler, Bdf};
+use super::configuration::{BarKind, BarReprogram};
+use super::device::{PciBarIo, SharedPciDevice};
+
+#[derive(Clone)]
+struct Mapping {
+    size: u64,
+    bdf: Bdf,
+    region: PciBarIo,
+}
+
+#[derive(Default)]
+struct Maps {
+    memory: BTreeMap<u64, Mapping>,
+    io: BTreeMap<u64, Mapping>,
+}
+
+/// BAR mappings of a PCI segment. See the module documentation.
+///
+/// Accesses that hit no BAR read all-ones and writes to them are dropped, as on a bus where no
+/// device claims the cycle (master abort). An access that straddles the end of a BAR is treated
+/// the same way: a guest cannot reach one BAR through the end of another.
+///
+/// Register one [`BarSpace`] over every window of the host bridge (it may be registered on
+/// several ranges, memory and I/O): it works with absolute addresses, `base + offset`.
+#[derive(Default)]
+pub struct BarSpace {
+    maps: RwLock<Maps>,
+}
+
+impl BarSpace {
+    /// An empty space.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn map_of(maps: &mut Maps, kind: BarKind) -> &mut BTreeMap<u64, Mapping> {
+        if kind.is_io() {
+            &mut maps.io
+        } else {
+            &mut maps.memory
+        }
+    }
+
+    /// Maps BAR `index` of `device` at `address` (guest physical or port) for `size` bytes.
+    /// Returns false, mapping nothing, if it would overlap another mapping or wrap around.
+    pub fn map(
+        &self,
+        bdf: Bdf,
+        device: &SharedPciDevice,
+        kind: BarKind,
+        index: usize,
+        address: u64,
+        size: u64,
+    ) -> bool {
+        let Some(end) = address.checked_add(size) else {
+            return false;
+        };
+        if size == 0 {
+            return false;
+        }
+        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+        let map = Self::map_of(&mut maps, kind);
+        let before = map.range(..end).next_back();
+        if before.is_some_and(|(&start, m)| start + m.size > address) {
+            return false;
+        }
+        map.insert(
+            address,
+            Mapping {
+                size,
+                bdf,
+                region: PciBarIo::new(device.clone(), index),
+            },
+        );
+        true
+    }
+
+    /// Removes the mapping that starts at `address`, if it belongs to BAR `index` of `bdf`.
+    pub fn unmap(&self, bdf: Bdf, kind: BarKind, index: usize, address: u64) -> bool {
+        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+        let map = Self::map_of(&mut maps, kind);
+        match map.get(&address) {
+            Some(m) if m.bdf == bdf && m.region.bar() == index => {
+                map.remove(&address);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes every mapping of `bdf` (e.g. when its device is unplugged).
+    pub fn unmap_all(&self, bdf: Bdf) {
+        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+        maps.memory.retain(|_, m| m.bdf != bdf);
+        maps.io.retain(|_, m| m.bdf != bdf);
+    }
+
+    /// Number of mappings (memory and I/O).
+    pub fn len(&self) -> usize {
+        let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
+        maps.memory.len() + maps.io.len()
+    }
+
+    /// Whether nothing is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The BAR under `[address, address + len)` and the offset of `address` into it.
+    fn find(&self, io: bool, address: u64, len: usize) -> Option<(PciBarIo, u64)> {
+        let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
+        let map = if io { &maps.io } else { &maps.memory };
+        let (&start, m) = map.range(..=address).next_back()?;
+        let offset = address - start;
+        let end = offset.checked_add(len as u64)?;
+        (end <= m.size).then(|| (m.region.clone(), offset))
+    }
+
+    fn read(&self, io: bool, address: Option<u64>, data: &mut [u8]) {
+        match address.and_then(|a| self.find(io, a, data.len())) {
+            Some((region, offset)) => {
+                if io {
+                    region.pio_read(PioAddress(0), offset as u16, data)
+                } else {
+                    region.mmio_read(MmioAddress(0), offset, data)
+                }
+            }
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&self, io: bool, address: Option<u64>, data: &[u8]) {
+        if let Some((region, offset)) = address.and_then(|a| self.find(io, a, data.len())) {
+            if io {
+                region.pio_write(PioAddress(0), offset as u16, data)
+            } else {
+                region.mmio_write(MmioAddress(0), offset, data)
+            }
+        }
+    }
+}
+
+impl DeviceMmio for BarSpace {
+    fn mmio_read(&self, base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        self.read(false, base.0.checked_add(offset), data)
+    }
+
+    fn mmio_write(&self, base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        self.write(false, base.0.checked_add(offset), data)
+    }
+}
+
+impl DevicePio for BarSpace {
+    fn pio_read(&self, base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        let address = u64::from(base.0) + u64::from(offset);
+        self.read(true, Some(address), data)
+    }
+
+    fn pio_write(&self, base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        let address = u64::from(base.0) + u64::from(offset);
+        self.write(true, Some(address), data)
+    }
+}
+
+impl BarReprogrammingHandler for BarSpace {
+    fn reprogram_bars(&self, bdf: Bdf, device: &SharedPciDevice, changes: &[BarReprogram]) {
+        for c in changes {
+            if let Some(old) = c.old {
+                self.unmap(bdf, c.kind, c.index, old);
+            }
+        }
+        for c in changes {
+            if let Some(new) = c.new {
+                if !self.map(bdf, device, c.kind, c.index, new, c.size) {
+                    log::warn!(
+                        "PCI {bdf}: BAR{} at {new:#x} (+{:#x}) overlaps another BAR: not mapped",
+                        c.index,
+                        c.size
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::pci::{ConfigWriteResult, PciDevice};
+
+    /// BAR `n` reads as `n` in every byte and records writes.
+    struct Probe {
+        writes: Vec<(usize, u64, Vec<u8>)>,
+    }
+
+    impl PciDevice for Probe {
+        fn id(&self) -> &str {
+            "probe"
+        }
+        fn config_read(&mut self, _offset: u16, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn config_write(&mut self, _offset: u16, _data: &[u8]) -> ConfigWriteResult {
+            ConfigWriteResult::default()
+        }
+        fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+            data.fill(bar as u8 + offset as u8);
+        }
+        fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+            self.writes.push((bar, offset, data.to_vec()));
+        }
+    }
+
+    fn probe() -> (Arc<Mutex<Probe>>, SharedPciDevice) {
+        let p = Arc::new(Mutex::new(Probe { writes: Vec::new() }));
+        let shared: SharedPciDevice = p.clone();
+        (p, shared)
+    }
+
+    const MEM: BarKind = BarKind::Memory64 {
+        prefetchable: false,
+    };
+
+    fn bdf(d: u8) -> Bdf {
+        Bdf::new(0, d, 0).unwrap()
+    }
+
+    #[test]
+    fn dispatches_to_the_bar_under_the_address() {
+        let space = BarSpace::new();
+        let (p, dev) = probe();
+        assert!(space.map(bdf(1), &dev, MEM, 0, 0xc000_4000, 0x1000));
+        assert!(space.map(bdf(1), &dev, BarKind::Io, 2, 0x1100, 0x20));
+        let mut b = [0u8; 4];
+        space.mmio_read(MmioAddress(0xc000_0000), 0x4010, &mut b);
+        assert_eq!(b, [0x10; 4]);
+        space.pio_read(PioAddress(0x1000), 0x101, &mut b[..1]);
+        assert_eq!(b[0], 3);
+        space.mmio_write(MmioAddress(0xc000_0000), 0x4ffc, &[1, 2, 3, 4]);
+        assert_eq!(p.lock().unwrap().writes, vec![(0, 0xffc, vec![1, 2, 3, 4])]);
+        // Outside any BAR, and straddling a BAR's end: master abort.
+        space.mmio_read(MmioAddress(0xc000_0000), 0x3ffc, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        space.mmio_read(MmioAddress(0xc000_0000), 0x4ffe, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        space.mmio_write(MmioAddress(0xc000_0000), 0x4ffe, &[1, 2, 3, 4]);
+        space.mmio_write(MmioAddress(0xc000_0000), u64::MAX, &[1]);
+        space.mmio_read(MmioAddress(0xc000_0000), u64::MAX - 1, &mut b);
+        assert_eq!(p.lock().unwrap().writes.len(), 1);
+    }
+
+    #[test]
+    fn refuses_overlaps_and_wraparound() {
+        let space = BarSpace::new();
+        let (_, dev) = probe();
+        assert!(space.map(bdf(1), &dev, MEM, 0, 0x10000, 0x1000));
+        assert!(!space.map(bdf(2), &dev, MEM, 0, 0x10800, 0x1000));
+        assert!(!space.map(bdf(2), &dev, MEM, 0, 0xf800, 0x1000));
+        assert!(space.map(bdf(2), &dev, MEM, 0, 0x11000, 0x1000));
+        assert!(space.map(bdf(2), &dev, MEM, 1, 0xf000, 0x1000));
+        assert!(!space.map(bdf(3), &dev, MEM, 0, u64::MAX - 0xfff, 0x2000));
+        assert!(!space.map(bdf(3), &dev, MEM, 0, 0x1000_0000, 0));
+        // I/O and memory are separate spaces.
+        assert!(space.map(bdf(3), &dev, BarKind::Io, 0, 0x10000, 0x100));
+        assert_eq!(space.len(), 4);
+    }
+
+    #[test]
+    fn reprogramming_moves_mappings() {
+        let space = BarSpace::new();
+        let (_, dev) = probe();
+        let change = |old, new| BarReprogram {
+            index: 0,
+            kind: MEM,
+            size: 0x1000,
+            old,
+            new,
+        };
+        space.reprogram_bars(bdf(1), &dev, &[change(None, Some(0x2000))]);
+        let mut b = [0u8; 1];
+        space.mmio_read(MmioAddress(0), 0x2000, &mut b);
+        assert_eq!(b, [0]);
+        space.reprogram_bars(bdf(1), &dev, &[change(Some(0x2000), Some(0x8000))]);
+        space.mmio_read(MmioAddress(0), 0x2000, &mut b);
+        assert_eq!(b, [0xff]);
+        space.mmio_read(MmioAddress(0), 0x8001, &mut b);
+        assert_eq!(b, [1]);
+        // Another function cannot unmap it.
+        assert!(!space.unmap(bdf(2), MEM, 0, 0x8000));
+        space.reprogram_bars(bdf(1), &dev, &[change(Some(0x8000), None)]);
+        assert!(space.is_empty());
+        space.reprogram_bars(bdf(1), &dev, &[change(None, Some(0x8000))]);
+        space.unmap_all(bdf(1));
+        assert!(space.is_empty());
+    }
+}

@@ -1,0 +1,168 @@
+//! Virtio 1.x devices and their modern virtio-pci transport (Virtio 1.2, §4.1).
+//!
+//! The split mirrors the specification: a [`VirtioDevice`] (e.g. virtio-blk, §5.2) knows its
+//! feature bits, its device-specific configuration and how to serve its queues; the transport
+//! ([`pci::VirtioPciDevice`]) owns everything the driver negotiates through the PCI capabilities —
+//! device status, feature selection, queue sizes and addresses, MSI-X vectors — and hands the
+//! device ready [`Queue`]s when the driver sets DRIVER_OK.
+//!
+//! Nothing here depends on KVM. The hypervisor side comes in through two small traits:
+//! [`MsiInterruptGroup`] delivers MSI-X messages (a KVM VMM backs each vector with an irqfd and a
+//! GSI route) and the queue notification [`EventFd`]s, which a KVM VMM registers as ioeventfds
+//! on the notify addresses the transport reports, so that a guest's queue kick never runs device
+//! code on a vCPU thread.
+
+use std::io;
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+pub mod block;
+pub mod msix;
+pub mod pci;
+
+/// Guest memory as devices see it: swapped atomically by the VMM if the layout ever changes.
+pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Virtio device status bits (Virtio 1.2 §2.1).
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u8 = 1;
+    /// The guest knows how to drive the device.
+    pub const DRIVER: u8 = 2;
+    /// The driver is set up and ready to drive the device.
+    pub const DRIVER_OK: u8 = 4;
+    /// The driver has acknowledged all the features it understands.
+    pub const FEATURES_OK: u8 = 8;
+    /// The device has experienced an error from which it cannot recover.
+    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    /// Something went wrong in the guest; it has given up on the device.
+    pub const FAILED: u8 = 0x80;
+}
+
+/// Feature bits every device of this crate may offer (Virtio 1.2 §6).
+pub mod features {
+    /// The device uses the descriptor and used-ring event index fields.
+    pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+    /// Indirect descriptors.
+    pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+    /// Compliance with Virtio 1.x: the only mode this crate implements.
+    pub const VIRTIO_F_VERSION_1: u32 = 32;
+}
+
+/// MSI-X "no vector" (Virtio 1.2 §4.1.5.1.2).
+pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+
+/// One MSI message as the guest programmed it into an MSI-X table entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MsiMessage {
+    /// Message address (low and high dwords combined).
+    pub address: u64,
+    /// Message data.
+    pub data: u32,
+}
+
+/// The hypervisor's MSI delivery for one device: a group of vectors.
+///
+/// The transport calls [`MsiInterruptGroup::update`] from the vCPU thread whenever the guest
+/// changes a vector's message or mask state, and [`MsiInterruptGroup::trigger`] from whichever
+/// thread has an interrupt to deliver (the device's I/O thread for used-buffer notifications).
+/// Masking and the Pending Bit Array are handled by the transport: `trigger` is only called for
+/// an unmasked vector with MSI-X enabled.
+pub trait MsiInterruptGroup: Send + Sync {
+    /// Vector `vector` now carries `message`; `enabled` is false while it is masked or MSI-X is
+    /// disabled (a KVM VMM may then drop the route).
+    fn update(&self, vector: u16, message: MsiMessage, enabled: bool) -> io::Result<()>;
+    /// Delivers vector `vector`'s message now.
+    fn trigger(&self, vector: u16) -> io::Result<()>;
+}
+
+/// Which interrupt a device raises (Virtio 1.2 §4.1.4.5 and §4.1.5.1.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirtioInterruptType {
+    /// The device configuration changed.
+    Config,
+    /// Queue `n` has used buffers.
+    Queue(u16),
+}
+
+/// How a device raises its interrupts; implemented by the transport, used by the device.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Raises the interrupt for `kind` through the vector the driver assigned to it (or sets the
+    /// ISR status if MSI-X is off). Errors only on hypervisor failure.
+    fn trigger(&self, kind: VirtioInterruptType) -> io::Result<()>;
+}
+
+/// A queue the driver enabled, ready for the device: the `virtio-queue` state (sizes and ring
+/// addresses as negotiated, already validated by `Queue::is_valid` against guest memory), the
+/// queue's index and the event the transport signals when the driver notifies the queue.
+pub struct ActiveQueue {
+    /// Queue index as the driver numbers it.
+    pub index: u16,
+    /// The negotiated queue.
+    pub queue: Queue,
+    /// Signalled on every driver notification of this queue (ioeventfd on KVM).
+    pub notify: Arc<EventFd>,
+}
+
+/// Errors of [`VirtioDevice::activate`].
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The device could not start serving its queues.
+    #[error("virtio device {id}: {reason}")]
+    Failed {
+        /// The device's id.
+        id: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// A virtio device behind a transport.
+///
+/// Every method is reachable by the untrusted guest (through the transport): none may panic on
+/// any input. `activate` and `reset` are called from a vCPU thread and must return promptly —
+/// request processing belongs on the device's own I/O thread.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (§5: 2 for block).
+    fn device_type(&self) -> u32;
+    /// The device's id (user-given, for logs and the control socket).
+    fn id(&self) -> &str;
+    /// Maximum size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Feature bits the device offers, VIRTIO_F_VERSION_1 included.
+    fn features(&self) -> u64;
+    /// Reads device-specific configuration at `offset` (§4.1.4.6); out of range reads zeros.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device-specific configuration at `offset`; read-only fields ignore writes.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// DRIVER_OK: start serving `queues` with the negotiated `features`, reading and writing
+    /// `memory` and raising interrupts through `interrupt`.
+    fn activate(
+        &mut self,
+        memory: GuestMemory,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        features: u64,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError>;
+    /// Device reset (§2.4): stop touching guest memory before returning, forget the queues.
+    /// Returns once no request of the device is in flight on the guest's memory.
+    fn reset(&mut self);
+
+    /// Whether the device has hit an error it cannot recover from without a reset (§2.1.2),
+    /// typically a driver bug that breaks a whole queue. While true, the transport reports
+    /// [`status::DEVICE_NEEDS_RESET`] in `device_status`; the device raises a
+    /// [`VirtioInterruptType::Config`] interrupt when it becomes true. Cleared by `reset`.
+    fn needs_reset(&self) -> bool {
+        false
+    }
+
+    /// The device is going away (hot-unplug, graceful or surprise): stop serving the queues as
+    /// `reset` does and release the backend (e.g. close the disk image). The device is never
+    /// activated again. The default only resets.
+    fn shutdown(&mut self) {
+        self.reset();
+    }
+}
