@@ -69,7 +69,7 @@ build_kernel() {
 
 build_initramfs() {
     need_pkgs busybox-static cpio
-    local extra=("$here/guest/init" "$here/guest/uevent-helper" "$here/build-guest.sh")
+    local extra=("$here/guest/init" "$here/guest/uevent-helper.c" "$here/build-guest.sh")
     local bbver; bbver=$(dpkg-query -W -f='${Version}' busybox-static)
     local key; key=$(echo "$bbver" | key_of - "${extra[@]}")
     local out="$cache/initramfs-$key.cpio"
@@ -81,7 +81,8 @@ build_initramfs() {
             [ -e "$root/$app" ] || ln -s /bin/busybox "$root/$app"
         done
         install -m 0755 "$here/guest/init" "$root/init"
-        install -m 0755 "$here/guest/uevent-helper" "$root/sbin/uevent-helper"
+        gcc -Os -static -nostdlib -fno-stack-protector -fno-pie -no-pie \
+            -o "$root/sbin/uevent-helper" "$here/guest/uevent-helper.c"
         printf 'export PS1="# "\nexport PATH=/bin:/sbin:/usr/bin:/usr/sbin\n' >"$root/etc/profile"
         (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$out.tmp"
         mv "$out.tmp" "$out"

@@ -10,7 +10,7 @@ use clap::Parser;
 pub const DEFAULT_CMDLINE: &str = concat!(
     "console=ttyS0 quiet ",
     "noxsave clearcpuid=smap,smep,popcnt,cx16,fsgsbase,rdpid,pcid,invpcid,rdrand,rdseed,movbe,",
-    "erms,fsrm,clflushopt,clwb,avx,avx2,bmi1,bmi2 nopti mitigations=off"
+    "erms,fsrm,clflushopt,clwb,avx,avx2,bmi1,bmi2 nopti mitigations=off rodata=off norandmaps"
 );
 
 /// hotplug-vmm: a minimal x86_64 VMM on KVM for PCI Express hotplug research.
@@ -41,6 +41,11 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_cpus, allow_hyphen_values = true)]
     pub cpus: u8,
 
+    /// A cold-plugged virtio-blk disk backed by a raw file: path=FILE[,id=ID][,readonly=on]
+    /// [,bus=pcie.0]. The id is the disk's serial (/sys/block/vdX/serial); repeatable.
+    #[arg(long, value_name = "path=FILE[,id=ID][,readonly=on][,bus=BUS]", value_parser = parse_disk)]
+    pub disk: Vec<DiskSpec>,
+
     /// Where the guest console goes: stdio (stdout, with stdin as input), null, or file=PATH.
     #[arg(long, value_name = "stdio|null|file=PATH", default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialMode,
@@ -55,6 +60,78 @@ pub enum SerialMode {
     Null,
     /// Output written to a file, no input.
     File(PathBuf),
+}
+
+/// A `--disk` argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// The device id, also its serial; `disk<N>` when not given.
+    pub id: Option<String>,
+    /// Whether the guest may only read it.
+    pub readonly: bool,
+    /// The bus it sits on: `pcie.0` (the root bus) or a root port id.
+    pub bus: String,
+}
+
+/// Longest device id: it is also the virtio-blk serial, which has 20 bytes (VIRTIO_BLK_ID_BYTES).
+pub const MAX_ID_LEN: usize = 20;
+
+/// Checks a user-given device id: 1..=20 of `[A-Za-z0-9_.-]`, starting with a letter.
+pub fn check_id(id: &str) -> Result<(), String> {
+    let ok = id.len() <= MAX_ID_LEN
+        && id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{id}' is not a valid id (1 to {MAX_ID_LEN} letters, digits, '_', '.' or '-', starting with a letter)"
+        ))
+    }
+}
+
+/// Parses `path=FILE[,id=ID][,readonly=on|off][,bus=BUS]`.
+pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
+    let mut disk = DiskSpec {
+        path: PathBuf::new(),
+        id: None,
+        readonly: false,
+        bus: "pcie.0".to_string(),
+    };
+    for part in s.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("'{part}' in --disk is not key=value"))?;
+        match key {
+            "path" if !value.is_empty() => disk.path = PathBuf::from(value),
+            "id" => {
+                check_id(value)?;
+                disk.id = Some(value.to_string());
+            }
+            "readonly" => {
+                disk.readonly = match value {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    _ => return Err(format!("readonly={value}: use on or off")),
+                }
+            }
+            "bus" if !value.is_empty() => disk.bus = value.to_string(),
+            "path" | "bus" => return Err(format!("{key}= needs a value")),
+            _ => {
+                return Err(format!(
+                    "unknown --disk key '{key}' (path, id, readonly, bus)"
+                ))
+            }
+        }
+    }
+    if disk.path.as_os_str().is_empty() {
+        return Err("--disk needs path=FILE".to_string());
+    }
+    Ok(disk)
 }
 
 /// Smallest guest RAM we accept: the kernel, its page tables and the initramfs must fit.
@@ -143,5 +220,30 @@ mod tests {
         );
         assert!(parse_serial("file=").is_err());
         assert!(parse_serial("tcp").is_err());
+    }
+
+    #[test]
+    fn disks() {
+        let d = parse_disk("path=/a b.img,id=data0,readonly=on").unwrap();
+        assert_eq!(d.path, PathBuf::from("/a b.img"));
+        assert_eq!(d.id.as_deref(), Some("data0"));
+        assert!(d.readonly);
+        assert_eq!(d.bus, "pcie.0");
+        assert_eq!(parse_disk("path=x,bus=rp1").unwrap().bus, "rp1");
+        for bad in [
+            "",
+            "id=a",
+            "path=",
+            "path=x,readonly=maybe",
+            "path=x,id=",
+            "path=x,id=0abc",
+            "path=x,id=waaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaay-too-long",
+            "path=x,id=a b",
+            "path=x,colour=red",
+            "path=x,bus=",
+            "path=x,junk",
+        ] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
     }
 }
