@@ -7,6 +7,7 @@
 //! \_SB_.PCI0       the PCIe host bridge (see host_bridge), then DsdtExtras::host_bridge
 //! \_SB_.MRES       PNP0C02 motherboard resources: the ECAM window and the
 //!                  platform I/O registers (sleep, reset, _OSC report)
+//! \_SB_.COM1       PNP0501 16550 UART, when MachineConfig::serial is set
 //! \_SB_.*          DsdtExtras::system_bus (e.g. a Generic Event Device)
 //! \*               DsdtExtras::root
 //! ```
@@ -129,6 +130,23 @@ impl Aml for MotherboardResources<'_> {
     }
 }
 
+/// The `PNP0501` device `COM1`: a 16550 at `port` (8 ports) raising `gsi`.
+struct SerialPort {
+    port: u16,
+    gsi: u32,
+}
+
+impl Aml for SerialPort {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        let hid = Name::new("_HID".into(), &EISAName::new("PNP0501"));
+        let uid = Name::new("_UID".into(), &aml::ZERO);
+        let io = aml::IO::new(self.port, self.port, 1, 8);
+        let irq = aml::Interrupt::new(true, true, false, false, self.gsi);
+        let crs = Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io, &irq]));
+        Device::new("COM1".into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
+    }
+}
+
 /// Builds the DSDT for `cfg` (which must have passed
 /// [`MachineConfig::validate`]) with `extras` added.
 pub fn build_dsdt(cfg: &MachineConfig, extras: &DsdtExtras<'_>) -> Vec<u8> {
@@ -150,7 +168,11 @@ pub fn build_dsdt(cfg: &MachineConfig, extras: &DsdtExtras<'_>) -> Vec<u8> {
 
     let host_bridge = HostBridge::new(&cfg.pci, extras.host_bridge.clone());
     let mres = MotherboardResources(cfg);
+    let serial = cfg.serial.map(|(port, gsi)| SerialPort { port, gsi });
     let mut sb_children: Vec<&dyn Aml> = vec![&host_bridge, &mres];
+    if let Some(serial) = &serial {
+        sb_children.push(serial);
+    }
     sb_children.extend_from_slice(&extras.system_bus);
     let sb = aml::Scope::new("\\_SB_".into(), sb_children);
 
@@ -166,6 +188,19 @@ pub fn build_dsdt(cfg: &MachineConfig, extras: &DsdtExtras<'_>) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn describes_the_console_uart_only_when_asked() {
+        let mut cfg = crate::MachineConfig::default();
+        let with = super::build_dsdt(&cfg, &super::DsdtExtras::default());
+        // PNP0501 as an EISA id: 0x41d0 0x0105 (compressed "PNP", then 0x0501 byte-swapped).
+        let eisa = [0x41, 0xd0, 0x05, 0x01];
+        let find = |b: &[u8], n: &[u8]| b.windows(n.len()).any(|w| w == n);
+        assert!(find(&with, b"COM1") && find(&with, &eisa));
+        cfg.serial = None;
+        let without = super::build_dsdt(&cfg, &super::DsdtExtras::default());
+        assert!(!find(&without, b"COM1") && !find(&without, &eisa));
+    }
+
     use super::merge_port_ranges;
 
     #[test]

@@ -95,6 +95,11 @@ pub struct MachineConfig {
     pub reset_port: u16,
     /// Value the guest writes to [`MachineConfig::reset_port`] to reset.
     pub reset_value: u8,
+    /// A 16550 UART to describe as `\_SB.COM1` (`PNP0501`): its base port and its interrupt
+    /// (GSI, edge-triggered, active high). On a hardware-reduced platform Linux sets up no
+    /// legacy ISA interrupts, so a UART the DSDT does not describe gets no IRQ: the kernel
+    /// console still works (it polls), but opening the tty fails and user space has no console.
+    pub serial: Option<(u16, u32)>,
     /// The PCIe host bridge.
     pub pci: HostBridgeConfig,
 }
@@ -114,6 +119,7 @@ impl Default for MachineConfig {
             sleep_status_port: 0x601,
             reset_port: 0x602,
             reset_value: 0x01,
+            serial: Some((0x3f8, 4)),
             pci: HostBridgeConfig::default(),
         }
     }

@@ -51,7 +51,15 @@ impl SerialEvents for DrainEvents {
 /// A 16550 UART (the guest's console) registered on the port I/O bus at its base port.
 pub struct SerialDevice {
     uart: Serial<LineTrigger, DrainEvents, Box<dyn Write + Send>>,
+    irq: Arc<dyn InterruptLine>,
 }
+
+/// Interrupt Enable Register offset and its "THR empty" bit (16550 data sheet, IER bit 1).
+const IER_OFFSET: u8 = 1;
+const IER_THRI: u8 = 0x02;
+/// Line Control Register offset and its divisor latch access bit.
+const LCR_OFFSET: u8 = 3;
+const LCR_DLAB: u8 = 0x80;
 
 impl SerialDevice {
     /// A UART that raises `irq` and writes what the guest transmits to `out`.
@@ -66,7 +74,8 @@ impl SerialDevice {
         notifier: Option<Box<dyn DrainNotifier>>,
     ) -> Self {
         SerialDevice {
-            uart: Serial::with_events(LineTrigger(irq), DrainEvents(notifier), out),
+            uart: Serial::with_events(LineTrigger(irq.clone()), DrainEvents(notifier), out),
+            irq,
         }
     }
 
@@ -104,6 +113,18 @@ impl MutDevicePio for SerialDevice {
             if off < SERIAL_PORT_SIZE as u8 {
                 if let Err(e) = self.uart.write(off, value) {
                     log::warn!("serial write at offset {off}: {e:?}");
+                }
+                // Enabling the THR-empty interrupt while the (always empty) transmitter holds
+                // nothing must interrupt, as a 16550's level output would. vm-superio skips the
+                // edge when it still has a THR-empty interrupt on record from before — one the
+                // guest may already have consumed by then — and with an edge-triggered IOAPIC pin
+                // the guest's transmitter then waits forever (seen with 2 vCPUs: both idle, tty
+                // output stuck). A spare edge costs one spurious, harmless interrupt.
+                let dlab = self.uart.read(LCR_OFFSET) & LCR_DLAB != 0;
+                if off == IER_OFFSET && !dlab && value & IER_THRI != 0 {
+                    if let Err(e) = self.irq.trigger() {
+                        log::warn!("serial interrupt: {e}");
+                    }
                 }
             }
         }
@@ -148,6 +169,24 @@ mod tests {
         assert_eq!(b[0], b'o');
         s.pio_read(BASE, 0, &mut b);
         assert_eq!(b[0], b'k');
+    }
+
+    #[test]
+    fn enabling_thr_empty_interrupt_always_interrupts() {
+        let irq = Arc::new(CountingInterrupt::default());
+        let mut s = SerialDevice::new(irq.clone(), Box::new(io::sink()));
+        // Linux's 8250 driver: start TX (IER |= THRI), stop it, start it again, without reading
+        // IIR in between (another vCPU consumed the interrupt). Each start must interrupt, or
+        // the guest's transmitter waits forever on an edge-triggered IOAPIC pin.
+        s.pio_write(BASE, 1, &[0x07]);
+        s.pio_write(BASE, 1, &[0x05]);
+        s.pio_write(BASE, 1, &[0x07]);
+        assert!(irq.count() >= 2, "only {} interrupts", irq.count());
+        // With DLAB set, offset 1 is the divisor latch: no interrupt.
+        let before = irq.count();
+        s.pio_write(BASE, 3, &[0x80]);
+        s.pio_write(BASE, 1, &[0x07]);
+        assert_eq!(irq.count(), before);
     }
 
     #[test]
