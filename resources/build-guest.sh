@@ -67,8 +67,20 @@ build_kernel() {
     ln -sfn "$(basename "$out")" "$cache/linux-$ver"
 }
 
+# Copies the dynamically linked program $2 into the tree $1 with every library `ldd` names.
+copy_with_libs() {
+    local root=$1 prog=$2 lib
+    mkdir -p "$root$(dirname "$prog")"
+    rm -f "$root$prog" # maybe a busybox applet link: never write through it
+    cp -L "$prog" "$root$prog"
+    for lib in $(ldd "$prog" | grep -o '/[^ ]*'); do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+}
+
 build_initramfs() {
-    need_pkgs busybox-static cpio
+    need_pkgs busybox-static cpio e2fsprogs
     local extra=("$here/guest/init" "$here/guest/uevent-helper.c" "$here/build-guest.sh")
     local bbver; bbver=$(dpkg-query -W -f='${Version}' busybox-static)
     local key; key=$(echo "$bbver" | key_of - "${extra[@]}")
@@ -84,6 +96,9 @@ build_initramfs() {
         gcc -Os -static -nostdlib -fno-stack-protector -fno-pie -no-pie \
             -o "$root/sbin/uevent-helper" "$here/guest/uevent-helper.c"
         printf 'export PS1="# "\nexport PATH=/bin:/sbin:/usr/bin:/usr/sbin\n' >"$root/etc/profile"
+        # Debian's mke2fs (tests format disks in the guest) with the libraries ldd names.
+        copy_with_libs "$root" /sbin/mke2fs
+        cp /etc/mke2fs.conf "$root/etc/mke2fs.conf"
         (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$out.tmp"
         mv "$out.tmp" "$out"
         rm -rf "$root"

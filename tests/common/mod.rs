@@ -331,7 +331,10 @@ impl Guest {
         self.seq += 1;
         let begin = format!("@@B{}", self.seq);
         let end = format!("@@E{} ", self.seq);
-        self.send(&format!("echo {begin}; {{ {cmd}\n}} 2>&1; echo {end}$?\n"));
+        // The extra `echo` ends output that lacks a final newline (e.g. a sysfs attribute).
+        self.send(&format!(
+            "echo {begin}; {{ {cmd}\n}} 2>&1; __s=$?; echo; echo {end}$__s\n"
+        ));
         self.wait_for_line(|l| l == begin, timeout);
         let endl = self.wait_for_line(|l| l.starts_with(&end), timeout);
         let status: i32 = endl[end.len()..].trim().parse().unwrap_or(-1);
@@ -340,11 +343,14 @@ impl Guest {
             .rev()
             .find(|&i| con.lines[i].1 == begin)
             .unwrap();
-        let out: Vec<&str> = con.lines[start + 1..self.cursor - 1]
+        let mut out: Vec<&str> = con.lines[start + 1..self.cursor - 1]
             .iter()
             .map(|(_, l)| l.as_str())
             .filter(|l| !is_async_line(l))
             .collect();
+        if out.last() == Some(&"") {
+            out.pop();
+        }
         (out.join("\n"), status)
     }
 
@@ -400,5 +406,52 @@ impl Drop for Guest {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Writes a raw disk image of `size_mib` MiB at `path` with an MBR partition table holding one
+/// Linux partition per entry of `partitions_mib` (sizes in MiB, laid out from 1 MiB on), and
+/// every other sector filled with a pattern derived from its number. Returns the image bytes.
+pub fn make_mbr_disk(path: &Path, size_mib: u64, partitions_mib: &[u64]) -> Vec<u8> {
+    let mut img = vec![0u8; (size_mib << 20) as usize];
+    for (sector, chunk) in img.chunks_mut(512).enumerate() {
+        chunk.fill((sector % 251) as u8);
+    }
+    img[..512].fill(0);
+    let mut lba = 2048u32;
+    for (i, &mib) in partitions_mib.iter().enumerate() {
+        let sectors = (mib << 11) as u32;
+        let e = 0x1be + 16 * i;
+        img[e + 4] = 0x83; // Linux
+        img[e + 1..e + 4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        img[e + 5..e + 8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        img[e + 8..e + 12].copy_from_slice(&lba.to_le_bytes());
+        img[e + 12..e + 16].copy_from_slice(&sectors.to_le_bytes());
+        lba += sectors;
+    }
+    img[510] = 0x55;
+    img[511] = 0xaa;
+    std::fs::write(path, &img).unwrap();
+    img
+}
+
+/// A scratch directory for one test, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("hotplug-vmm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

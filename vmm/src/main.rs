@@ -3,7 +3,9 @@
 mod boot;
 mod config;
 mod console;
+mod interrupts;
 mod layout;
+mod pci_devices;
 mod terminal;
 mod vcpu;
 mod vm;

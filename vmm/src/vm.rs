@@ -6,7 +6,9 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex, RwLock};
 
 use devices::interrupt::InterruptLine;
-use devices::pci::{Bdf, PciConfigIo, PciConfigMmio, PciHostBridge, PciRoot};
+use devices::pci::{
+    BarReprogrammingHandler, BarSpace, Bdf, PciConfigIo, PciConfigMmio, PciHostBridge, PciRoot,
+};
 use devices::power_control::{
     PowerControl, PowerHandler, POWER_CONTROL_PORTS, RESET_OFFSET, RESET_VALUE,
     SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET,
@@ -18,14 +20,18 @@ use kvm_ioctls::{Kvm, VmFd};
 use std::os::unix::thread::JoinHandleExt;
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::boot;
 use crate::config::{Cli, SerialMode};
 use crate::console::{ConsoleInput, EventFdNotifier};
+use crate::interrupts::GsiRouter;
 use crate::layout::*;
+use crate::pci_devices::PciDevices;
 use crate::vcpu::Vcpu;
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -103,6 +109,8 @@ pub enum VmError {
     Bus(String),
     #[error("{0}: {1}")]
     Io(&'static str, io::Error),
+    #[error("{0}")]
+    Device(String),
 }
 
 /// An interrupt line into KVM's in-kernel IOAPIC through an irqfd.
@@ -162,10 +170,21 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         File::open(p).map_err(|e| boot::BootError::InitramfsOpen(p.display().to_string(), e))?;
     }
 
+    for d in &cli.disk {
+        if d.bus != "pcie.0" {
+            return Err(VmError::Device(format!(
+                "--disk {}: bus '{}' does not exist (this machine has pcie.0)",
+                d.path.display(),
+                d.bus
+            )));
+        }
+    }
+
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| VmError::KvmIoctl("KVM_CREATE_VM", e))?;
+    let vm = Arc::new(
+        kvm.create_vm()
+            .map_err(|e| VmError::KvmIoctl("KVM_CREATE_VM", e))?,
+    );
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(|e| VmError::KvmIoctl("KVM_SET_TSS_ADDR", e))?;
     if let Err(e) = vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS) {
@@ -218,13 +237,62 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
             Arc::new(Mutex::new(PciHostBridge::new())),
         )
         .map_err(|e| VmError::Bus(format!("host bridge: {e}")))?;
+    // BARs live in a space of their own over the host bridge's windows, so that a configuration
+    // write can move them while the vCPU dispatching it holds the main bus.
+    let bars = Arc::new(BarSpace::new());
+    for (start, size) in [
+        (MMIO32_START, MMIO32_SIZE),
+        (mmio64_start(cli.memory), MMIO64_SIZE),
+    ] {
+        io_mgr
+            .register_mmio(
+                MmioRange::new(MmioAddress(start), size)
+                    .map_err(|e| VmError::Bus(format!("{e:?}")))?,
+                bars.clone(),
+            )
+            .map_err(|e| VmError::Bus(format!("BAR window at {start:#x}: {e:?}")))?;
+    }
+    let (io_start, io_end) = PCI_IO_WINDOW;
+    io_mgr
+        .register_pio(
+            PioRange::new(PioAddress(io_start), io_end - io_start)
+                .map_err(|e| VmError::Bus(format!("{e:?}")))?,
+            bars.clone(),
+        )
+        .map_err(|e| VmError::Bus(format!("I/O BAR window: {e:?}")))?;
+    let router = Arc::new(GsiRouter::new(vm.clone()));
+    let pci = Arc::new(
+        PciDevices::new(
+            vm.clone(),
+            GuestMemoryAtomic::new(mem.clone()),
+            pci_root.clone(),
+            bars,
+            router,
+            (MMIO32_START, MMIO32_SIZE),
+            u16::from(cli.cpus),
+        )
+        .map_err(|e| VmError::Device(e.to_string()))?,
+    );
+    for (i, d) in cli.disk.iter().enumerate() {
+        let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
+        let slot = u8::try_from(i + 1)
+            .ok()
+            .and_then(|n| Bdf::new(0, n, 0))
+            .ok_or_else(|| VmError::Device(format!("--disk {id}: no free slot on pcie.0")))?;
+        pci.add_disk(slot, &id, &d.path, d.readonly)
+            .map_err(|e| VmError::Device(e.to_string()))?;
+    }
+    let handler: Arc<dyn BarReprogrammingHandler> = pci.clone();
     register_pio(
         &mut io_mgr,
         PCI_CONFIG_IO_PORT,
         PCI_CONFIG_IO_SIZE,
-        Arc::new(Mutex::new(PciConfigIo::new(pci_root.clone(), None))),
+        Arc::new(Mutex::new(PciConfigIo::new(
+            pci_root.clone(),
+            Some(handler.clone()),
+        ))),
     )?;
-    let ecam = PciConfigMmio::new(pci_root.clone(), ECAM_BUSES, None);
+    let ecam = PciConfigMmio::new(pci_root.clone(), ECAM_BUSES, Some(handler));
     io_mgr
         .register_mmio(
             MmioRange::new(MmioAddress(ECAM_START), ecam.size())
@@ -316,7 +384,7 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
             log::warn!("event loop: {e:?}");
         }
     }
-    let _ = pci_root;
+    pci.shutdown();
     Ok(exit.reason().unwrap_or(VmExit::Quit))
 }
 
@@ -373,6 +441,7 @@ fn acpi_config(cli: &Cli) -> acpi::MachineConfig {
         sleep_status_port: POWER_PORT + SLEEP_STATUS_OFFSET,
         reset_port: POWER_PORT + RESET_OFFSET,
         reset_value: RESET_VALUE,
+        serial: Some((SERIAL_PORT, SERIAL_IRQ)),
         pci: acpi::HostBridgeConfig {
             segment: 0,
             ecam_base: ECAM_START,
