@@ -57,6 +57,8 @@ pub mod bus;
 pub mod configuration;
 pub mod device;
 pub mod host_bridge;
+pub mod root_port;
+pub mod slot;
 
 pub use bar_space::BarSpace;
 pub use bus::{
@@ -68,3 +70,5 @@ pub use configuration::{
 };
 pub use device::{ConfigWriteResult, PciBarIo, PciDevice, SharedPciDevice};
 pub use host_bridge::PciHostBridge;
+pub use root_port::{MsiSink, PcieRootPort, RootPortOptions, SlotObserver};
+pub use slot::{HotplugSlot, Indicator, SlotCapabilities, SlotError, SlotEvent, SlotNotifications};
