@@ -6,6 +6,7 @@ mod console;
 mod interrupts;
 mod layout;
 mod pci_devices;
+mod qmp;
 mod terminal;
 mod vcpu;
 mod vm;
