@@ -46,6 +46,10 @@ pub struct Cli {
     #[arg(long, value_name = "path=FILE[,id=ID][,readonly=on][,bus=BUS]", value_parser = parse_disk)]
     pub disk: Vec<DiskSpec>,
 
+    /// Control socket: a Unix socket at PATH speaking QMP (SPEC.md §5), several clients at once.
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<PathBuf>,
+
     /// Where the guest console goes: stdio (stdout, with stdin as input), null, or file=PATH.
     #[arg(long, value_name = "stdio|null|file=PATH", default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialMode,

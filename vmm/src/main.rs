@@ -3,6 +3,7 @@
 mod boot;
 mod config;
 mod console;
+mod control;
 mod interrupts;
 mod layout;
 mod pci_devices;

@@ -19,6 +19,10 @@ use crate::interrupts::{GsiRouter, KvmMsiGroup};
 /// A virtio-pci function and the notify addresses its ioeventfds are registered on now.
 struct VirtioFunction {
     device: Arc<Mutex<VirtioPciDevice>>,
+    /// The disk's id and backing file, for query-block.
+    id: String,
+    path: std::path::PathBuf,
+    readonly: bool,
     /// Where BAR 0 is decoded (and the ioeventfds registered), if it is.
     bar0: Option<u64>,
     bar0_range: RangeInclusive,
@@ -113,6 +117,9 @@ impl PciDevices {
             bdf,
             VirtioFunction {
                 device: dev,
+                id: id.to_string(),
+                path: path.to_path_buf(),
+                readonly,
                 bar0: None,
                 bar0_range: range,
             },
@@ -148,6 +155,61 @@ impl PciDevices {
             }
             f.bar0 = Some(base);
         }
+    }
+
+    /// QMP `query-pci`: the functions of bus 0 in QEMU's format (the subset clients use).
+    pub fn query_pci(&self) -> serde_json::Value {
+        let devices: Vec<(Bdf, SharedPciDevice)> = lock(&self.root)
+            .devices()
+            .map(|(bdf, d)| (bdf, d.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (bdf, dev) in devices {
+            let mut id = [0u8; 4];
+            let mut class = [0u8; 4];
+            let qdev_id = {
+                let mut d = lock(&dev);
+                d.config_read(0, &mut id);
+                d.config_read(8, &mut class);
+                d.id().to_string()
+            };
+            out.push(serde_json::json!({
+                "bus": bdf.bus(),
+                "slot": bdf.device(),
+                "function": bdf.function(),
+                "class_info": {"class": u16::from_le_bytes([class[2], class[3]])},
+                "id": {
+                    "vendor": u16::from_le_bytes([id[0], id[1]]),
+                    "device": u16::from_le_bytes([id[2], id[3]]),
+                },
+                "qdev_id": qdev_id,
+            }));
+        }
+        serde_json::json!([{"bus": 0, "devices": out}])
+    }
+
+    /// QMP `query-block`: every disk with its backing file.
+    pub fn query_block(&self) -> serde_json::Value {
+        let virtio = lock(&self.virtio);
+        let disks: Vec<serde_json::Value> = virtio
+            .values()
+            .map(|f| {
+                serde_json::json!({
+                    "device": "",
+                    "qdev": f.id,
+                    "locked": false,
+                    "removable": false,
+                    "type": "unknown",
+                    "inserted": {
+                        "node-name": f.id,
+                        "file": f.path.display().to_string(),
+                        "ro": f.readonly,
+                        "drv": "raw",
+                    },
+                })
+            })
+            .collect();
+        serde_json::Value::Array(disks)
     }
 
     /// Removes every device (at exit): stops their I/O threads and releases their backends.

@@ -29,6 +29,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::boot;
 use crate::config::{Cli, SerialMode};
 use crate::console::{ConsoleInput, EventFdNotifier};
+use crate::control::MachineControl;
 use crate::interrupts::GsiRouter;
 use crate::layout::*;
 use crate::pci_devices::PciDevices;
@@ -111,6 +112,8 @@ pub enum VmError {
     Io(&'static str, io::Error),
     #[error("{0}")]
     Device(String),
+    #[error("control socket {0}: {1}")]
+    Qmp(String, io::Error),
 }
 
 /// An interrupt line into KVM's in-kernel IOAPIC through an irqfd.
@@ -318,6 +321,18 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
     )?;
     log::info!("boot entry: {entry:x?}");
 
+    // The control socket, once the machine it controls exists.
+    let qmp = match &cli.qmp {
+        Some(path) => Some(
+            crate::qmp::QmpServer::start(
+                path,
+                Arc::new(MachineControl::new(exit.clone(), pci.clone())),
+            )
+            .map_err(|e| VmError::Qmp(path.display().to_string(), e))?,
+        ),
+        None => None,
+    };
+
     let io = Arc::new(RwLock::new(io_mgr));
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -384,6 +399,7 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
             log::warn!("event loop: {e:?}");
         }
     }
+    drop(qmp);
     pci.shutdown();
     Ok(exit.reason().unwrap_or(VmExit::Quit))
 }

@@ -7,8 +7,9 @@
 //! (`qmp_capabilities`, `query-version`, `query-commands`), and sends events with
 //! [`QmpServer::emit`] or a [`QmpEvents`] handle.
 
-// Not wired into vm.rs yet (the `--qmp PATH` option comes with it): until then only the tests
-// use this module.
+// The argument helpers, error classes and event handles serve the hotplug commands
+// (device_add, device_del, blockdev-*) and events (DEVICE_DELETED) that are wired next; until
+// then only tests use some of them.
 #![allow(dead_code, unused_imports)]
 
 pub mod protocol;

@@ -1,0 +1,62 @@
+//! What the control socket can do to the machine: the QMP commands the VM answers (SPEC.md §5).
+//! Hotplug commands (`device_add`, `device_del`, `blockdev-add`, `blockdev-del`) come with the
+//! root ports; until then they are unknown commands, as in a QEMU built without them.
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use crate::pci_devices::PciDevices;
+use crate::qmp::{check_args, QmpError, QmpHandler};
+use crate::vm::{ExitSignal, VmExit};
+
+/// The machine's side of the control socket.
+pub struct MachineControl {
+    exit: Arc<ExitSignal>,
+    pci: Arc<PciDevices>,
+}
+
+impl MachineControl {
+    /// Commands for the VM that stops through `exit` and has the PCI devices `pci`.
+    pub fn new(exit: Arc<ExitSignal>, pci: Arc<PciDevices>) -> Self {
+        MachineControl { exit, pci }
+    }
+}
+
+/// The commands [`MachineControl`] answers.
+const COMMANDS: &[&str] = &["query-status", "quit", "query-pci", "query-block"];
+
+impl QmpHandler for MachineControl {
+    fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        match command {
+            "query-status" => {
+                check_args(args, &[])?;
+                Ok(json!({"status": "running", "running": true}))
+            }
+            "quit" => {
+                check_args(args, &[])?;
+                // Stop once the reply is on its way, as QEMU does: the server disconnects its
+                // clients when the VM ends, and a reply still queued would be lost.
+                let exit = self.exit.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    exit.request(VmExit::Quit);
+                });
+                Ok(json!({}))
+            }
+            "query-pci" => {
+                check_args(args, &[])?;
+                Ok(self.pci.query_pci())
+            }
+            "query-block" => {
+                check_args(args, &[])?;
+                Ok(self.pci.query_block())
+            }
+            _ => Err(QmpError::command_not_found(command)),
+        }
+    }
+
+    fn commands(&self) -> Vec<String> {
+        COMMANDS.iter().map(|c| c.to_string()).collect()
+    }
+}
