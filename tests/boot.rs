@@ -178,7 +178,33 @@ fn kernel_boot_with(version: &str, cpus: u8, opts: BootOptions) {
         .collect();
     assert!(complaints.is_empty(), "{complaints:#?}");
 
+    // Four root ports (the default), each with a native hot-plug slot that the guest's pciehp
+    // drives: bus numbers and windows assigned by the guest, the slot's capabilities as
+    // advertised, and no command that failed to complete.
+    for n in 0..4u8 {
+        let port = format!("0000:00:{:02x}.0", 0x10 + n);
+        assert!(
+            line(&format!("pci {port}:")).contains("[1b36:000c] type 01 class 0x060400"),
+            "{text}"
+        );
+        assert!(
+            line(&format!("pcieport {port}: pciehp: Slot #{n} ")).contains(
+                "AttnBtn+ PwrCtrl+ MRL- AttnInd+ PwrInd+ HotPlug+ Surprise+ Interlock- NoCompl- IbPresDis- LLActRep+"
+            ),
+            "{text}"
+        );
+    }
+    let pciehp_complaints: Vec<&String> = log
+        .iter()
+        .filter(|l| {
+            l.contains("pciehp")
+                && (l.contains("Timeout") || l.contains("not completed") || l.contains("fail"))
+        })
+        .collect();
+    assert!(pciehp_complaints.is_empty(), "{pciehp_complaints:#?}");
+
     // User space sees the same machine.
+    assert_eq!(g.run("ls -1 /sys/bus/pci/slots"), "0\n1\n2\n3");
     let pci = g.run("ls /sys/bus/pci/devices");
     for dev in ["0000:00:00.0", "0000:00:01.0", "0000:00:02.0"] {
         assert!(

@@ -41,6 +41,10 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_cpus, allow_hyphen_values = true)]
     pub cpus: u8,
 
+    /// PCI Express root ports rp0..rp{N-1} with native hot-plug slots (0..=16).
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_root_ports, allow_hyphen_values = true)]
+    pub root_ports: u8,
+
     /// A cold-plugged virtio-blk disk backed by a raw file: path=FILE[,id=ID][,readonly=on]
     /// [,bus=pcie.0]. The id is the disk's serial (/sys/block/vdX/serial); repeatable.
     #[arg(long, value_name = "path=FILE[,id=ID][,readonly=on][,bus=BUS]", value_parser = parse_disk)]
@@ -185,6 +189,18 @@ fn parse_cpus(s: &str) -> Result<u8, String> {
     }
 }
 
+/// Most root ports: they sit at device numbers 0x10.. of bus 0.
+pub const MAX_ROOT_PORTS: u8 = 16;
+
+fn parse_root_ports(s: &str) -> Result<u8, String> {
+    match s.trim().parse::<u8>() {
+        Ok(n) if n <= MAX_ROOT_PORTS => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a root port count from 0 to {MAX_ROOT_PORTS}"
+        )),
+    }
+}
+
 fn parse_serial(s: &str) -> Result<SerialMode, String> {
     match s {
         "stdio" => Ok(SerialMode::Stdio),
@@ -217,6 +233,10 @@ mod tests {
         assert!(parse_cpus("0").is_err());
         assert!(parse_cpus("65").is_err());
         assert!(parse_cpus("x").is_err());
+        assert_eq!(parse_root_ports("0"), Ok(0));
+        assert_eq!(parse_root_ports("16"), Ok(16));
+        assert!(parse_root_ports("17").is_err());
+        assert!(parse_root_ports("-1").is_err());
         assert_eq!(parse_serial("null"), Ok(SerialMode::Null));
         assert_eq!(
             parse_serial("file=/tmp/x"),

@@ -187,6 +187,17 @@ impl MsiInterruptGroup for KvmMsiGroup {
     }
 }
 
+/// A single-vector MSI source (a root port's hot-plug interrupt): the route follows the message
+/// the guest programmed, then the vector's irqfd fires.
+pub struct KvmMsiSink(pub KvmMsiGroup);
+
+impl devices::pci::MsiSink for KvmMsiSink {
+    fn send(&self, message: MsiMessage) -> io::Result<()> {
+        self.0.update(0, message, true)?;
+        self.0.trigger(0)
+    }
+}
+
 impl Drop for KvmMsiGroup {
     fn drop(&mut self) {
         for (gsi, evt) in self.vectors.drain(..) {

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use devices::pci::{
-    BarReprogram, BarReprogrammingHandler, BarSpace, Bdf, PciDevice, PciRoot, SharedPciDevice,
+    BarReprogram, BarReprogrammingHandler, BarSpace, Bdf, PciDevice, PciRoot, PcieRootPort,
+    RootPortOptions, SharedPciDevice,
 };
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::pci::VirtioPciDevice;
@@ -14,7 +15,10 @@ use devices::virtio::GuestMemory;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
-use crate::interrupts::{GsiRouter, KvmMsiGroup};
+use crate::interrupts::{GsiRouter, KvmMsiGroup, KvmMsiSink};
+
+/// Device number of root port rp0 on bus 0; rpN is at FIRST_ROOT_PORT_SLOT + N.
+pub const FIRST_ROOT_PORT_SLOT: u8 = 0x10;
 
 /// A virtio-pci function and the notify addresses its ioeventfds are registered on now.
 struct VirtioFunction {
@@ -28,6 +32,12 @@ struct VirtioFunction {
     bar0_range: RangeInclusive,
 }
 
+/// A root port of the machine: where it is and the device.
+struct RootPortEntry {
+    bdf: Bdf,
+    port: Arc<Mutex<PcieRootPort>>,
+}
+
 /// The PCI devices of one segment.
 pub struct PciDevices {
     vm: Arc<VmFd>,
@@ -37,6 +47,8 @@ pub struct PciDevices {
     router: Arc<GsiRouter>,
     mmio: Mutex<AddressAllocator>,
     virtio: Mutex<BTreeMap<Bdf, VirtioFunction>>,
+    /// Root ports by id; hot-add and removal go through their slots.
+    root_ports: Mutex<BTreeMap<String, RootPortEntry>>,
     queues_per_disk: u16,
 }
 
@@ -76,6 +88,7 @@ impl PciDevices {
             router,
             mmio: Mutex::new(mmio),
             virtio: Mutex::new(BTreeMap::new()),
+            root_ports: Mutex::new(BTreeMap::new()),
             queues_per_disk,
         })
     }
@@ -125,6 +138,35 @@ impl PciDevices {
             },
         );
         log::info!("{bdf}: virtio-blk {id} ({})", path.display());
+        Ok(())
+    }
+
+    /// Adds PCI Express root port `id` (e.g. "rp0") with native hot-plug at `bdf`; its slot's
+    /// Physical Slot Number is `slot_number`.
+    pub fn add_root_port(
+        &self,
+        bdf: Bdf,
+        id: &str,
+        slot_number: u16,
+    ) -> Result<(), AddDeviceError> {
+        let msi = KvmMsiGroup::new(self.router.clone(), 1)
+            .map_err(|e| AddDeviceError::Interrupts(id.to_string(), e))?;
+        let options = RootPortOptions {
+            port_number: u8::try_from(slot_number).unwrap_or(0),
+            ..RootPortOptions::default()
+        };
+        let port = Arc::new(Mutex::new(PcieRootPort::new(
+            id,
+            slot_number,
+            options,
+            Arc::new(KvmMsiSink(msi)),
+        )));
+        let shared: SharedPciDevice = port.clone();
+        lock(&self.root)
+            .add_device(bdf, shared)
+            .map_err(|e| AddDeviceError::Bus(format!("{bdf}: {e}")))?;
+        lock(&self.root_ports).insert(id.to_string(), RootPortEntry { bdf, port });
+        log::info!("{bdf}: PCIe root port {id} (slot {slot_number}, native hot-plug)");
         Ok(())
     }
 
@@ -221,6 +263,14 @@ impl PciDevices {
             lock(&f.device).shutdown();
             let _ = lock(&self.root).remove_device(bdf);
             let _ = lock(&self.mmio).free(&f.bar0_range);
+        }
+        for (id, e) in std::mem::take(&mut *lock(&self.root_ports)) {
+            let present = lock(&e.port).slot().is_present();
+            log::debug!(
+                "{}: root port {id} removed (card present: {present})",
+                e.bdf
+            );
+            let _ = lock(&self.root).remove_device(e.bdf);
         }
     }
 }

@@ -276,6 +276,12 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         )
         .map_err(|e| VmError::Device(e.to_string()))?,
     );
+    for n in 0..cli.root_ports {
+        let bdf = Bdf::new(0, crate::pci_devices::FIRST_ROOT_PORT_SLOT + n, 0)
+            .ok_or_else(|| VmError::Device(format!("no slot for root port rp{n}")))?;
+        pci.add_root_port(bdf, &format!("rp{n}"), u16::from(n))
+            .map_err(|e| VmError::Device(e.to_string()))?;
+    }
     for (i, d) in cli.disk.iter().enumerate() {
         let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
         let slot = u8::try_from(i + 1)
