@@ -29,6 +29,18 @@ pub struct Disk {
     readonly: bool,
 }
 
+/// What a `pread`/`pwrite` return value means: bytes transferred, an error, or `None` when
+/// the call was interrupted by a signal and must be repeated.
+fn transferred(ret: isize) -> Option<io::Result<usize>> {
+    match usize::try_from(ret) {
+        Ok(n) => Some(Ok(n)),
+        Err(_) => {
+            let err = io::Error::last_os_error();
+            (err.kind() != io::ErrorKind::Interrupted).then_some(Err(err))
+        }
+    }
+}
+
 impl Disk {
     /// Opens `path`, read-only when `readonly` is set (and then never written).
     pub fn open(path: &Path, readonly: bool) -> io::Result<Self> {
@@ -131,19 +143,14 @@ impl Disk {
                     offset,
                 )
             };
-            match n {
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                n if n > 0 => {
-                    let n = n as usize;
+            match transferred(n) {
+                Some(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Some(Ok(n)) => {
                     slice.bitmap().mark_dirty(from, n);
                     return Ok(n);
                 }
-                _ => {
-                    let err = io::Error::last_os_error();
-                    if err.kind() != io::ErrorKind::Interrupted {
-                        return Err(err);
-                    }
-                }
+                Some(Err(e)) => return Err(e),
+                None => {}
             }
         }
     }
@@ -169,15 +176,10 @@ impl Disk {
                     offset,
                 )
             };
-            match n {
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                n if n > 0 => return Ok(n as usize),
-                _ => {
-                    let err = io::Error::last_os_error();
-                    if err.kind() != io::ErrorKind::Interrupted {
-                        return Err(err);
-                    }
-                }
+            match transferred(n) {
+                Some(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Some(result) => return result,
+                None => {}
             }
         }
     }
