@@ -109,8 +109,8 @@ def main():
     _, ready = con.wait(lambda l: l.startswith("HOTPLUG-VMM-READY"), 0, timeout=600)
     print(f"demo: guest user space is up after {time.time() - t0:.1f}s: {ready}")
     interesting = (r"Linux version|ACPI: (RSDP|XSDT|FACP|DSDT|APIC|MCFG) |_OSC: OS now|PCI Root Bridge|"
-                   r"MMCONFIG|ECAM|pci 0000:00:0.\.0: \[|smp: Brought|ttyS0 at|virtio_blk| vda:")
-    show("dmesg | grep -E '<ACPI, PCI, SMP, console and disk lines>'",
+                   r"MMCONFIG|ECAM|pci 0000:00:..\.0: \[|smp: Brought|ttyS0 at|pciehp: Slot|virtio_blk| vda:")
+    show("dmesg | grep -E '<ACPI, PCI, root port, SMP, console and disk lines>'",
          [l.replace("K: ", "", 1) for l in con.run(f"dmesg | grep -E '{interesting}' | sed 's/^/K: /'")])
     show("ls /sys/bus/pci/devices", con.run("ls /sys/bus/pci/devices"))
     show("cat /sys/block/vda/serial /sys/block/vda/size; echo",
