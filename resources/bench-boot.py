@@ -75,7 +75,7 @@ def main():
         cmdline = " ".join(p for p in cmdline.split() if p != "quiet")
     ours = [VMM, "--kernel", kernel, "--initramfs", initrd, "--cmdline", cmdline,
             "--cpus", args.cpus, "--memory", args.memory]
-    qemu = ["qemu-system-x86_64", "-machine", "q35,accel=kvm", "-m", args.memory,
+    qemu = ["qemu-system-x86_64", "-machine", "q35,accel=kvm", "-cpu", "host", "-m", args.memory,
             "-smp", args.cpus, "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
             "-kernel", kernel, "-initrd", initrd, "-append", cmdline]
 
