@@ -120,8 +120,10 @@ impl MutDevicePio for SerialDevice {
                 // guest may already have consumed by then — and with an edge-triggered IOAPIC pin
                 // the guest's transmitter then waits forever (seen with 2 vCPUs: both idle, tty
                 // output stuck). A spare edge costs one spurious, harmless interrupt.
-                let dlab = self.uart.read(LCR_OFFSET) & LCR_DLAB != 0;
-                if off == IER_OFFSET && !dlab && value & IER_THRI != 0 {
+                if off == IER_OFFSET
+                    && value & IER_THRI != 0
+                    && self.uart.read(LCR_OFFSET) & LCR_DLAB == 0
+                {
                     if let Err(e) = self.irq.trigger() {
                         log::warn!("serial interrupt: {e}");
                     }
