@@ -15,7 +15,7 @@ use vm_device::{DeviceMmio, DevicePio};
 
 use super::bus::{BarReprogrammingHandler, Bdf};
 use super::configuration::{BarKind, BarReprogram};
-use super::device::{PciBarIo, SharedPciDevice};
+use super::device::{same_device, PciBarIo, SharedPciDevice};
 
 #[derive(Clone)]
 struct Mapping {
@@ -109,6 +109,17 @@ impl BarSpace {
         let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
         maps.memory.retain(|_, m| m.bdf != bdf);
         maps.io.retain(|_, m| m.bdf != bdf);
+    }
+
+    /// Removes every mapping of `device`, wherever the guest put it and whatever bus number it
+    /// had (e.g. when the device is unplugged). Returns how many mappings went.
+    pub fn unmap_device(&self, device: &SharedPciDevice) -> usize {
+        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+        let before = maps.memory.len() + maps.io.len();
+        maps.memory
+            .retain(|_, m| !same_device(m.region.device(), device));
+        maps.io.retain(|_, m| !same_device(m.region.device(), device));
+        before - maps.memory.len() - maps.io.len()
     }
 
     /// Number of mappings (memory and I/O).
@@ -310,5 +321,18 @@ mod tests {
         space.reprogram_bars(bdf(1), &dev, &[change(None, Some(0x8000))]);
         space.unmap_all(bdf(1));
         assert!(space.is_empty());
+    }
+
+    #[test]
+    fn unmap_device_removes_its_mappings_whatever_the_bdf() {
+        let space = BarSpace::new();
+        let (_, a) = probe();
+        let (_, b) = probe();
+        assert!(space.map(bdf(1), &a, MEM, 0, 0x1000, 0x1000));
+        assert!(space.map(bdf(2), &a, BarKind::Io, 2, 0x100, 0x10));
+        assert!(space.map(bdf(1), &b, MEM, 0, 0x4000, 0x1000));
+        assert_eq!(space.unmap_device(&a), 2);
+        assert_eq!(space.len(), 1);
+        assert_eq!(space.unmap_device(&a), 0);
     }
 }

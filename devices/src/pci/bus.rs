@@ -1,9 +1,9 @@
 //! One PCI segment and the two ways a guest reaches its configuration space.
 //!
-//! [`PciRoot`] holds the functions of segment 0, keyed by bus/device/function ([`Bdf`]). Bus
-//! numbers are flat: a function behind a root port is added at the bus number the root port's
-//! Secondary Bus Number register gives it, so the VMM programs root ports' bus numbers before the
-//! guest boots (Linux keeps bus numbers it finds valid).
+//! [`PciRoot`] holds the functions of segment 0: those on bus 0 keyed by bus/device/function
+//! ([`Bdf`]), and those below a bridge on bus 0 (a root port's slot) keyed by the bridge. The
+//! guest numbers the buses: a function below a bridge answers at the bus number the bridge's
+//! Secondary Bus Number register holds, while its link is up.
 //!
 //! Two access mechanisms forward to a shared `Arc<Mutex<PciRoot>>`:
 //!
@@ -100,17 +100,31 @@ pub enum PciBusError {
     /// A function already exists at this address.
     #[error("PCI address {0} is already in use")]
     AddressInUse(Bdf),
+    /// Only bus 0 holds functions directly; the others are behind bridges.
+    #[error("PCI address {0} is not on bus 0")]
+    NotOnRootBus(Bdf),
+    /// No function at this address to put a device below.
+    #[error("no bridge at {0}")]
+    NoSuchBridge(Bdf),
 }
 
-/// The functions of one PCI segment.
+/// The functions of one PCI segment: those on bus 0, keyed by [`Bdf`], and those below bridges
+/// on bus 0 (the device in a root port's slot), keyed by the bridge and their device/function
+/// number. A function below a bridge answers at `(b, devfn)` while the bridge reports `b` as its
+/// [`downstream_bus`](PciDevice::downstream_bus): the guest numbers buses, and a link that is
+/// down hides the functions behind it.
 #[derive(Default)]
 pub struct PciRoot {
     devices: BTreeMap<Bdf, SharedPciDevice>,
+    downstream: BTreeMap<(Bdf, u8), SharedPciDevice>,
 }
 
 impl fmt::Debug for PciRoot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.devices.keys()).finish()
+        f.debug_struct("PciRoot")
+            .field("bus0", &self.devices.keys().collect::<Vec<_>>())
+            .field("downstream", &self.downstream.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -121,8 +135,12 @@ impl PciRoot {
         Self::default()
     }
 
-    /// Puts `device` at `bdf`. Fails if the address is taken.
+    /// Puts `device` at `bdf` on bus 0. Fails if the address is taken or not on bus 0 (a
+    /// function below a bridge goes in with [`add_downstream_device`](Self::add_downstream_device)).
     pub fn add_device(&mut self, bdf: Bdf, device: SharedPciDevice) -> Result<(), PciBusError> {
+        if bdf.bus() != 0 {
+            return Err(PciBusError::NotOnRootBus(bdf));
+        }
         if self.devices.contains_key(&bdf) {
             return Err(PciBusError::AddressInUse(bdf));
         }
@@ -130,26 +148,74 @@ impl PciRoot {
         Ok(())
     }
 
-    /// Takes the function at `bdf` away; from then on its configuration space reads all-ones.
+    /// Takes the function at `bdf` on bus 0 away; from then on its configuration space reads
+    /// all-ones. Functions below it stay until removed.
     pub fn remove_device(&mut self, bdf: Bdf) -> Option<SharedPciDevice> {
         self.devices.remove(&bdf)
     }
 
-    /// The function at `bdf`.
-    pub fn device(&self, bdf: Bdf) -> Option<SharedPciDevice> {
-        self.devices.get(&bdf).cloned()
+    /// Puts `device` below the bridge at `bridge` (on bus 0) as device/function `devfn` of the
+    /// bus behind it. Fails if there is no function at `bridge` or `devfn` is taken there.
+    pub fn add_downstream_device(
+        &mut self,
+        bridge: Bdf,
+        devfn: u8,
+        device: SharedPciDevice,
+    ) -> Result<(), PciBusError> {
+        if !self.devices.contains_key(&bridge) {
+            return Err(PciBusError::NoSuchBridge(bridge));
+        }
+        if self.downstream.contains_key(&(bridge, devfn)) {
+            return Err(PciBusError::AddressInUse(Bdf::from_devfn(0, devfn)));
+        }
+        self.downstream.insert((bridge, devfn), device);
+        Ok(())
     }
 
-    /// Every function, in address order.
+    /// Takes the function `devfn` below `bridge` away.
+    pub fn remove_downstream_device(&mut self, bridge: Bdf, devfn: u8) -> Option<SharedPciDevice> {
+        self.downstream.remove(&(bridge, devfn))
+    }
+
+    /// The function `devfn` below `bridge`, whether or not the guest can reach it now.
+    pub fn downstream_device(&self, bridge: Bdf, devfn: u8) -> Option<SharedPciDevice> {
+        self.downstream.get(&(bridge, devfn)).cloned()
+    }
+
+    /// The function the guest reaches at `bdf` now. For a bus other than 0 this locks the
+    /// bridges on bus 0 in turn to read their bus numbers.
+    pub fn device(&self, bdf: Bdf) -> Option<SharedPciDevice> {
+        if bdf.bus() == 0 {
+            return self.devices.get(&bdf).cloned();
+        }
+        let bridge = self
+            .downstream
+            .keys()
+            .filter(|(_, devfn)| *devfn == bdf.devfn())
+            .map(|(bridge, _)| *bridge)
+            .find(|bridge| {
+                self.devices
+                    .get(bridge)
+                    .is_some_and(|d| lock(d).downstream_bus() == Some(bdf.bus()))
+            })?;
+        self.downstream.get(&(bridge, bdf.devfn())).cloned()
+    }
+
+    /// Every function on bus 0, in address order.
     pub fn devices(&self) -> impl Iterator<Item = (Bdf, &SharedPciDevice)> {
         self.devices.iter().map(|(bdf, d)| (*bdf, d))
+    }
+
+    /// Every function below a bridge: `(bridge, devfn, device)`.
+    pub fn downstream_devices(&self) -> impl Iterator<Item = (Bdf, u8, &SharedPciDevice)> {
+        self.downstream.iter().map(|((b, f), d)| (*b, *f, d))
     }
 
     /// A configuration read of the function at `bdf`; all-ones (Vendor ID 0xFFFF) if there is
     /// none. Locks the device while `self` is borrowed.
     pub fn config_read(&self, bdf: Bdf, offset: u16, data: &mut [u8]) {
-        match self.devices.get(&bdf) {
-            Some(device) => lock(device).config_read(offset, data),
+        match self.device(bdf) {
+            Some(device) => lock(&device).config_read(offset, data),
             None => data.fill(0xff),
         }
     }
@@ -157,8 +223,8 @@ impl PciRoot {
     /// A configuration write to the function at `bdf`; ignored if there is none. Locks the device
     /// while `self` is borrowed.
     pub fn config_write(&self, bdf: Bdf, offset: u16, data: &[u8]) -> ConfigWriteResult {
-        match self.devices.get(&bdf) {
-            Some(device) => lock(device).config_write(offset, data),
+        match self.device(bdf) {
+            Some(device) => lock(&device).config_write(offset, data),
             None => ConfigWriteResult::default(),
         }
     }
@@ -479,6 +545,26 @@ mod tests {
         }
     }
 
+    /// A bridge whose downstream bus the test sets.
+    struct FakeBridge {
+        bus: Option<u8>,
+    }
+
+    impl PciDevice for FakeBridge {
+        fn id(&self) -> &str {
+            "bridge"
+        }
+        fn config_read(&mut self, _offset: u16, data: &mut [u8]) {
+            data.fill(0x11);
+        }
+        fn config_write(&mut self, _offset: u16, _data: &[u8]) -> ConfigWriteResult {
+            ConfigWriteResult::default()
+        }
+        fn downstream_bus(&self) -> Option<u8> {
+            self.bus
+        }
+    }
+
     /// Records every handler call; locks the root and the device to prove no lock is held.
     struct Recorder {
         root: Arc<Mutex<PciRoot>>,
@@ -499,21 +585,25 @@ mod tests {
 
     struct Fixture {
         root: Arc<Mutex<PciRoot>>,
+        bridge: Arc<Mutex<FakeBridge>>,
         probe: Arc<Mutex<Probe>>,
         recorder: Arc<Recorder>,
         io: PciConfigIo,
         ecam: PciConfigMmio,
     }
 
-    /// Host bridge at 00:00.0, a probe at 02:03.4.
+    /// Host bridge at 00:00.0, a bridge at 00:1f.0 to bus 2, a probe at 02:03.4 behind it.
     fn fixture() -> Fixture {
         let root = Arc::new(Mutex::new(PciRoot::new()));
         let probe = Arc::new(Mutex::new(Probe::new(0x1042)));
+        let bridge = Arc::new(Mutex::new(FakeBridge { bus: Some(2) }));
         {
             let mut r = root.lock().unwrap();
             r.add_device(bdf(0, 0, 0), Arc::new(Mutex::new(PciHostBridge::new())))
                 .unwrap();
-            r.add_device(bdf(2, 3, 4), probe.clone()).unwrap();
+            r.add_device(bdf(0, 0x1f, 0), bridge.clone()).unwrap();
+            r.add_downstream_device(bdf(0, 0x1f, 0), bdf(2, 3, 4).devfn(), probe.clone())
+                .unwrap();
         }
         let recorder = Arc::new(Recorder {
             root: root.clone(),
@@ -521,6 +611,7 @@ mod tests {
         });
         let handler: Arc<dyn BarReprogrammingHandler> = recorder.clone();
         Fixture {
+            bridge,
             io: PciConfigIo::new(root.clone(), Some(handler.clone())),
             ecam: PciConfigMmio::new(root.clone(), 256, Some(handler)),
             root,
@@ -710,7 +801,15 @@ mod tests {
         let root = Arc::new(Mutex::new(PciRoot::new()));
         root.lock()
             .unwrap()
-            .add_device(bdf(1, 0, 0), Arc::new(Mutex::new(PciHostBridge::new())))
+            .add_device(bdf(0, 1, 0), Arc::new(Mutex::new(FakeBridge { bus: Some(1) })))
+            .unwrap();
+        root.lock()
+            .unwrap()
+            .add_downstream_device(
+                bdf(0, 1, 0),
+                0,
+                Arc::new(Mutex::new(PciHostBridge::new())),
+            )
             .unwrap();
         let mut one_bus = PciConfigMmio::new(root.clone(), 1, None);
         assert_eq!(one_bus.size(), 1 << 20);
@@ -788,7 +887,10 @@ mod tests {
     #[test]
     fn removed_device_reads_all_ones() {
         let mut f = fixture();
-        f.root.lock().unwrap().remove_device(bdf(2, 3, 4));
+        f.root
+            .lock()
+            .unwrap()
+            .remove_downstream_device(bdf(0, 0x1f, 0), bdf(2, 3, 4).devfn());
         assert_eq!(io_read32(&mut f.io, cf8(2, 3, 4, 0)), u32::MAX);
         let mut b = [0u8; 4];
         f.ecam.read(ecam(2, 3, 4, 0), &mut b);
@@ -871,5 +973,59 @@ mod tests {
             .mmio_read(MmioAddress(ecam_base + ecam(0, 0, 0, 0)), &mut d)
             .unwrap();
         assert_eq!(u32::from_le_bytes(d), 0x0008_1b36);
+    }
+
+    fn vendor_at(f: &Fixture, b: Bdf) -> u16 {
+        let mut id = [0u8; 2];
+        f.root.lock().unwrap().config_read(b, 0, &mut id);
+        u16::from_le_bytes(id)
+    }
+
+    #[test]
+    fn functions_below_a_bridge_follow_its_bus_number_and_link() {
+        let f = fixture();
+        assert_eq!(vendor_at(&f, bdf(2, 3, 4)), 0x1af4);
+        // Other functions on bus 2 and other buses are empty.
+        assert_eq!(vendor_at(&f, bdf(2, 3, 5)), 0xffff);
+        assert_eq!(vendor_at(&f, bdf(3, 3, 4)), 0xffff);
+        // The guest renumbers the bus: the function moves with it.
+        f.bridge.lock().unwrap().bus = Some(7);
+        assert_eq!(vendor_at(&f, bdf(2, 3, 4)), 0xffff);
+        assert_eq!(vendor_at(&f, bdf(7, 3, 4)), 0x1af4);
+        // Link down (or bus not numbered): nothing answers, writes go nowhere.
+        f.bridge.lock().unwrap().bus = None;
+        assert_eq!(vendor_at(&f, bdf(7, 3, 4)), 0xffff);
+        let before = f.probe.lock().unwrap().writes.len();
+        let _ = f.root.lock().unwrap().config_write(bdf(7, 3, 4), 4, &[6]);
+        assert_eq!(f.probe.lock().unwrap().writes.len(), before);
+        // The device is still there for the VMM.
+        let root = f.root.lock().unwrap();
+        assert!(root.downstream_device(bdf(0, 0x1f, 0), bdf(2, 3, 4).devfn()).is_some());
+        assert_eq!(root.downstream_devices().count(), 1);
+    }
+
+    #[test]
+    fn downstream_devices_need_a_bridge_and_a_free_address() {
+        let f = fixture();
+        let mut root = f.root.lock().unwrap();
+        let dev = Arc::new(Mutex::new(Probe::new(1)));
+        assert_eq!(
+            root.add_downstream_device(bdf(0, 9, 0), 0, dev.clone()),
+            Err(PciBusError::NoSuchBridge(bdf(0, 9, 0)))
+        );
+        assert!(matches!(
+            root.add_downstream_device(bdf(0, 0x1f, 0), bdf(2, 3, 4).devfn(), dev.clone()),
+            Err(PciBusError::AddressInUse(_))
+        ));
+        assert_eq!(
+            root.add_device(bdf(1, 0, 0), dev.clone()),
+            Err(PciBusError::NotOnRootBus(bdf(1, 0, 0)))
+        );
+        assert!(root
+            .remove_downstream_device(bdf(0, 0x1f, 0), bdf(2, 3, 4).devfn())
+            .is_some());
+        assert!(root.device(bdf(2, 3, 4)).is_none());
+        root.add_downstream_device(bdf(0, 0x1f, 0), 0, dev).unwrap();
+        assert!(root.device(bdf(2, 0, 0)).is_some());
     }
 }

@@ -63,6 +63,23 @@ pub trait PciDevice: Send {
     fn decoded_bars(&self) -> Vec<BarRegion> {
         Vec::new()
     }
+
+    /// For a bridge (e.g. a PCI Express root port): the bus number behind it on which the
+    /// functions below it answer configuration requests now, that is its Secondary Bus Number
+    /// while the link to them is up. `None` for an endpoint, a bridge the guest has not numbered
+    /// yet (Secondary Bus Number 0), or a link that is down (requests then end in Unsupported
+    /// Request: the functions read all-ones). By default: `None`.
+    fn downstream_bus(&self) -> Option<u8> {
+        None
+    }
+}
+
+/// Whether `a` and `b` are the same device (the same allocation), whatever their vtables.
+pub fn same_device(a: &SharedPciDevice, b: &SharedPciDevice) -> bool {
+    std::ptr::eq(
+        Arc::as_ptr(a) as *const (),
+        Arc::as_ptr(b) as *const (),
+    )
 }
 
 /// A device shared between the bus and the VMM.
@@ -96,6 +113,11 @@ impl PciBarIo {
     /// The BAR index.
     pub fn bar(&self) -> usize {
         self.bar
+    }
+
+    /// The device whose BAR this is.
+    pub fn device(&self) -> &SharedPciDevice {
+        &self.device
     }
 }
 

@@ -68,7 +68,7 @@ pub use bus::{
 pub use configuration::{
     BarKind, BarRegion, BarReprogram, HeaderType, PciConfigError, PciConfiguration, PciIdentity,
 };
-pub use device::{ConfigWriteResult, PciBarIo, PciDevice, SharedPciDevice};
+pub use device::{same_device, ConfigWriteResult, PciBarIo, PciDevice, SharedPciDevice};
 pub use host_bridge::PciHostBridge;
 pub use root_port::{MsiSink, PcieRootPort, RootPortOptions, SlotObserver};
 pub use slot::{HotplugSlot, Indicator, SlotCapabilities, SlotError, SlotEvent, SlotNotifications};

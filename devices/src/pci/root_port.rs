@@ -557,6 +557,12 @@ impl PciDevice for PcieRootPort {
         &self.id
     }
 
+    /// The Secondary Bus Number while the slot's link is up and the guest has numbered the bus.
+    fn downstream_bus(&self) -> Option<u8> {
+        let bus = self.secondary_bus();
+        (bus != 0 && self.slot.is_link_active()).then_some(bus)
+    }
+
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
         self.config.read(offset, data);
     }
@@ -855,6 +861,26 @@ mod tests {
         acpi.port.cold_plug_card().unwrap();
         assert_eq!(acpi.cap_read16(PCI_EXP_SLTSTA), SLTSTA_PDS);
         assert_eq!(acpi.cap_read16(PCI_EXP_LNKSTA) & LNKSTA_DLLLA, LNKSTA_DLLLA);
+    }
+
+    #[test]
+    fn downstream_bus_needs_a_bus_number_and_a_link() {
+        let mut g = Guest::new(RootPortOptions::default());
+        assert_eq!(g.port.downstream_bus(), None);
+        g.port.insert_card().unwrap();
+        assert_eq!(g.port.downstream_bus(), None, "bus not numbered yet");
+        g.write32(PRIMARY_BUS, 0x0003_0300);
+        assert_eq!(g.port.downstream_bus(), Some(3));
+        // The guest powers the slot on, then off: the link goes down, the card stops answering.
+        let ctl = g.cap_read16(PCI_EXP_SLTCTL);
+        g.cap_write16(PCI_EXP_SLTCTL, ctl & !SLTCTL_PCC);
+        assert_eq!(g.port.downstream_bus(), Some(3));
+        g.cap_write16(PCI_EXP_SLTCTL, ctl | SLTCTL_PCC);
+        assert_eq!(g.port.downstream_bus(), None);
+        g.cap_write16(PCI_EXP_SLTCTL, ctl & !SLTCTL_PCC);
+        assert_eq!(g.port.downstream_bus(), Some(3));
+        g.port.surprise_remove().unwrap();
+        assert_eq!(g.port.downstream_bus(), None);
     }
 
     #[test]
