@@ -1,11 +1,11 @@
 //! What the control socket can do to the machine: the QMP commands the VM answers (SPEC.md §5).
-//! Hotplug commands (`device_add`, `device_del`, `blockdev-add`, `blockdev-del`) come with the
-//! root ports; until then they are unknown commands, as in a QEMU built without them.
+//! The hot-plug commands are [`Hotplug`]'s.
 
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
+use crate::hotplug::Hotplug;
 use crate::pci_devices::PciDevices;
 use crate::qmp::{check_args, QmpError, QmpHandler};
 use crate::vm::{ExitSignal, VmExit};
@@ -14,12 +14,14 @@ use crate::vm::{ExitSignal, VmExit};
 pub struct MachineControl {
     exit: Arc<ExitSignal>,
     pci: Arc<PciDevices>,
+    hotplug: Arc<Hotplug>,
 }
 
 impl MachineControl {
-    /// Commands for the VM that stops through `exit` and has the PCI devices `pci`.
-    pub fn new(exit: Arc<ExitSignal>, pci: Arc<PciDevices>) -> Self {
-        MachineControl { exit, pci }
+    /// Commands for the VM that stops through `exit`, has the PCI devices `pci` and hot-plugs
+    /// through `hotplug`.
+    pub fn new(exit: Arc<ExitSignal>, pci: Arc<PciDevices>, hotplug: Arc<Hotplug>) -> Self {
+        MachineControl { exit, pci, hotplug }
     }
 }
 
@@ -28,6 +30,9 @@ const COMMANDS: &[&str] = &["query-status", "quit", "query-pci", "query-block"];
 
 impl QmpHandler for MachineControl {
     fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        if let Some(result) = self.hotplug.execute(command, args) {
+            return result;
+        }
         match command {
             "query-status" => {
                 check_args(args, &[])?;
@@ -57,6 +62,10 @@ impl QmpHandler for MachineControl {
     }
 
     fn commands(&self) -> Vec<String> {
-        COMMANDS.iter().map(|c| c.to_string()).collect()
+        COMMANDS
+            .iter()
+            .chain(Hotplug::COMMANDS)
+            .map(|c| c.to_string())
+            .collect()
     }
 }

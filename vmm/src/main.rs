@@ -4,6 +4,7 @@ mod boot;
 mod config;
 mod console;
 mod control;
+mod hotplug;
 mod interrupts;
 mod layout;
 mod pci_devices;

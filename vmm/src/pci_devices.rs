@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use devices::pci::{
-    BarReprogram, BarReprogrammingHandler, BarSpace, Bdf, PciDevice, PciRoot, PcieRootPort,
-    RootPortOptions, SharedPciDevice,
+    same_device, BarReprogram, BarReprogrammingHandler, BarSpace, Bdf, PciDevice, PciRoot,
+    PcieRootPort, RootPortOptions, SharedPciDevice,
 };
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::pci::VirtioPciDevice;
@@ -20,22 +20,45 @@ use crate::interrupts::{GsiRouter, KvmMsiGroup, KvmMsiSink};
 /// Device number of root port rp0 on bus 0; rpN is at FIRST_ROOT_PORT_SLOT + N.
 pub const FIRST_ROOT_PORT_SLOT: u8 = 0x10;
 
+/// Where a disk sits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// On the root bus at this address (cold plug only: bus 0 has no hot-plug controller).
+    RootBus(Bdf),
+    /// In the slot of root port `port` (e.g. "rp1"), whose own address is `port_bdf`.
+    Port { port: String, port_bdf: Bdf },
+}
+
+/// The disk to plug: its id, backing file, and (for `blockdev-add` backends) the file already
+/// opened.
+pub struct DiskSpec {
+    pub id: String,
+    pub path: std::path::PathBuf,
+    pub readonly: bool,
+    /// An open image (a clone of a `blockdev-add` node's file); `None` opens `path`.
+    pub file: Option<std::fs::File>,
+    /// The `blockdev-add` node it uses, if any.
+    pub node: Option<String>,
+}
+
 /// A virtio-pci function and the notify addresses its ioeventfds are registered on now.
 struct VirtioFunction {
     device: Arc<Mutex<VirtioPciDevice>>,
-    /// The disk's id and backing file, for query-block.
-    id: String,
+    shared: SharedPciDevice,
     path: std::path::PathBuf,
     readonly: bool,
+    node: Option<String>,
+    placement: Placement,
     /// Where BAR 0 is decoded (and the ioeventfds registered), if it is.
     bar0: Option<u64>,
-    bar0_range: RangeInclusive,
+    /// The MMIO the VMM assigned BAR 0 (root bus only; the guest assigns BARs behind ports).
+    bar0_range: Option<RangeInclusive>,
 }
 
 /// A root port of the machine: where it is and the device.
-struct RootPortEntry {
-    bdf: Bdf,
-    port: Arc<Mutex<PcieRootPort>>,
+pub struct RootPortEntry {
+    pub bdf: Bdf,
+    pub port: Arc<Mutex<PcieRootPort>>,
 }
 
 /// The PCI devices of one segment.
@@ -46,9 +69,10 @@ pub struct PciDevices {
     bars: Arc<BarSpace>,
     router: Arc<GsiRouter>,
     mmio: Mutex<AddressAllocator>,
-    virtio: Mutex<BTreeMap<Bdf, VirtioFunction>>,
+    /// Disks by id.
+    virtio: Mutex<BTreeMap<String, VirtioFunction>>,
     /// Root ports by id; hot-add and removal go through their slots.
-    root_ports: Mutex<BTreeMap<String, RootPortEntry>>,
+    root_ports: BTreeMap<String, RootPortEntry>,
     queues_per_disk: u16,
 }
 
@@ -65,10 +89,19 @@ pub enum AddDeviceError {
     Interrupts(String, std::io::Error),
     #[error("{0}")]
     Bus(String),
+    #[error("Duplicate device ID '{0}'")]
+    DuplicateId(String),
+    #[error("Bus '{0}' not found")]
+    NoSuchBus(String),
+    #[error("slot of {port} is occupied by '{occupant}'")]
+    SlotOccupied { port: String, occupant: String },
 }
 
 impl PciDevices {
-    /// Devices on `root`, BARs allocated from `[mmio_base, mmio_base + mmio_size)`.
+    /// Devices on `root`, BARs of root-bus devices allocated from
+    /// `[mmio_base, mmio_base + mmio_size)`, and `root_ports` root ports (rp0..) with native
+    /// hot-plug at 00:10.0 and up.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         vm: Arc<VmFd>,
         memory: GuestMemory,
@@ -77,9 +110,25 @@ impl PciDevices {
         router: Arc<GsiRouter>,
         (mmio_base, mmio_size): (u64, u64),
         queues_per_disk: u16,
+        root_ports: u8,
     ) -> Result<Self, AddDeviceError> {
         let mmio = AddressAllocator::new(mmio_base, mmio_size)
             .map_err(|e| AddDeviceError::Bus(format!("MMIO window: {e}")))?;
+        let mut ports = BTreeMap::new();
+        for n in 0..root_ports {
+            let id = format!("rp{n}");
+            let bdf = FIRST_ROOT_PORT_SLOT
+                .checked_add(n)
+                .and_then(|d| Bdf::new(0, d, 0))
+                .ok_or_else(|| AddDeviceError::Bus(format!("no slot for root port {id}")))?;
+            let port = Self::make_root_port(&router, &id, u16::from(n))?;
+            let shared: SharedPciDevice = port.clone();
+            lock(&root)
+                .add_device(bdf, shared)
+                .map_err(|e| AddDeviceError::Bus(format!("{bdf}: {e}")))?;
+            log::info!("{bdf}: PCIe root port {id} (slot {n}, native hot-plug)");
+            ports.insert(id, RootPortEntry { bdf, port });
+        }
         Ok(PciDevices {
             vm,
             memory,
@@ -88,86 +137,210 @@ impl PciDevices {
             router,
             mmio: Mutex::new(mmio),
             virtio: Mutex::new(BTreeMap::new()),
-            root_ports: Mutex::new(BTreeMap::new()),
+            root_ports: ports,
             queues_per_disk,
         })
     }
 
-    /// Adds a virtio-blk disk at `bdf`, its BAR 0 assigned (the guest may move it).
-    pub fn add_disk(
-        &self,
-        bdf: Bdf,
-        id: &str,
-        path: &std::path::Path,
-        readonly: bool,
-    ) -> Result<(), AddDeviceError> {
-        let mut config = BlockConfig::new(path, id);
-        config.readonly = readonly;
-        config.num_queues = self.queues_per_disk.max(1);
-        let block = Block::new(config)?;
-        let vectors = VirtioPciDevice::msix_vector_count(&block);
-        let msi = KvmMsiGroup::new(self.router.clone(), vectors)
-            .map_err(|e| AddDeviceError::Interrupts(id.to_string(), e))?;
-        let mut dev = VirtioPciDevice::new(Box::new(block), self.memory.clone(), Arc::new(msi))
-            .map_err(|e| AddDeviceError::Transport(format!("{id}: {e}")))?;
-        let bar = dev
-            .config()
-            .bar(0)
-            .ok_or_else(|| AddDeviceError::Transport(format!("{id}: no BAR 0")))?;
-        let range = lock(&self.mmio)
-            .allocate(bar.size, bar.size, AllocPolicy::FirstMatch)
-            .map_err(|_| AddDeviceError::NoMmio(id.to_string()))?;
-        dev.config_mut()
-            .set_bar_address(0, range.start())
-            .map_err(|e| AddDeviceError::Transport(format!("{id}: {e}")))?;
-        let dev = Arc::new(Mutex::new(dev));
-        let shared: SharedPciDevice = dev.clone();
-        if let Err(e) = lock(&self.root).add_device(bdf, shared) {
-            let _ = lock(&self.mmio).free(&range);
-            return Err(AddDeviceError::Bus(format!("{bdf}: {e}")));
-        }
-        lock(&self.virtio).insert(
-            bdf,
-            VirtioFunction {
-                device: dev,
-                id: id.to_string(),
-                path: path.to_path_buf(),
-                readonly,
-                bar0: None,
-                bar0_range: range,
-            },
-        );
-        log::info!("{bdf}: virtio-blk {id} ({})", path.display());
-        Ok(())
-    }
-
-    /// Adds PCI Express root port `id` (e.g. "rp0") with native hot-plug at `bdf`; its slot's
-    /// Physical Slot Number is `slot_number`.
-    pub fn add_root_port(
-        &self,
-        bdf: Bdf,
+    fn make_root_port(
+        router: &Arc<GsiRouter>,
         id: &str,
         slot_number: u16,
-    ) -> Result<(), AddDeviceError> {
-        let msi = KvmMsiGroup::new(self.router.clone(), 1)
+    ) -> Result<Arc<Mutex<PcieRootPort>>, AddDeviceError> {
+        let msi = KvmMsiGroup::new(router.clone(), 1)
             .map_err(|e| AddDeviceError::Interrupts(id.to_string(), e))?;
         let options = RootPortOptions {
             port_number: u8::try_from(slot_number).unwrap_or(0),
             ..RootPortOptions::default()
         };
-        let port = Arc::new(Mutex::new(PcieRootPort::new(
+        Ok(Arc::new(Mutex::new(PcieRootPort::new(
             id,
             slot_number,
             options,
             Arc::new(KvmMsiSink(msi)),
-        )));
-        let shared: SharedPciDevice = port.clone();
-        lock(&self.root)
-            .add_device(bdf, shared)
-            .map_err(|e| AddDeviceError::Bus(format!("{bdf}: {e}")))?;
-        lock(&self.root_ports).insert(id.to_string(), RootPortEntry { bdf, port });
-        log::info!("{bdf}: PCIe root port {id} (slot {slot_number}, native hot-plug)");
+        ))))
+    }
+
+    /// The root port `id`.
+    pub fn root_port(&self, id: &str) -> Option<&RootPortEntry> {
+        self.root_ports.get(id)
+    }
+
+    /// Every root port, by id.
+    pub fn root_ports(&self) -> impl Iterator<Item = (&String, &RootPortEntry)> {
+        self.root_ports.iter()
+    }
+
+    /// The id of the disk in root port `port`'s slot, if any.
+    pub fn port_occupant(&self, port: &str) -> Option<String> {
+        lock(&self.virtio)
+            .iter()
+            .find(|(_, f)| matches!(&f.placement, Placement::Port { port: p, .. } if p == port))
+            .map(|(id, _)| id.clone())
+    }
+
+    /// Where disk `id` is, if it exists.
+    pub fn placement(&self, id: &str) -> Option<Placement> {
+        lock(&self.virtio).get(id).map(|f| f.placement.clone())
+    }
+
+    /// Whether a disk uses `blockdev-add` node `node`.
+    pub fn node_user(&self, node: &str) -> Option<String> {
+        lock(&self.virtio)
+            .iter()
+            .find(|(_, f)| f.node.as_deref() == Some(node))
+            .map(|(id, _)| id.clone())
+    }
+
+    /// Adds a virtio-blk disk. On the root bus its BAR 0 is assigned (the guest may move it);
+    /// in a root port's slot the guest assigns it. `hot` inserts the card into the slot as a
+    /// hot-add (presence and link change, an interrupt if the guest enabled it); otherwise the
+    /// card is there from power-on.
+    pub fn plug_disk(
+        &self,
+        disk: DiskSpec,
+        placement: Placement,
+        hot: bool,
+    ) -> Result<(), AddDeviceError> {
+        let id = disk.id.clone();
+        if lock(&self.virtio).contains_key(&id) {
+            return Err(AddDeviceError::DuplicateId(id));
+        }
+        if let Placement::Port { port, .. } = &placement {
+            let entry = self
+                .root_ports
+                .get(port)
+                .ok_or_else(|| AddDeviceError::NoSuchBus(port.clone()))?;
+            if let Some(occupant) = self.port_occupant(port) {
+                return Err(AddDeviceError::SlotOccupied {
+                    port: port.clone(),
+                    occupant,
+                });
+            }
+            if lock(&entry.port).slot().is_present() {
+                return Err(AddDeviceError::SlotOccupied {
+                    port: port.clone(),
+                    occupant: "a card being removed".to_string(),
+                });
+            }
+        }
+        let mut config = BlockConfig::new(&disk.path, &id);
+        config.readonly = disk.readonly;
+        config.num_queues = self.queues_per_disk.max(1);
+        let block = match disk.file {
+            Some(file) => Block::with_file(config, file)?,
+            None => Block::new(config)?,
+        };
+        let vectors = VirtioPciDevice::msix_vector_count(&block);
+        let msi = KvmMsiGroup::new(self.router.clone(), vectors)
+            .map_err(|e| AddDeviceError::Interrupts(id.clone(), e))?;
+        let mut dev = VirtioPciDevice::new(Box::new(block), self.memory.clone(), Arc::new(msi))
+            .map_err(|e| AddDeviceError::Transport(format!("{id}: {e}")))?;
+        let mut bar0_range = None;
+        if let Placement::RootBus(_) = placement {
+            let bar = dev
+                .config()
+                .bar(0)
+                .ok_or_else(|| AddDeviceError::Transport(format!("{id}: no BAR 0")))?;
+            let range = lock(&self.mmio)
+                .allocate(bar.size, bar.size, AllocPolicy::FirstMatch)
+                .map_err(|_| AddDeviceError::NoMmio(id.clone()))?;
+            if let Err(e) = dev.config_mut().set_bar_address(0, range.start()) {
+                let _ = lock(&self.mmio).free(&range);
+                return Err(AddDeviceError::Transport(format!("{id}: {e}")));
+            }
+            bar0_range = Some(range);
+        }
+        let dev = Arc::new(Mutex::new(dev));
+        let shared: SharedPciDevice = dev.clone();
+        let added = match &placement {
+            Placement::RootBus(bdf) => lock(&self.root).add_device(*bdf, shared.clone()),
+            Placement::Port { port_bdf, .. } => {
+                lock(&self.root).add_downstream_device(*port_bdf, 0, shared.clone())
+            }
+        };
+        if let Err(e) = added {
+            if let Some(range) = &bar0_range {
+                let _ = lock(&self.mmio).free(range);
+            }
+            lock(&dev).shutdown();
+            return Err(AddDeviceError::Bus(format!("{id}: {e}")));
+        }
+        lock(&self.virtio).insert(
+            id.clone(),
+            VirtioFunction {
+                device: dev,
+                shared,
+                path: disk.path.clone(),
+                readonly: disk.readonly,
+                node: disk.node,
+                placement: placement.clone(),
+                bar0: None,
+                bar0_range,
+            },
+        );
+        match &placement {
+            Placement::RootBus(bdf) => {
+                log::info!("{bdf}: virtio-blk {id} ({})", disk.path.display())
+            }
+            Placement::Port { port, .. } => {
+                let entry = &self.root_ports[port];
+                let result = if hot {
+                    lock(&entry.port).insert_card()
+                } else {
+                    lock(&entry.port).cold_plug_card()
+                };
+                if let Err(e) = result {
+                    // Checked above under the same conditions; undo rather than leave a half-added card.
+                    let _ = self.unplug(&id);
+                    return Err(AddDeviceError::Bus(format!("{port}: {e}")));
+                }
+                log::info!(
+                    "{port}: virtio-blk {id} ({}) {}",
+                    disk.path.display(),
+                    if hot {
+                        "hot-added"
+                    } else {
+                        "present at power-on"
+                    }
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// Takes disk `id` away: off the bus (its configuration space reads all-ones), BARs and
+    /// ioeventfds unmapped, I/O thread stopped, backend released, MSI routes freed. A card in a
+    /// root port's slot is taken out of the slot (presence changes, an interrupt if enabled).
+    /// Returns false if there is no disk `id`.
+    pub fn unplug(&self, id: &str) -> bool {
+        let Some(mut f) = lock(&self.virtio).remove(id) else {
+            return false;
+        };
+        match &f.placement {
+            Placement::RootBus(bdf) => {
+                let _ = lock(&self.root).remove_device(*bdf);
+            }
+            Placement::Port { port_bdf, .. } => {
+                let _ = lock(&self.root).remove_downstream_device(*port_bdf, 0);
+            }
+        }
+        self.bars.unmap_device(&f.shared);
+        self.move_ioeventfds(&mut f, None);
+        lock(&f.device).shutdown();
+        if let Some(range) = &f.bar0_range {
+            let _ = lock(&self.mmio).free(range);
+        }
+        if let Placement::Port { port, .. } = &f.placement {
+            if let Some(entry) = self.root_ports.get(port) {
+                let mut p = lock(&entry.port);
+                if p.slot().is_present() {
+                    let _ = p.remove_card();
+                }
+            }
+        }
+        log::info!("virtio-blk {id} removed, backend released");
+        true
     }
 
     fn move_ioeventfds(&self, f: &mut VirtioFunction, new: Option<u64>) {
@@ -199,33 +372,59 @@ impl PciDevices {
         }
     }
 
-    /// QMP `query-pci`: the functions of bus 0 in QEMU's format (the subset clients use).
+    /// QMP `query-pci`: the functions of bus 0 in QEMU's format (the subset clients use), root
+    /// ports with the bus behind them and the device in their slot.
     pub fn query_pci(&self) -> serde_json::Value {
-        let devices: Vec<(Bdf, SharedPciDevice)> = lock(&self.root)
-            .devices()
-            .map(|(bdf, d)| (bdf, d.clone()))
-            .collect();
-        let mut out = Vec::new();
-        for (bdf, dev) in devices {
+        type Functions = Vec<(Bdf, SharedPciDevice)>;
+        let (devices, downstream): (Functions, Functions) = {
+            let root = lock(&self.root);
+            (
+                root.devices().map(|(bdf, d)| (bdf, d.clone())).collect(),
+                root.downstream_devices()
+                    .map(|(bridge, _, d)| (bridge, d.clone()))
+                    .collect(),
+            )
+        };
+        let describe = |bus: u8, slot: u8, function: u8, dev: &SharedPciDevice| {
             let mut id = [0u8; 4];
             let mut class = [0u8; 4];
             let qdev_id = {
-                let mut d = lock(&dev);
+                let mut d = lock(dev);
                 d.config_read(0, &mut id);
                 d.config_read(8, &mut class);
                 d.id().to_string()
             };
-            out.push(serde_json::json!({
-                "bus": bdf.bus(),
-                "slot": bdf.device(),
-                "function": bdf.function(),
+            serde_json::json!({
+                "bus": bus,
+                "slot": slot,
+                "function": function,
                 "class_info": {"class": u16::from_le_bytes([class[2], class[3]])},
                 "id": {
                     "vendor": u16::from_le_bytes([id[0], id[1]]),
                     "device": u16::from_le_bytes([id[2], id[3]]),
                 },
                 "qdev_id": qdev_id,
-            }));
+            })
+        };
+        let mut out = Vec::new();
+        for (bdf, dev) in &devices {
+            let mut entry = describe(0, bdf.device(), bdf.function(), dev);
+            if let Some((_, rp)) = self.root_ports.iter().find(|(_, e)| e.bdf == *bdf) {
+                let (secondary, subordinate) = {
+                    let p = lock(&rp.port);
+                    (p.secondary_bus(), p.subordinate_bus())
+                };
+                let below: Vec<serde_json::Value> = downstream
+                    .iter()
+                    .filter(|(bridge, _)| bridge == bdf)
+                    .map(|(_, d)| describe(secondary, 0, 0, d))
+                    .collect();
+                entry["pci_bridge"] = serde_json::json!({
+                    "bus": {"number": secondary, "secondary": secondary, "subordinate": subordinate},
+                    "devices": below,
+                });
+            }
+            out.push(entry);
         }
         serde_json::json!([{"bus": 0, "devices": out}])
     }
@@ -234,16 +433,16 @@ impl PciDevices {
     pub fn query_block(&self) -> serde_json::Value {
         let virtio = lock(&self.virtio);
         let disks: Vec<serde_json::Value> = virtio
-            .values()
-            .map(|f| {
+            .iter()
+            .map(|(id, f)| {
                 serde_json::json!({
                     "device": "",
-                    "qdev": f.id,
+                    "qdev": id,
                     "locked": false,
                     "removable": false,
                     "type": "unknown",
                     "inserted": {
-                        "node-name": f.id,
+                        "node-name": f.node.clone().unwrap_or_else(|| id.clone()),
                         "file": f.path.display().to_string(),
                         "ro": f.readonly,
                         "drv": "raw",
@@ -256,30 +455,22 @@ impl PciDevices {
 
     /// Removes every device (at exit): stops their I/O threads and releases their backends.
     pub fn shutdown(&self) {
-        let mut virtio = lock(&self.virtio);
-        for (bdf, mut f) in std::mem::take(&mut *virtio) {
-            self.move_ioeventfds(&mut f, None);
-            self.bars.unmap_all(bdf);
-            lock(&f.device).shutdown();
-            let _ = lock(&self.root).remove_device(bdf);
-            let _ = lock(&self.mmio).free(&f.bar0_range);
-        }
-        for (id, e) in std::mem::take(&mut *lock(&self.root_ports)) {
-            let present = lock(&e.port).slot().is_present();
-            log::debug!(
-                "{}: root port {id} removed (card present: {present})",
-                e.bdf
-            );
-            let _ = lock(&self.root).remove_device(e.bdf);
+        let ids: Vec<String> = lock(&self.virtio).keys().cloned().collect();
+        for id in ids {
+            self.unplug(&id);
         }
     }
 }
 
 impl BarReprogrammingHandler for PciDevices {
     fn reprogram_bars(&self, bdf: Bdf, device: &SharedPciDevice, changes: &[BarReprogram]) {
-        self.bars.reprogram_bars(bdf, device, changes);
         let mut virtio = lock(&self.virtio);
-        if let Some(f) = virtio.get_mut(&bdf) {
+        // A device unplugged meanwhile stays unmapped.
+        let Some(f) = virtio.values_mut().find(|f| same_device(&f.shared, device)) else {
+            return;
+        };
+        self.bars.reprogram_bars(bdf, device, changes);
+        {
             for c in changes.iter().filter(|c| c.index == 0) {
                 self.move_ioeventfds(f, c.new);
             }

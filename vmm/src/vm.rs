@@ -30,9 +30,10 @@ use crate::boot;
 use crate::config::{Cli, SerialMode};
 use crate::console::{ConsoleInput, EventFdNotifier};
 use crate::control::MachineControl;
+use crate::hotplug::Hotplug;
 use crate::interrupts::GsiRouter;
 use crate::layout::*;
-use crate::pci_devices::PciDevices;
+use crate::pci_devices::{DiskSpec, PciDevices, Placement};
 use crate::vcpu::Vcpu;
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -173,10 +174,28 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         File::open(p).map_err(|e| boot::BootError::InitramfsOpen(p.display().to_string(), e))?;
     }
 
+    let mut ports_taken = std::collections::BTreeSet::new();
     for d in &cli.disk {
-        if d.bus != "pcie.0" {
+        let is_port = d
+            .bus
+            .strip_prefix("rp")
+            .and_then(|n| n.parse::<u8>().ok())
+            .is_some_and(|n| n < cli.root_ports && d.bus == format!("rp{n}"));
+        if d.bus != "pcie.0" && !is_port {
             return Err(VmError::Device(format!(
-                "--disk {}: bus '{}' does not exist (this machine has pcie.0)",
+                "--disk {}: bus '{}' does not exist (this machine has pcie.0{})",
+                d.path.display(),
+                d.bus,
+                match cli.root_ports {
+                    0 => String::new(),
+                    1 => " and rp0".to_string(),
+                    n => format!(" and rp0..rp{}", n - 1),
+                }
+            )));
+        }
+        if is_port && !ports_taken.insert(d.bus.clone()) {
+            return Err(VmError::Device(format!(
+                "--disk {}: the slot of {} already holds a disk",
                 d.path.display(),
                 d.bus
             )));
@@ -273,22 +292,36 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
             router,
             (MMIO32_START, MMIO32_SIZE),
             u16::from(cli.cpus),
+            cli.root_ports,
         )
         .map_err(|e| VmError::Device(e.to_string()))?,
     );
-    for n in 0..cli.root_ports {
-        let bdf = Bdf::new(0, crate::pci_devices::FIRST_ROOT_PORT_SLOT + n, 0)
-            .ok_or_else(|| VmError::Device(format!("no slot for root port rp{n}")))?;
-        pci.add_root_port(bdf, &format!("rp{n}"), u16::from(n))
-            .map_err(|e| VmError::Device(e.to_string()))?;
-    }
+    let mut next_root_slot = 1u8;
     for (i, d) in cli.disk.iter().enumerate() {
         let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
-        let slot = u8::try_from(i + 1)
-            .ok()
-            .and_then(|n| Bdf::new(0, n, 0))
-            .ok_or_else(|| VmError::Device(format!("--disk {id}: no free slot on pcie.0")))?;
-        pci.add_disk(slot, &id, &d.path, d.readonly)
+        let placement = match pci.root_port(&d.bus) {
+            Some(entry) => Placement::Port {
+                port: d.bus.clone(),
+                port_bdf: entry.bdf,
+            },
+            None => {
+                let bdf = Bdf::new(0, next_root_slot, 0)
+                    .filter(|_| next_root_slot < crate::pci_devices::FIRST_ROOT_PORT_SLOT)
+                    .ok_or_else(|| {
+                        VmError::Device(format!("--disk {id}: no free slot on pcie.0"))
+                    })?;
+                next_root_slot += 1;
+                Placement::RootBus(bdf)
+            }
+        };
+        let disk = DiskSpec {
+            id,
+            path: d.path.clone(),
+            readonly: d.readonly,
+            file: None,
+            node: None,
+        };
+        pci.plug_disk(disk, placement, false)
             .map_err(|e| VmError::Device(e.to_string()))?;
     }
     let handler: Arc<dyn BarReprogrammingHandler> = pci.clone();
@@ -327,12 +360,23 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
     )?;
     log::info!("boot entry: {entry:x?}");
 
-    // The control socket, once the machine it controls exists.
+    // Hot-plug (it also follows guest-initiated removals, socket or not), then the control
+    // socket, once the machine it controls exists.
+    let events = crate::qmp::QmpEvents::default();
+    let hotplug = Arc::new(
+        Hotplug::start(pci.clone(), events.clone())
+            .map_err(|e| VmError::Io("hotplug thread", e))?,
+    );
     let qmp = match &cli.qmp {
         Some(path) => Some(
-            crate::qmp::QmpServer::start(
+            crate::qmp::QmpServer::start_with_events(
                 path,
-                Arc::new(MachineControl::new(exit.clone(), pci.clone())),
+                Arc::new(MachineControl::new(
+                    exit.clone(),
+                    pci.clone(),
+                    hotplug.clone(),
+                )),
+                events,
             )
             .map_err(|e| VmError::Qmp(path.display().to_string(), e))?,
         ),
@@ -406,6 +450,7 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         }
     }
     drop(qmp);
+    hotplug.stop();
     pci.shutdown();
     Ok(exit.reason().unwrap_or(VmExit::Quit))
 }

@@ -118,7 +118,8 @@ impl BarSpace {
         let before = maps.memory.len() + maps.io.len();
         maps.memory
             .retain(|_, m| !same_device(m.region.device(), device));
-        maps.io.retain(|_, m| !same_device(m.region.device(), device));
+        maps.io
+            .retain(|_, m| !same_device(m.region.device(), device));
         before - maps.memory.len() - maps.io.len()
     }
 

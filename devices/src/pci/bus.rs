@@ -801,15 +801,14 @@ mod tests {
         let root = Arc::new(Mutex::new(PciRoot::new()));
         root.lock()
             .unwrap()
-            .add_device(bdf(0, 1, 0), Arc::new(Mutex::new(FakeBridge { bus: Some(1) })))
+            .add_device(
+                bdf(0, 1, 0),
+                Arc::new(Mutex::new(FakeBridge { bus: Some(1) })),
+            )
             .unwrap();
         root.lock()
             .unwrap()
-            .add_downstream_device(
-                bdf(0, 1, 0),
-                0,
-                Arc::new(Mutex::new(PciHostBridge::new())),
-            )
+            .add_downstream_device(bdf(0, 1, 0), 0, Arc::new(Mutex::new(PciHostBridge::new())))
             .unwrap();
         let mut one_bus = PciConfigMmio::new(root.clone(), 1, None);
         assert_eq!(one_bus.size(), 1 << 20);
@@ -1000,7 +999,9 @@ mod tests {
         assert_eq!(f.probe.lock().unwrap().writes.len(), before);
         // The device is still there for the VMM.
         let root = f.root.lock().unwrap();
-        assert!(root.downstream_device(bdf(0, 0x1f, 0), bdf(2, 3, 4).devfn()).is_some());
+        assert!(root
+            .downstream_device(bdf(0, 0x1f, 0), bdf(2, 3, 4).devfn())
+            .is_some());
         assert_eq!(root.downstream_devices().count(), 1);
     }
 

@@ -76,10 +76,7 @@ pub trait PciDevice: Send {
 
 /// Whether `a` and `b` are the same device (the same allocation), whatever their vtables.
 pub fn same_device(a: &SharedPciDevice, b: &SharedPciDevice) -> bool {
-    std::ptr::eq(
-        Arc::as_ptr(a) as *const (),
-        Arc::as_ptr(b) as *const (),
-    )
+    std::ptr::eq(Arc::as_ptr(a) as *const (), Arc::as_ptr(b) as *const ())
 }
 
 /// A device shared between the bus and the VMM.

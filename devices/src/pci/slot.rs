@@ -31,6 +31,12 @@
 //!   `board_added`: it turns the power on (Power Controller Control = 0, reported as
 //!   [`SlotEvent::PowerOn`]), blinks the power indicator, finds the link active
 //!   (`pciehp_check_link_status`), probes the device and turns the power indicator on.
+//! - A card inserted while no hot-plug driver has armed the slot (Hot-Plug Interrupt Enable
+//!   clear, e.g. before the guest's pciehp has bound) is also *powered on* (Power Controller
+//!   Control 0, power indicator on), like a card present at power-on. The PCI core may enumerate
+//!   it before pciehp binds, and pciehp then takes the slot as enabled because its bus has a
+//!   device (`pciehp_hpc.c`: `ctrl->state = ... ON_STATE`); a slot left powered off would make
+//!   its later power-off command no change at all, and the removal would never complete.
 //! - A guest power-off command (Power Controller Control 0 → 1) takes an active link down and
 //!   sets Data Link Layer State Changed, as a real card losing power would. pciehp expects and
 //!   discards exactly that event (`remove_board` ignores link and presence changes for 1 s after
@@ -556,6 +562,15 @@ impl HotplugSlot {
             return Err(SlotError::Occupied);
         }
         self.present = true;
+        if !self.is_armed() && self.caps.power_controller && self.control & SLTCTL_PCC != 0 {
+            // No hot-plug driver drives the slot (yet): the card comes up powered, as firmware
+            // powers an occupied slot at boot. See the module documentation.
+            self.control &= !SLTCTL_PCC;
+            if self.caps.power_indicator {
+                self.control =
+                    (self.control & !SLTCTL_PIC) | (Indicator::On.bits() << SLTCTL_PIC_SHIFT);
+            }
+        }
         let mut events = SLTSTA_PDC;
         if !self.link_active {
             self.link_active = true;
@@ -669,6 +684,25 @@ mod tests {
         s.write_status(SLTSTA_CC);
         assert!(!s.interrupt_asserted());
         s
+    }
+
+    #[test]
+    fn insert_into_an_unarmed_slot_powers_it_and_the_guest_can_power_it_off_later() {
+        let mut s = HotplugSlot::new(SlotCapabilities::native(3));
+        s.insert().unwrap();
+        assert!(s.is_powered() && s.is_link_active());
+        assert_eq!(s.power_indicator(), Indicator::On);
+        // An armed slot is left to the guest: power stays off until it asks.
+        let mut armed = armed_slot();
+        armed.insert().unwrap();
+        assert!(!armed.is_powered() && armed.is_link_active());
+        assert_eq!(armed.power_indicator(), Indicator::Off);
+        // pciehp binds later, takes the slot as enabled, and on removal powers it off: that is
+        // a transition the VMM hears of.
+        let _ = s.write_control(s.slot_control() | SLTCTL_HPIE | SLTCTL_ABPE | SLTCTL_DLLSCE);
+        s.press_attention_button();
+        let events = s.write_control(s.slot_control() | SLTCTL_PCC);
+        assert!(events.contains(&SlotEvent::PowerOff), "{events:?}");
     }
 
     #[test]

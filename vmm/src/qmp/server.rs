@@ -101,6 +101,16 @@ impl QmpServer {
     /// Listens on `path`. A stale socket file there (nobody listening) is replaced; a live one,
     /// or a path that is not a socket, is an error.
     pub fn start(path: impl AsRef<Path>, handler: Arc<dyn QmpHandler>) -> io::Result<QmpServer> {
+        Self::start_with_events(path, handler, QmpEvents::default())
+    }
+
+    /// [`start`](Self::start), sending events emitted through `events` (a handle made before the
+    /// server, e.g. for the handler itself).
+    pub fn start_with_events(
+        path: impl AsRef<Path>,
+        handler: Arc<dyn QmpHandler>,
+        events: QmpEvents,
+    ) -> io::Result<QmpServer> {
         let path = path.as_ref().to_path_buf();
         match fs::symlink_metadata(&path) {
             Ok(meta) if meta.file_type().is_socket() => {
@@ -127,7 +137,6 @@ impl QmpServer {
         let meta = fs::symlink_metadata(&path)?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK)?);
-        let events = QmpEvents::default();
         let accept_thread = {
             let (stop, events) = (stop.clone(), events.clone());
             thread::Builder::new()

@@ -1,0 +1,600 @@
+//! Hot-plug as the control socket drives it (SPEC.md §5, §6): block backends (`blockdev-add`,
+//! `blockdev-del`), disks hot-added into root ports (`device_add`), graceful removal through
+//! the attention button (`device_del`), and the guest's answers.
+//!
+//! The guest answers through Slot Control writes, which reach the root port on a vCPU thread.
+//! The port tells its [`SlotObserver`] — here a channel — and a worker thread does the rest off
+//! the vCPU: it reports every slot transition as an `X_HOTPLUG_SLOT` event, removes the device
+//! when the guest powers its slot off (only then is the backend released) and sends
+//! `DEVICE_DELETED`, and reports a removal the guest has not answered for
+//! [`STALL_AFTER`] with `X_UNPLUG_STALLED` and a diagnosis read from the slot's registers.
+//!
+//! One mutex serializes every hot-plug operation (commands and the worker), so a client never
+//! sees a half-added or half-removed device.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::pci::{Indicator, PcieRootPort, SlotEvent, SlotObserver};
+use serde_json::{json, Map, Value};
+
+use crate::pci_devices::{AddDeviceError, DiskSpec, PciDevices, Placement};
+use crate::qmp::{
+    arg_obj, arg_opt_bool, arg_opt_str, arg_str, check_args, ErrorClass, QmpError, QmpEvents,
+};
+
+/// How long a requested removal may go unanswered before `X_UNPLUG_STALLED` (Linux's pciehp
+/// takes its 5 s grace period plus the driver's teardown).
+pub const STALL_AFTER: Duration = Duration::from_secs(15);
+/// A second `device_del` sooner than this after the first, with the guest not yet blinking, is
+/// refused: pressing the button again would cancel the first press.
+pub const REPRESS_AFTER: Duration = Duration::from_secs(2);
+/// The only device model `device_add` knows.
+pub const VIRTIO_BLK_PCI: &str = "virtio-blk-pci";
+
+/// A `blockdev-add` node: an open image.
+struct Node {
+    path: PathBuf,
+    readonly: bool,
+    file: File,
+}
+
+/// A `device_del` the guest has not answered yet.
+struct PendingUnplug {
+    port: String,
+    since: Instant,
+    last_press: Instant,
+    presses: u32,
+    stall_reported: bool,
+}
+
+#[derive(Default)]
+struct State {
+    nodes: BTreeMap<String, Node>,
+    pending: BTreeMap<String, PendingUnplug>,
+}
+
+struct Inner {
+    pci: Arc<PciDevices>,
+    events: QmpEvents,
+    state: Mutex<State>,
+}
+
+enum Msg {
+    Slot(String, SlotEvent),
+    Stop,
+}
+
+/// Forwards slot events from the vCPU threads to the worker.
+struct Forwarder(Mutex<Sender<Msg>>);
+
+impl SlotObserver for Forwarder {
+    fn slot_event(&self, port_id: &str, event: SlotEvent) {
+        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = tx.send(Msg::Slot(port_id.to_string(), event));
+    }
+}
+
+/// The hot-plug side of the machine. See the module documentation.
+pub struct Hotplug {
+    inner: Arc<Inner>,
+    tx: Mutex<Sender<Msg>>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Hotplug {
+    /// Watches every root port of `pci` and reports to the clients of `events`.
+    pub fn start(pci: Arc<PciDevices>, events: QmpEvents) -> std::io::Result<Self> {
+        let inner = Arc::new(Inner {
+            pci,
+            events,
+            state: Mutex::new(State::default()),
+        });
+        let (tx, rx) = channel();
+        let forwarder: Arc<dyn SlotObserver> = Arc::new(Forwarder(Mutex::new(tx.clone())));
+        for (_, entry) in inner.pci.root_ports() {
+            lock(&entry.port).set_observer(Some(forwarder.clone()));
+        }
+        let worker = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("hotplug".into())
+                .spawn(move || loop {
+                    match rx.recv_timeout(Duration::from_millis(500)) {
+                        Ok(Msg::Slot(port, event)) => inner.on_slot_event(&port, event),
+                        Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                        Err(RecvTimeoutError::Timeout) => {}
+                    }
+                    inner.check_stalls();
+                })?
+        };
+        Ok(Hotplug {
+            inner,
+            tx: Mutex::new(tx),
+            worker: Mutex::new(Some(worker)),
+        })
+    }
+
+    /// Runs a hot-plug command; `None` if `command` is not one.
+    pub fn execute(
+        &self,
+        command: &str,
+        args: &Map<String, Value>,
+    ) -> Option<Result<Value, QmpError>> {
+        let inner = &self.inner;
+        Some(match command {
+            "blockdev-add" => inner.blockdev_add(args),
+            "blockdev-del" => inner.blockdev_del(args),
+            "device_add" => inner.device_add(args),
+            "device_del" => inner.device_del(args),
+            "x-query-hotplug" => check_args(args, &[]).map(|_| inner.query_hotplug()),
+            _ => return None,
+        })
+    }
+
+    /// The commands [`execute`](Self::execute) runs.
+    pub const COMMANDS: &'static [&'static str] = &[
+        "blockdev-add",
+        "blockdev-del",
+        "device_add",
+        "device_del",
+        "x-query-hotplug",
+    ];
+}
+
+impl Hotplug {
+    /// Stops watching the slots and joins the worker (at exit, before the devices go).
+    pub fn stop(&self) {
+        for (_, entry) in self.inner.pci.root_ports() {
+            lock(&entry.port).set_observer(None);
+        }
+        let _ = lock(&self.tx).send(Msg::Stop);
+        if let Some(w) = lock(&self.worker).take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for Hotplug {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn generic(desc: impl Into<String>) -> QmpError {
+    QmpError::generic(desc)
+}
+
+/// `addr` on a root port: only device 0 (function 0) exists below it.
+fn check_port_addr(port: &str, addr: &str) -> Result<(), QmpError> {
+    let (dev, func) = addr.split_once('.').unwrap_or((addr, "0"));
+    let parse = |s: &str| {
+        let s = s.trim_start_matches("0x");
+        u8::from_str_radix(s, 16).ok()
+    };
+    match (parse(dev), parse(func)) {
+        (Some(0), Some(0)) => Ok(()),
+        (Some(_), Some(_)) => Err(generic(format!(
+            "addr '{addr}': the slot of root port {port} holds device 0 function 0 only"
+        ))),
+        _ => Err(generic(format!(
+            "Parameter 'addr' expects a PCI address such as '0' or '00.0', not '{addr}'"
+        ))),
+    }
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn blockdev_add(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        check_args(
+            args,
+            &["driver", "node-name", "file", "filename", "read-only"],
+        )?;
+        let driver = arg_str(args, "driver")?;
+        let node_name = arg_str(args, "node-name")?;
+        let readonly = arg_opt_bool(args, "read-only")?.unwrap_or(false);
+        let filename = match driver {
+            "raw" => {
+                if args.contains_key("filename") {
+                    return Err(generic(
+                        "driver 'raw' takes its image as 'file': {\"driver\": \"file\", \"filename\": ...}",
+                    ));
+                }
+                let file = arg_obj(args, "file")?;
+                check_args(file, &["driver", "filename"])
+                    .map_err(|e| generic(format!("file: {}", e.desc)))?;
+                let inner_driver =
+                    arg_str(file, "driver").map_err(|e| generic(format!("file: {}", e.desc)))?;
+                if inner_driver != "file" {
+                    return Err(generic(format!(
+                        "file: driver '{inner_driver}' is not supported (only 'file')"
+                    )));
+                }
+                arg_str(file, "filename").map_err(|e| generic(format!("file: {}", e.desc)))?
+            }
+            "file" => {
+                if args.contains_key("file") {
+                    return Err(generic("driver 'file' takes 'filename', not 'file'"));
+                }
+                arg_str(args, "filename")?
+            }
+            other => {
+                return Err(generic(format!(
+                    "Invalid parameter value for 'driver': '{other}' (supported: raw, file)"
+                )))
+            }
+        };
+        if node_name.is_empty()
+            || !node_name.starts_with(|c: char| c.is_ascii_alphabetic())
+            || !node_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(generic(format!(
+                "Invalid node-name: '{node_name}' (a letter, then letters, digits, '-', '_', '.')"
+            )));
+        }
+        let mut state = self.state();
+        if state.nodes.contains_key(node_name) {
+            return Err(generic(format!(
+                "Duplicate nodes with node-name='{node_name}'"
+            )));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(filename)
+            .map_err(|e| generic(format!("Could not open '{filename}': {e}")))?;
+        match file.metadata() {
+            Ok(m) if m.is_file() || m.file_type().is_dir() => {
+                if m.is_dir() {
+                    return Err(generic(format!("'{filename}' is a directory")));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => return Err(generic(format!("Could not open '{filename}': {e}"))),
+        }
+        log::info!("blockdev {node_name}: {filename} (read-only: {readonly})");
+        state.nodes.insert(
+            node_name.to_string(),
+            Node {
+                path: PathBuf::from(filename),
+                readonly,
+                file,
+            },
+        );
+        Ok(json!({}))
+    }
+
+    fn blockdev_del(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        check_args(args, &["node-name"])?;
+        let node_name = arg_str(args, "node-name")?;
+        let mut state = self.state();
+        if !state.nodes.contains_key(node_name) {
+            return Err(generic(format!(
+                "Failed to find node with node-name='{node_name}'"
+            )));
+        }
+        if let Some(user) = self.pci.node_user(node_name) {
+            return Err(generic(format!(
+                "Node '{node_name}' is busy: device '{user}' uses it (device_del it first, and wait for DEVICE_DELETED)"
+            )));
+        }
+        state.nodes.remove(node_name);
+        log::info!("blockdev {node_name} closed");
+        Ok(json!({}))
+    }
+
+    fn device_add(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        check_args(args, &["driver", "id", "drive", "bus", "addr"])?;
+        let driver = arg_str(args, "driver")?;
+        if driver != VIRTIO_BLK_PCI {
+            return Err(generic(format!(
+                "'{driver}' is not a valid device model name (this VMM hot-plugs {VIRTIO_BLK_PCI})"
+            )));
+        }
+        let id = arg_str(args, "id")?;
+        if id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control() || c == '/') {
+            return Err(generic(format!("Invalid device id '{id}'")));
+        }
+        let drive = arg_str(args, "drive")?;
+        let bus = arg_opt_str(args, "bus")?;
+        let addr = arg_opt_str(args, "addr")?;
+
+        let state = self.state();
+        if self.pci.placement(id).is_some() {
+            return Err(generic(format!("Duplicate device ID '{id}'")));
+        }
+        let node = state.nodes.get(drive).ok_or_else(|| {
+            generic(format!(
+                "Drive '{drive}' not found (add it with blockdev-add first)"
+            ))
+        })?;
+        if let Some(user) = self.pci.node_user(drive) {
+            return Err(generic(format!(
+                "Drive '{drive}' is already in use by device '{user}'"
+            )));
+        }
+        let port =
+            match bus {
+                Some("pcie.0") => return Err(generic(
+                    "Bus 'pcie.0' does not support hotplugging (use a root port: rp0, rp1, ...)",
+                )),
+                Some(bus) => {
+                    if self.pci.root_port(bus).is_none() {
+                        return Err(QmpError::new(
+                            ErrorClass::GenericError,
+                            format!("Bus '{bus}' not found"),
+                        ));
+                    }
+                    bus.to_string()
+                }
+                None => self
+                    .pci
+                    .root_ports()
+                    .find(|(id, e)| {
+                        self.pci.port_occupant(id).is_none() && !lock(&e.port).slot().is_present()
+                    })
+                    .map(|(id, _)| id.clone())
+                    .ok_or_else(|| generic("No free root port slot for the device"))?,
+            };
+        if let Some(addr) = addr {
+            check_port_addr(&port, addr)?;
+        }
+        let entry = self.pci.root_port(&port).expect("checked above");
+        let file = node
+            .file
+            .try_clone()
+            .map_err(|e| generic(format!("Drive '{drive}': {e}")))?;
+        let disk = DiskSpec {
+            id: id.to_string(),
+            path: node.path.clone(),
+            readonly: node.readonly,
+            file: Some(file),
+            node: Some(drive.to_string()),
+        };
+        let placement = Placement::Port {
+            port: port.clone(),
+            port_bdf: entry.bdf,
+        };
+        self.pci
+            .plug_disk(disk, placement, true)
+            .map_err(|e| match e {
+                AddDeviceError::SlotOccupied { port, occupant } => {
+                    generic(format!("Slot of {port} is occupied by '{occupant}'"))
+                }
+                e => generic(e.to_string()),
+            })?;
+        drop(state);
+        Ok(json!({}))
+    }
+
+    fn device_del(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        check_args(args, &["id"])?;
+        let id = arg_str(args, "id")?;
+        let mut state = self.state();
+        let placement = self
+            .pci
+            .placement(id)
+            .ok_or_else(|| QmpError::device_not_found(id))?;
+        let port = match placement {
+            Placement::RootBus(_) => {
+                return Err(generic(format!(
+                    "Bus 'pcie.0' does not support hotplugging: '{id}' cannot be removed"
+                )))
+            }
+            Placement::Port { port, .. } => port,
+        };
+        let entry = self.pci.root_port(&port).expect("placement names a port");
+        let mut p = lock(&entry.port);
+        if p.slot().power_indicator() == Indicator::Blinking {
+            return Err(generic(format!(
+                "Hot-unplug of '{id}' refused: guest is busy (power indicator of {port} blinking)"
+            )));
+        }
+        let now = Instant::now();
+        if let Some(pending) = state.pending.get_mut(id) {
+            let ago = now.duration_since(pending.last_press);
+            if ago < REPRESS_AFTER {
+                return Err(generic(format!(
+                    "device_del of '{id}' already requested {} ms ago; waiting for the guest",
+                    ago.as_millis()
+                )));
+            }
+            pending.last_press = now;
+            pending.presses += 1;
+        } else {
+            state.pending.insert(
+                id.to_string(),
+                PendingUnplug {
+                    port: port.clone(),
+                    since: now,
+                    last_press: now,
+                    presses: 1,
+                    stall_reported: false,
+                },
+            );
+        }
+        p.press_attention_button();
+        log::info!("device_del {id}: attention button of {port} pressed");
+        Ok(json!({}))
+    }
+
+    fn slot_json(&self, port_id: &str, port: &PcieRootPort, state: &State) -> Value {
+        let slot = port.slot();
+        let occupant = self.pci.port_occupant(port_id);
+        let pending = occupant
+            .as_ref()
+            .and_then(|id| state.pending.get(id))
+            .map(|p| {
+                json!({
+                    "request": "unplug",
+                    "since-ms": p.since.elapsed().as_millis() as u64,
+                    "presses": p.presses,
+                })
+            });
+        let n = slot.notifications();
+        json!({
+            "bus": port_id,
+            "slot": slot.capabilities().physical_slot_number,
+            "mode": "native",
+            "occupant": occupant,
+            "presence": slot.is_present(),
+            "power": slot.is_powered(),
+            "link": slot.is_link_active(),
+            "power-indicator": slot.power_indicator().to_string(),
+            "attention-indicator": slot.attention_indicator().to_string(),
+            "armed": slot.is_armed(),
+            "msi-enabled": port.msi_enabled(),
+            "notifications": {
+                "hot-plug-interrupt": n.hot_plug_interrupt,
+                "attention-button": n.attention_button,
+                "presence-detect": n.presence_detect,
+                "command-completed": n.command_completed,
+                "link-state": n.link_state,
+            },
+            "slot-status": slot.slot_status(),
+            "pending": pending,
+        })
+    }
+
+    fn query_hotplug(&self) -> Value {
+        let state = self.state();
+        let slots: Vec<Value> = self
+            .pci
+            .root_ports()
+            .map(|(id, e)| self.slot_json(id, &lock(&e.port), &state))
+            .collect();
+        Value::Array(slots)
+    }
+
+    /// A guest Slot Control command did `event` on `port_id`.
+    fn on_slot_event(&self, port_id: &str, event: SlotEvent) {
+        let mut state = self.state();
+        let Some(entry) = self.pci.root_port(port_id) else {
+            return;
+        };
+        let slot_number = lock(&entry.port).slot().capabilities().physical_slot_number;
+        let occupant = self.pci.port_occupant(port_id);
+        let (name, value) = match event {
+            SlotEvent::PowerOn => ("power", json!("on")),
+            SlotEvent::PowerOff => ("power", json!("off")),
+            SlotEvent::PowerIndicator(i) => ("power-indicator", json!(i.to_string())),
+            SlotEvent::AttentionIndicator(i) => ("attention-indicator", json!(i.to_string())),
+            SlotEvent::Notifications(n) => ("armed", json!(n.armed())),
+            SlotEvent::LinkActive(up) => ("link", json!(if up { "up" } else { "down" })),
+        };
+        self.events.emit(
+            "X_HOTPLUG_SLOT",
+            json!({"bus": port_id, "slot": slot_number, "change": name, "value": value, "device": occupant}),
+        );
+        if event != SlotEvent::PowerOff {
+            return;
+        }
+        // The guest has let go of the card: now the device goes, and its backend with it.
+        let Some(id) = occupant else {
+            return;
+        };
+        let requested = state.pending.remove(&id).is_some();
+        if self.pci.unplug(&id) {
+            log::info!(
+                "{port_id}: guest powered the slot off; {id} removed{}",
+                if requested { "" } else { " (guest-initiated)" }
+            );
+            self.events.emit(
+                "DEVICE_DELETED",
+                json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
+            );
+        }
+    }
+
+    /// Reports removals the guest has not answered for [`STALL_AFTER`], once each.
+    fn check_stalls(&self) {
+        let mut state = self.state();
+        let pci = &self.pci;
+        let mut stalled = Vec::new();
+        for (id, p) in state.pending.iter_mut() {
+            if p.stall_reported || p.since.elapsed() < STALL_AFTER {
+                continue;
+            }
+            p.stall_reported = true;
+            let Some(entry) = pci.root_port(&p.port) else {
+                continue;
+            };
+            let diagnosis = diagnose(&p.port, &lock(&entry.port));
+            stalled.push(json!({
+                "device": id,
+                "bus": p.port,
+                "seconds": p.since.elapsed().as_secs(),
+                "diagnosis": diagnosis,
+            }));
+        }
+        drop(state);
+        for data in stalled {
+            log::warn!("unplug stalled: {data}");
+            self.events.emit("X_UNPLUG_STALLED", data);
+        }
+    }
+}
+
+/// Why the guest has not answered an attention button press on `port_id`, from what its
+/// registers say the guest did.
+pub fn diagnose(port_id: &str, port: &PcieRootPort) -> String {
+    let slot = port.slot();
+    let n = slot.notifications();
+    if !n.hot_plug_interrupt {
+        return format!(
+            "guest pciehp never enabled hot-plug interrupts on {port_id}: driver not bound — check _OSC negotiation or kernel parameters such as pcie_aspm=off"
+        );
+    }
+    if !n.attention_button {
+        return format!(
+            "guest enabled hot-plug interrupts on {port_id} but not the attention button: its driver does not handle button presses"
+        );
+    }
+    if !port.msi_enabled() {
+        return format!(
+            "guest armed {port_id} but never enabled its MSI: the button press interrupt cannot be delivered"
+        );
+    }
+    if slot.status_events() & devices::pci::slot::SLTSTA_ABP != 0 {
+        return format!(
+            "guest has not acknowledged the attention button on {port_id} (Attention Button Pressed still set): its interrupt handler did not run"
+        );
+    }
+    match slot.power_indicator() {
+        Indicator::Blinking => format!(
+            "guest acknowledged the button on {port_id} and blinks the power indicator, but has not powered the slot off: its driver is still letting go of the device"
+        ),
+        _ => format!(
+            "guest acknowledged the button on {port_id} but kept the slot powered: the press was cancelled (a second press within 5 s) or the guest refused the removal"
+        ),
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_addresses() {
+        for ok in ["0", "00", "0.0", "00.0", "0x0"] {
+            assert!(check_port_addr("rp0", ok).is_ok(), "{ok}");
+        }
+        for bad in ["1", "0.1", "1f.0", "zz", "", "0.x"] {
+            assert!(check_port_addr("rp0", bad).is_err(), "{bad}");
+        }
+    }
+}
