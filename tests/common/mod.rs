@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod qmp;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -259,6 +261,11 @@ impl Guest {
         (g, line)
     }
 
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Host time since the VMM was started.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
@@ -277,7 +284,8 @@ impl Guest {
         self.stderr.lock().unwrap().clone()
     }
 
-    fn fail(&self, what: &str) -> ! {
+    /// Fails the test with `what`, the last console lines and the VMM's stderr.
+    pub fn fail(&self, what: &str) -> ! {
         let con = self.console_text();
         let tail: Vec<&str> = con.lines().rev().take(60).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();

@@ -5,7 +5,7 @@
 //! The guest answers through Slot Control writes, which reach the root port on a vCPU thread.
 //! The port tells its [`SlotObserver`] — here a channel — and a worker thread does the rest off
 //! the vCPU: it reports every slot transition as an `X_HOTPLUG_SLOT` event, removes the device
-//! when the guest powers its slot off (only then is the backend released) and sends
+//! once the guest has powered its slot off (only then is the backend released) and sends
 //! `DEVICE_DELETED`, and reports a removal the guest has not answered for
 //! [`STALL_AFTER`] with `X_UNPLUG_STALLED` and a diagnosis read from the slot's registers.
 //!
@@ -31,6 +31,12 @@ use crate::qmp::{
 /// How long a requested removal may go unanswered before `X_UNPLUG_STALLED` (Linux's pciehp
 /// takes its 5 s grace period plus the driver's teardown).
 pub const STALL_AFTER: Duration = Duration::from_secs(15);
+/// A card whose slot the guest powered off is released at the guest's indicator-off command,
+/// or after this long without one.
+pub const RELEASE_AFTER: Duration = Duration::from_secs(3);
+/// How long after the guest finished enabling a slot with a removal pending to check that it
+/// took the attention button press.
+pub const RECHECK_AFTER: Duration = Duration::from_secs(1);
 /// A second `device_del` sooner than this after the first, with the guest not yet blinking, is
 /// refused: pressing the button again would cancel the first press.
 pub const REPRESS_AFTER: Duration = Duration::from_secs(2);
@@ -51,12 +57,17 @@ struct PendingUnplug {
     last_press: Instant,
     presses: u32,
     stall_reported: bool,
+    /// When to check whether the guest took the press: set when the guest finished enabling
+    /// the slot (power indicator on) while the removal was pending.
+    recheck_at: Option<Instant>,
 }
 
 #[derive(Default)]
 struct State {
     nodes: BTreeMap<String, Node>,
     pending: BTreeMap<String, PendingUnplug>,
+    /// Occupied slots the guest powered off, by port, until the card is released.
+    powered_off: BTreeMap<String, Instant>,
 }
 
 struct Inner {
@@ -420,6 +431,7 @@ impl Inner {
                     last_press: now,
                     presses: 1,
                     stall_reported: false,
+                    recheck_at: None,
                 },
             );
         }
@@ -496,11 +508,42 @@ impl Inner {
             "X_HOTPLUG_SLOT",
             json!({"bus": port_id, "slot": slot_number, "change": name, "value": value, "device": occupant}),
         );
-        if event != SlotEvent::PowerOff {
-            return;
+        match event {
+            SlotEvent::PowerOff if occupant.is_some() => {
+                state
+                    .powered_off
+                    .insert(port_id.to_string(), Instant::now());
+            }
+            SlotEvent::PowerOn => {
+                state.powered_off.remove(port_id);
+            }
+            SlotEvent::PowerIndicator(Indicator::Off)
+                if state.powered_off.contains_key(port_id) =>
+            {
+                self.release_card(&mut state, port_id);
+            }
+            SlotEvent::PowerIndicator(Indicator::On) => {
+                // The guest finished bringing the slot up. A press that came while it was doing
+                // so is ignored by pciehp ("invalid state"): look again shortly, and press again
+                // if the guest is not blinking by then.
+                if let Some(p) = occupant.as_ref().and_then(|id| state.pending.get_mut(id)) {
+                    p.recheck_at = Some(Instant::now() + RECHECK_AFTER);
+                }
+            }
+            _ => {}
         }
-        // The guest has let go of the card: now the device goes, and its backend with it.
-        let Some(id) = occupant else {
+    }
+
+    /// The guest has let go of the card in `port_id` and finished powering the slot down: now
+    /// the device goes, and its backend with it.
+    ///
+    /// Linux's pciehp powers the slot off, waits a second, discards the link and presence
+    /// changes that came meanwhile, then turns the power indicator off. Releasing the card at
+    /// the indicator-off command (as QEMU does) means a card inserted right after
+    /// `DEVICE_DELETED` is never mistaken by the guest for an effect of its own power-off.
+    fn release_card(&self, state: &mut State, port_id: &str) {
+        state.powered_off.remove(port_id);
+        let Some(id) = self.pci.port_occupant(port_id) else {
             return;
         };
         let requested = state.pending.remove(&id).is_some();
@@ -516,9 +559,43 @@ impl Inner {
         }
     }
 
-    /// Reports removals the guest has not answered for [`STALL_AFTER`], once each.
+    /// Releases cards whose slot the guest powered off [`RELEASE_AFTER`] ago without turning the
+    /// power indicator off; reports removals the guest has not answered for [`STALL_AFTER`],
+    /// once each.
     fn check_stalls(&self) {
         let mut state = self.state();
+        let overdue: Vec<String> = state
+            .powered_off
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= RELEASE_AFTER)
+            .map(|(port, _)| port.clone())
+            .collect();
+        for port in overdue {
+            self.release_card(&mut state, &port);
+        }
+        for (id, p) in state.pending.iter_mut() {
+            if p.recheck_at.is_none_or(|t| t > Instant::now()) {
+                continue;
+            }
+            p.recheck_at = None;
+            let Some(entry) = self.pci.root_port(&p.port) else {
+                continue;
+            };
+            let mut port = lock(&entry.port);
+            let slot = port.slot();
+            let ignored = slot.is_powered()
+                && slot.power_indicator() == Indicator::On
+                && slot.status_events() & devices::pci::slot::SLTSTA_ABP == 0;
+            if ignored {
+                port.press_attention_button();
+                p.last_press = Instant::now();
+                p.presses += 1;
+                log::info!(
+                    "device_del {id}: the guest was enabling {} when asked; attention button pressed again",
+                    p.port
+                );
+            }
+        }
         let pci = &self.pci;
         let mut stalled = Vec::new();
         for (id, p) in state.pending.iter_mut() {
