@@ -2,8 +2,10 @@
 """Boots the hotplug-vmm test guest and shows, from inside the guest, what the VMM gives it."""
 
 import argparse
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -70,6 +72,69 @@ class Console:
         return out[:-1] if out and out[-1] == "" else out
 
 
+class Qmp:
+    """A minimal QMP client (the demo and benchmarks need nothing but Python's standard library)."""
+
+    def __init__(self, path, verbose=True, timeout=60):
+        self.verbose = verbose
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(path)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.file = self.sock.makefile("rwb")
+        self.events = []
+        json.loads(self.file.readline())  # greeting
+        self.cmd("qmp_capabilities")
+
+    def _read(self):
+        msg = json.loads(self.file.readline())
+        if "event" in msg:
+            self.events.append(msg)
+        return msg
+
+    def cmd(self, name, args=None):
+        """Runs `name`; returns the reply ({"return": ...} or {"error": ...})."""
+        msg = {"execute": name, **({"arguments": args} if args else {})}
+        if self.verbose:
+            print(f"\033[1mqmp> {json.dumps(msg)}\033[0m", flush=True)
+        self.file.write(json.dumps(msg).encode() + b"\n")
+        self.file.flush()
+        while True:
+            reply = self._read()
+            if "event" not in reply:
+                if self.verbose:
+                    print(f"  <- {json.dumps(reply)}", flush=True)
+                return reply
+
+    def ok(self, name, args=None):
+        """Runs `name` and raises on an error reply."""
+        reply = self.cmd(name, args)
+        if "error" in reply:
+            raise RuntimeError(f"{name}: {reply['error']}")
+        return reply["return"]
+
+    def wait_event(self, name, device=None, timeout=120):
+        """Waits for event `name` (of `device`, if given), printing events as they come if verbose."""
+        self.sock.settimeout(timeout)
+        seen = 0
+        while True:
+            while seen < len(self.events):
+                e = self.events[seen]
+                seen += 1
+                if self.verbose:
+                    print(f"  <- event {e['event']} {json.dumps(e.get('data'))}", flush=True)
+                if e["event"] == name and device in (None, e.get("data", {}).get("device")):
+                    del self.events[:seen]
+                    return e
+            self._read()
+
+
 def show(title, lines):
     print(f"\n\033[1m$ {title}\033[0m")
     for l in lines:
@@ -100,6 +165,13 @@ def main():
     with open(disk, "wb") as f:
         f.write(img)
     cmd += ["--disk", f"path={disk},id=demo-disk"]
+    # A second disk for the hot-plug part: 16 MiB with a message at its start.
+    hot = os.path.join(CACHE, "demo-hot.img")
+    with open(hot, "wb") as f:
+        f.truncate(16 << 20)
+        f.write(b"hot-added from the host")
+    sock = os.path.join(CACHE, "demo-qmp.sock")
+    cmd += ["--qmp", sock]
 
     print(f"demo: booting Linux {args.kernel_version} ({kernel}) with {args.cpus} vCPUs and a "
           f"64 MiB virtio-blk disk; about 80-120 s on PVM hosts (docs/guest-on-pvm.md) ...", flush=True)
@@ -119,6 +191,28 @@ def main():
          con.run("dd if=/dev/vda bs=512 skip=4096 count=1 2>/dev/null | head -c 31; echo"))
     show("echo 'written by the guest' | dd of=/dev/vda bs=512 seek=8192 conv=sync oflag=direct; sync",
          con.run("echo 'written by the guest' | dd of=/dev/vda bs=512 seek=8192 conv=sync oflag=direct 2>&1; sync"))
+
+    print("\n\033[1m--- Native PCIe hot-plug through the control socket (QMP) ---\033[0m", flush=True)
+    qmp = Qmp(sock)
+    qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "hot",
+                             "file": {"driver": "file", "filename": hot}})
+    start = len(con.lines)
+    t = time.time()
+    qmp.cmd("device_add", {"driver": "virtio-blk-pci", "id": "hot", "drive": "hot", "bus": "rp1"})
+    _, line = con.wait(lambda l: "BLOCK-ADD" in l, start, timeout=120)
+    print(f"demo: the guest reports {line[line.index('BLOCK-ADD'):]!r} {time.time() - t:.1f}s after device_add")
+    dev = line[line.index("BLOCK-ADD"):].split()[1]
+    show(f"dmesg | grep 'Slot(1)'; cat /sys/block/{dev}/serial; head -c 23 /dev/{dev}",
+         [l.replace("K: ", "", 1) for l in con.run(
+             f"dmesg | grep 'Slot(1)' | sed 's/^/K: /'; cat /sys/block/{dev}/serial; echo; head -c 23 /dev/{dev}; echo")])
+    t = time.time()
+    qmp.cmd("device_del", {"id": "hot"})
+    qmp.wait_event("DEVICE_DELETED")
+    print(f"demo: DEVICE_DELETED {time.time() - t:.1f}s after device_del (pciehp waits 5 s before letting go)")
+    qmp.cmd("blockdev-del", {"node-name": "hot"})
+    show("dmesg | grep 'Slot(1)' | tail -3; ls /sys/block",
+         [l.replace("K: ", "", 1) for l in con.run("dmesg | grep 'Slot(1)' | tail -3 | sed 's/^/K: /'; ls /sys/block")])
+
     print("\n\033[1m$ poweroff -f\033[0m", flush=True)
     proc.stdin.write(b"poweroff -f\n")
     proc.stdin.flush()

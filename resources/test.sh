@@ -14,6 +14,13 @@ fi
 
 bash resources/build-guest.sh all
 
+# QEMU's own QMP client library, which the tests drive the control socket with.
+pylib="${HOTPLUG_VMM_CACHE:-$HOME/.cache/hotplug-vmm}/pylib"
+if ! PYTHONPATH="$pylib" python3 -c 'import qemu.qmp' 2>/dev/null; then
+    python3 -m pip install --quiet --root-user-action=ignore --target "$pylib" qemu.qmp
+fi
+export PYTHONPATH="$pylib${PYTHONPATH:+:$PYTHONPATH}"
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # Guest boots are slow on PVM hosts; two at a time fits 2 cores.

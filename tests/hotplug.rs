@@ -112,11 +112,12 @@ fn open_fds_and_threads(pid: u32) -> (usize, usize) {
 
 fn native_hotplug(version: &str, cycles: usize) {
     let dir = TempDir::new(&format!("hotplug-{version}"));
-    let disks: Vec<(String, PathBuf)> =
-        ["cold", "early", "a", "b", "c", "d0", "d1", "d2", "d3", "x"]
-            .iter()
-            .map(|n| (n.to_string(), make_disk(&dir, n)))
-            .collect();
+    let disks: Vec<(String, PathBuf)> = [
+        "cold", "early", "a", "b", "c", "d0", "d1", "d2", "d3", "q", "x",
+    ]
+    .iter()
+    .map(|n| (n.to_string(), make_disk(&dir, n)))
+    .collect();
     let disk = |n: &str| disks.iter().find(|(d, _)| d == n).unwrap().1.clone();
     let sock = dir.path("qmp.sock");
     let mut opts = BootOptions::new(version);
@@ -205,6 +206,11 @@ fn native_hotplug(version: &str, cycles: usize) {
             "device_add",
             json!({"driver": "virtio-blk-pci", "id": "z", "drive": "early", "bus": "rp1"}),
             "in use",
+        ),
+        (
+            "device_add",
+            json!({"driver": "virtio-blk-pci", "id": "z", "drive": "x", "bus": "rp0"}),
+            "occupied",
         ),
         (
             "device_add",
@@ -365,6 +371,32 @@ fn native_hotplug(version: &str, cycles: usize) {
         wait_deleted(&g, &mut q, &format!("d{n}"));
     }
     assert!(guest_disks(&mut g).is_empty());
+
+    // ---- QEMU's client library, unchanged, hot-adds and removes a disk. ----
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/qmp_hotplug.py");
+    let python = std::env::var("HOTPLUG_VMM_PYTHON").unwrap_or_else(|_| "python3".into());
+    let qemu_qmp = |args: &[&str]| {
+        let out = std::process::Command::new(&python)
+            .arg(&script)
+            .arg(&sock)
+            .args(args)
+            .output()
+            .expect("run python3");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "qmp_hotplug.py {args:?}: {text}");
+        text
+    };
+    let q_image = disk("q").display().to_string();
+    qemu_qmp(&["add", "q", &q_image, "rp2"]);
+    let line = g.wait_for_line(|l| block_event(l, "BLOCK-ADD").is_some(), ADD_TIMEOUT);
+    check_disk(&mut g, &block_event(&line, "BLOCK-ADD").unwrap(), "q", "q");
+    let out = qemu_qmp(&["del", "q"]);
+    assert!(out.contains("DEVICE_DELETED"), "{out}");
+    assert!(!guest_disks(&mut g).iter().any(|(_, s)| s == "q"));
 
     // ---- Cycles on one slot leak nothing. ----
     if cycles > 0 {

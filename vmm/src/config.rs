@@ -45,8 +45,14 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_root_ports, allow_hyphen_values = true)]
     pub root_ports: u8,
 
+    /// Root port slots advertise No Command Completed Support: Slot Control writes complete at
+    /// once and never set Command Completed (the guest's pciehp then does not wait for it).
+    #[arg(long)]
+    pub no_command_completed: bool,
+
     /// A cold-plugged virtio-blk disk backed by a raw file: path=FILE[,id=ID][,readonly=on]
-    /// [,bus=pcie.0]. The id is the disk's serial (/sys/block/vdX/serial); repeatable.
+    /// [,bus=pcie.0|rpN]. The id is the disk's serial (/sys/block/vdX/serial); on bus rpN the
+    /// disk sits in that root port's slot and can be removed with device_del; repeatable.
     #[arg(long, value_name = "path=FILE[,id=ID][,readonly=on][,bus=BUS]", value_parser = parse_disk)]
     pub disk: Vec<DiskSpec>,
 

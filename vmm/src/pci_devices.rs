@@ -100,7 +100,8 @@ pub enum AddDeviceError {
 impl PciDevices {
     /// Devices on `root`, BARs of root-bus devices allocated from
     /// `[mmio_base, mmio_base + mmio_size)`, and `root_ports` root ports (rp0..) with native
-    /// hot-plug at 00:10.0 and up.
+    /// hot-plug at 00:10.0 and up (advertising No Command Completed Support if
+    /// `no_command_completed`).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         vm: Arc<VmFd>,
@@ -110,7 +111,7 @@ impl PciDevices {
         router: Arc<GsiRouter>,
         (mmio_base, mmio_size): (u64, u64),
         queues_per_disk: u16,
-        root_ports: u8,
+        (root_ports, no_command_completed): (u8, bool),
     ) -> Result<Self, AddDeviceError> {
         let mmio = AddressAllocator::new(mmio_base, mmio_size)
             .map_err(|e| AddDeviceError::Bus(format!("MMIO window: {e}")))?;
@@ -121,7 +122,7 @@ impl PciDevices {
                 .checked_add(n)
                 .and_then(|d| Bdf::new(0, d, 0))
                 .ok_or_else(|| AddDeviceError::Bus(format!("no slot for root port {id}")))?;
-            let port = Self::make_root_port(&router, &id, u16::from(n))?;
+            let port = Self::make_root_port(&router, &id, u16::from(n), no_command_completed)?;
             let shared: SharedPciDevice = port.clone();
             lock(&root)
                 .add_device(bdf, shared)
@@ -146,11 +147,13 @@ impl PciDevices {
         router: &Arc<GsiRouter>,
         id: &str,
         slot_number: u16,
+        no_command_completed: bool,
     ) -> Result<Arc<Mutex<PcieRootPort>>, AddDeviceError> {
         let msi = KvmMsiGroup::new(router.clone(), 1)
             .map_err(|e| AddDeviceError::Interrupts(id.to_string(), e))?;
         let options = RootPortOptions {
             port_number: u8::try_from(slot_number).unwrap_or(0),
+            no_command_completed,
             ..RootPortOptions::default()
         };
         Ok(Arc::new(Mutex::new(PcieRootPort::new(

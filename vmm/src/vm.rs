@@ -292,7 +292,7 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
             router,
             (MMIO32_START, MMIO32_SIZE),
             u16::from(cli.cpus),
-            cli.root_ports,
+            (cli.root_ports, cli.no_command_completed),
         )
         .map_err(|e| VmError::Device(e.to_string()))?,
     );

@@ -628,11 +628,11 @@ mod tests {
     }
 
     /// Runs `resources/qmp_smoke.py` (the `qemu.qmp` reference client) against a test server.
-    /// QMP_SMOKE_PYTHON names a Python that has `qemu.qmp` (`pip install qemu.qmp`).
+    /// It needs a `python3` that imports `qemu.qmp`: `resources/test.sh` installs it and sets
+    /// PYTHONPATH (HOTPLUG_VMM_PYTHON names another interpreter).
     #[test]
-    #[ignore = "needs Python with qemu.qmp: set QMP_SMOKE_PYTHON and run with --ignored"]
     fn qemu_qmp_python_client() {
-        let python = std::env::var("QMP_SMOKE_PYTHON").unwrap_or_else(|_| "python3".into());
+        let python = std::env::var("HOTPLUG_VMM_PYTHON").unwrap_or_else(|_| "python3".into());
         let (server, _fake) = start();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/qmp_smoke.py");
         let out = std::process::Command::new(python)
