@@ -12,7 +12,7 @@ Exits non-zero, with the error on stderr, if any step fails.
 import asyncio
 import sys
 
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 
 
 async def add(qmp: QMPClient, dev_id: str, image: str, bus: str) -> None:
@@ -27,7 +27,8 @@ async def add(qmp: QMPClient, dev_id: str, image: str, bus: str) -> None:
 
 
 async def delete(qmp: QMPClient, dev_id: str, timeout: float) -> None:
-    with qmp.listen() as listener:
+    listener = EventListener("DEVICE_DELETED")
+    with qmp.listen(listener):
         await qmp.execute("device_del", {"id": dev_id})
 
         async def deleted():
