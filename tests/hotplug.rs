@@ -285,10 +285,23 @@ fn native_hotplug(version: &str, cycles: usize) {
     );
 
     // ---- Graceful removal: the button, the guest's grace period, then DEVICE_DELETED. ----
+    // Forget the slot events of the hot-add (the reply to a query comes after them).
+    q.ok("x-query-hotplug", json!({}));
+    q.events.clear();
     q.ok("device_del", json!({"id": "a"}));
     let again = q.err("device_del", json!({"id": "a"}));
     assert!(again.contains("already requested"), "{again}");
-    std::thread::sleep(Duration::from_millis(2500));
+    // Once the guest blinks the power indicator (its 5 s grace period), a removal is refused.
+    q.wait_event_where(
+        |e| {
+            e["event"] == "X_HOTPLUG_SLOT"
+                && e["data"]["bus"] == "rp1"
+                && e["data"]["change"] == "power-indicator"
+                && e["data"]["value"] == "blinking"
+        },
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|| g.fail("the guest did not blink rp1's power indicator"));
     let busy = q.err("device_del", json!({"id": "a"}));
     assert!(busy.contains("guest is busy"), "{busy}");
     // The other client hears of it too.
@@ -372,7 +385,7 @@ fn native_hotplug(version: &str, cycles: usize) {
     }
     assert!(guest_disks(&mut g).is_empty());
 
-    // ---- QEMU's client library, unchanged, hot-adds and removes a disk. ----
+    // ---- QEMU's own tools, unchanged: qmp-shell hot-adds a disk, qemu.qmp removes it. ----
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/qmp_hotplug.py");
     let python = std::env::var("HOTPLUG_VMM_PYTHON").unwrap_or_else(|_| "python3".into());
     let qemu_qmp = |args: &[&str]| {
@@ -390,8 +403,33 @@ fn native_hotplug(version: &str, cycles: usize) {
         assert!(out.status.success(), "qmp_hotplug.py {args:?}: {text}");
         text
     };
-    let q_image = disk("q").display().to_string();
-    qemu_qmp(&["add", "q", &q_image, "rp2"]);
+    // What a user types into qmp-shell.
+    let shell_input = format!(
+        "blockdev-add driver=raw node-name=q file={{\"driver\":\"file\",\"filename\":\"{}\"}}\n\
+         device_add driver=virtio-blk-pci id=q drive=q bus=rp2\n",
+        disk("q").display()
+    );
+    let mut shell = std::process::Command::new(&python)
+        .args(["-m", "qemu.qmp.qmp_shell"])
+        .arg(&sock)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run qmp-shell");
+    {
+        use std::io::Write;
+        let mut stdin = shell.stdin.take().unwrap();
+        stdin.write_all(shell_input.as_bytes()).unwrap();
+    }
+    let out = shell.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.matches("{\"return\": {}}").count(),
+        2,
+        "qmp-shell: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = g.wait_for_line(|l| block_event(l, "BLOCK-ADD").is_some(), ADD_TIMEOUT);
     check_disk(&mut g, &block_event(&line, "BLOCK-ADD").unwrap(), "q", "q");
     let out = qemu_qmp(&["del", "q"]);
