@@ -2,6 +2,7 @@
 """Hot-plug latency, hotplug-vmm side by side with QEMU on the same guest and disk images.
 
 Usage: resources/bench-hotplug.py [--runs N] [--kernel-version 6.1] [--only hotplug-vmm|qemu]
+                                  [--vmm-arg=--no-command-completed]
 
 For each VMM: boot the test guest once (with a control socket), then N times: blockdev-add,
 device_add of virtio-blk-pci onto a PCIe root port, time until the guest's /init reports the new
@@ -66,6 +67,8 @@ def main():
     ap.add_argument("--kernel-version", default="6.1")
     ap.add_argument("--memory", default="256M")
     ap.add_argument("--only", choices=["hotplug-vmm", "qemu"])
+    ap.add_argument("--vmm-arg", action="append", default=[],
+                    help="extra hotplug-vmm argument, e.g. --vmm-arg=--no-command-completed")
     args = ap.parse_args()
     kernel = os.path.join(CACHE, f"linux-{args.kernel_version}", "vmlinux")
     initrd = os.path.join(CACHE, "initramfs.cpio")
@@ -82,7 +85,7 @@ def main():
     if args.only in (None, "hotplug-vmm"):
         sock = os.path.join(tmp, "ours.sock")
         setups.append(("hotplug-vmm", [VMM, "--kernel", kernel, "--initramfs", initrd, "--cmdline", cmdline,
-                                       "--cpus", "1", "--memory", args.memory, "--qmp", sock], sock))
+                                       "--cpus", "1", "--memory", args.memory, "--qmp", sock] + args.vmm_arg, sock))
     if args.only in (None, "qemu"):
         sock = os.path.join(tmp, "qemu.sock")
         # -cpu host without arch-capabilities: PVM hosts refuse that MSR; QEMU's default model
