@@ -24,9 +24,7 @@ use devices::pci::{Indicator, PcieRootPort, SlotEvent, SlotObserver};
 use serde_json::{json, Map, Value};
 
 use crate::pci_devices::{AddDeviceError, DiskSpec, PciDevices, Placement};
-use crate::qmp::{
-    arg_obj, arg_opt_bool, arg_opt_str, arg_str, check_args, ErrorClass, QmpError, QmpEvents,
-};
+use crate::qmp::{arg_obj, arg_opt_bool, arg_opt_str, arg_str, check_args, QmpError, QmpEvents};
 
 /// How long a requested removal may go unanswered before `X_UNPLUG_STALLED` (Linux's pciehp
 /// takes its 5 s grace period plus the driver's teardown).
@@ -62,6 +60,14 @@ struct PendingUnplug {
     recheck_at: Option<Instant>,
 }
 
+impl PendingUnplug {
+    /// The attention button was pressed again for this removal at `now`.
+    fn pressed(&mut self, now: Instant) {
+        self.last_press = now;
+        self.presses += 1;
+    }
+}
+
 #[derive(Default)]
 struct State {
     nodes: BTreeMap<String, Node>,
@@ -82,19 +88,18 @@ enum Msg {
 }
 
 /// Forwards slot events from the vCPU threads to the worker.
-struct Forwarder(Mutex<Sender<Msg>>);
+struct Forwarder(Sender<Msg>);
 
 impl SlotObserver for Forwarder {
     fn slot_event(&self, port_id: &str, event: SlotEvent) {
-        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = tx.send(Msg::Slot(port_id.to_string(), event));
+        let _ = self.0.send(Msg::Slot(port_id.to_string(), event));
     }
 }
 
 /// The hot-plug side of the machine. See the module documentation.
 pub struct Hotplug {
     inner: Arc<Inner>,
-    tx: Mutex<Sender<Msg>>,
+    tx: Sender<Msg>,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -107,7 +112,7 @@ impl Hotplug {
             state: Mutex::new(State::default()),
         });
         let (tx, rx) = channel();
-        let forwarder: Arc<dyn SlotObserver> = Arc::new(Forwarder(Mutex::new(tx.clone())));
+        let forwarder: Arc<dyn SlotObserver> = Arc::new(Forwarder(tx.clone()));
         for (_, entry) in inner.pci.root_ports() {
             lock(&entry.port).set_observer(Some(forwarder.clone()));
         }
@@ -126,7 +131,7 @@ impl Hotplug {
         };
         Ok(Hotplug {
             inner,
-            tx: Mutex::new(tx),
+            tx,
             worker: Mutex::new(Some(worker)),
         })
     }
@@ -164,7 +169,7 @@ impl Hotplug {
         for (_, entry) in self.inner.pci.root_ports() {
             lock(&entry.port).set_observer(None);
         }
-        let _ = lock(&self.tx).send(Msg::Stop);
+        let _ = self.tx.send(Msg::Stop);
         if let Some(w) = lock(&self.worker).take() {
             let _ = w.join();
         }
@@ -265,11 +270,7 @@ impl Inner {
             .open(filename)
             .map_err(|e| generic(format!("Could not open '{filename}': {e}")))?;
         match file.metadata() {
-            Ok(m) if m.is_file() || m.file_type().is_dir() => {
-                if m.is_dir() {
-                    return Err(generic(format!("'{filename}' is a directory")));
-                }
-            }
+            Ok(m) if m.is_dir() => return Err(generic(format!("'{filename}' is a directory"))),
             Ok(_) => {}
             Err(e) => return Err(generic(format!("Could not open '{filename}': {e}"))),
         }
@@ -341,10 +342,7 @@ impl Inner {
                 )),
                 Some(bus) => {
                     if self.pci.root_port(bus).is_none() {
-                        return Err(QmpError::new(
-                            ErrorClass::GenericError,
-                            format!("Bus '{bus}' not found"),
-                        ));
+                        return Err(generic(format!("Bus '{bus}' not found")));
                     }
                     bus.to_string()
                 }
@@ -420,8 +418,7 @@ impl Inner {
                     ago.as_millis()
                 )));
             }
-            pending.last_press = now;
-            pending.presses += 1;
+            pending.pressed(now);
         } else {
             state.pending.insert(
                 id.to_string(),
@@ -588,8 +585,7 @@ impl Inner {
                 && slot.status_events() & devices::pci::slot::SLTSTA_ABP == 0;
             if ignored {
                 port.press_attention_button();
-                p.last_press = Instant::now();
-                p.presses += 1;
+                p.pressed(Instant::now());
                 log::info!(
                     "device_del {id}: the guest was enabling {} when asked; attention button pressed again",
                     p.port
