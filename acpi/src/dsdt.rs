@@ -4,10 +4,12 @@
 //!
 //! ```text
 //! \_S5_            Package (4) { SLP_TYP_S5, 0, 0, 0 }   power off
-//! \_SB_.PCI0       the PCIe host bridge (see host_bridge), then DsdtExtras::host_bridge
+//! \_SB_.PCI0       the PCIe host bridge (see host_bridge), its ACPI hot-plug slots (see
+//!                  pci_hotplug), then DsdtExtras::host_bridge
 //! \_SB_.MRES       PNP0C02 motherboard resources: the ECAM window and the
 //!                  platform I/O registers (sleep, reset, _OSC report)
 //! \_SB_.COM1       PNP0501 16550 UART, when MachineConfig::serial is set
+//! \_SB_.GED_       ACPI0013 Generic Event Device, with MachineConfig::pci_hotplug
 //! \_SB_.*          DsdtExtras::system_bus (e.g. a Generic Event Device)
 //! \*               DsdtExtras::root
 //! ```
@@ -166,12 +168,23 @@ pub fn build_dsdt(cfg: &MachineConfig, extras: &DsdtExtras<'_>) -> Vec<u8> {
         &aml::Package::new(vec![&SLP_TYP_S5, &aml::ZERO, &aml::ZERO, &aml::ZERO]),
     );
 
-    let host_bridge = HostBridge::new(&cfg.pci, extras.host_bridge.clone());
+    let hotplug = cfg
+        .pci_hotplug
+        .as_ref()
+        .map(|hp| (RawAml(hp.host_bridge_aml()), RawAml(hp.ged_aml())));
+    let mut bridge_children = extras.host_bridge.clone();
+    if let Some((slots, _)) = &hotplug {
+        bridge_children.insert(0, slots);
+    }
+    let host_bridge = HostBridge::new(&cfg.pci, bridge_children);
     let mres = MotherboardResources(cfg);
     let serial = cfg.serial.map(|(port, gsi)| SerialPort { port, gsi });
     let mut sb_children: Vec<&dyn Aml> = vec![&host_bridge, &mres];
     if let Some(serial) = &serial {
         sb_children.push(serial);
+    }
+    if let Some((_, ged)) = &hotplug {
+        sb_children.push(ged);
     }
     sb_children.extend_from_slice(&extras.system_bus);
     let sb = aml::Scope::new("\\_SB_".into(), sb_children);

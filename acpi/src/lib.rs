@@ -24,11 +24,13 @@ pub mod fadt;
 pub mod host_bridge;
 pub mod madt;
 pub mod mcfg;
+pub mod pci_hotplug;
 
 pub use acpi_tables;
 use acpi_tables::{rsdp::Rsdp, xsdt::XSDT, Aml};
 pub use dsdt::DsdtExtras;
 pub use host_bridge::{HostBridgeConfig, OscConfig};
+pub use pci_hotplug::{AcpiHotplugBus, AcpiSlot, PciHotplugConfig, SlotParent};
 
 /// OEM ID written into every table header.
 pub const OEM_ID: [u8; 6] = *b"HPVMM ";
@@ -102,12 +104,16 @@ pub struct MachineConfig {
     pub serial: Option<(u16, u32)>,
     /// The PCIe host bridge.
     pub pci: HostBridgeConfig,
+    /// ACPI PCI hot-plug: slot devices under the host bridge, the register block they use and
+    /// the Generic Event Device that tells the guest about hot-plug events.
+    pub pci_hotplug: Option<PciHotplugConfig>,
 }
 
 impl Default for MachineConfig {
     /// One vCPU, the standard APIC addresses, SCI 9, the sleep control,
     /// sleep status and reset registers at ports 0x600, 0x601 and 0x602
-    /// (reset value 1) and the default [`HostBridgeConfig`].
+    /// (reset value 1), the default [`HostBridgeConfig`] and no ACPI PCI
+    /// hot-plug.
     fn default() -> Self {
         MachineConfig {
             cpus: 1,
@@ -121,6 +127,7 @@ impl Default for MachineConfig {
             reset_value: 0x01,
             serial: Some((0x3f8, 4)),
             pci: HostBridgeConfig::default(),
+            pci_hotplug: None,
         }
     }
 }
@@ -161,6 +168,9 @@ impl MachineConfig {
         if let Some(p) = self.pci.osc.report_port {
             ports.push(("_OSC report", p, host_bridge::OSC_REPORT_LEN));
         }
+        if let Some(hp) = &self.pci_hotplug {
+            ports.push(("ACPI PCI hot-plug", hp.port, pci_hotplug::PCI_HOTPLUG_PORTS));
+        }
         ports
     }
 
@@ -189,6 +199,9 @@ impl MachineConfig {
                     ));
                 }
             }
+        }
+        if let Some(hp) = &self.pci_hotplug {
+            hp.validate()?;
         }
         self.pci.validate()
     }

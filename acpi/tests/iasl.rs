@@ -15,7 +15,10 @@ use acpi::host_bridge::{
     OSC_CDW1_CAPABILITIES_MASKED, OSC_CDW1_FAILURE, OSC_CDW1_QUERY, OSC_CDW1_UNRECOGNIZED_REVISION,
     OSC_CDW1_UNRECOGNIZED_UUID,
 };
-use acpi::{build_tables, table_name, HostBridgeConfig, MachineConfig, OscConfig};
+use acpi::{
+    build_tables, table_name, AcpiHotplugBus, AcpiSlot, HostBridgeConfig, MachineConfig, OscConfig,
+    PciHotplugConfig, SlotParent,
+};
 
 const REPORT_PORT: u16 = 0x610;
 
@@ -29,9 +32,34 @@ fn sample_config(grant_native_hotplug: bool) -> MachineConfig {
             },
             ..Default::default()
         },
+        pci_hotplug: Some(PciHotplugConfig {
+            port: HOTPLUG_PORT,
+            gsi: 5,
+            buses: vec![
+                AcpiHotplugBus {
+                    parent: SlotParent::RootBus,
+                    slots: (1..16)
+                        .map(|d| AcpiSlot {
+                            device: d,
+                            sun: 32 + u32::from(d),
+                        })
+                        .collect(),
+                },
+                AcpiHotplugBus {
+                    parent: SlotParent::RootPort {
+                        index: 2,
+                        device: 0x12,
+                        function: 0,
+                    },
+                    slots: vec![AcpiSlot { device: 0, sun: 2 }],
+                },
+            ],
+        }),
         ..Default::default()
     }
 }
+
+const HOTPLUG_PORT: u16 = 0x620;
 
 /// A fresh, empty scratch directory under cargo's per-target temp dir; the
 /// tests remove it when they pass and leave it behind when they fail.
@@ -216,6 +244,17 @@ fn iasl_decodes_and_recompiles_every_table() {
                     "Name (_S5, Package (0x04)",
                     "WordBusNumber",
                     "QWordMemory",
+                    "OperationRegion (PHPR, SystemIO, 0x0620, 0x10)",
+                    "Device (SL01)",
+                    "Device (SL0F)",
+                    "Device (RP02)",
+                    "Name (_SUN, 0x2F)",
+                    "Method (_EJ0, 1, NotSerialized)",
+                    "Notify (\\_SB.PCI0.SL0F, 0x03)",
+                    "Notify (\\_SB.PCI0.RP02.SL00, One)",
+                    "Name (_HID, \"ACPI0013\"",
+                    "Method (_EVT, 1, Serialized)",
+                    "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
                 ] {
                     assert!(dsl.contains(needle), "DSDT.dsl lacks `{needle}`:\n{dsl}");
                 }
@@ -386,4 +425,39 @@ fn acpiexec_osc_grants_native_hotplug() {
 #[test]
 fn acpiexec_osc_withholds_native_hotplug() {
     check_osc(false);
+}
+
+/// Runs the ACPI hot-plug methods in acpiexec: a slot's `_EJ0` selects its bus and writes its
+/// bit to the eject register, and the GED's `_EVT` runs through every bus without complaint.
+/// (acpiexec backs SystemIO with plain memory, so a register reads what was last written.)
+#[test]
+fn acpiexec_ej0_selects_the_bus_and_writes_the_eject_register() {
+    let dir = scratch_dir("acpiexec-ej0");
+    write_tables(&sample_config(true), &dir);
+    let commands = [
+        "evaluate \\_SB.PCI0.SL03._EJ0 1",
+        "evaluate \\_SB.PCI0.PSEL",
+        "evaluate \\_SB.PCI0.PEJ0",
+        "evaluate \\_SB.PCI0.RP02.SL00._EJ0 1",
+        "evaluate \\_SB.PCI0.PSEL",
+        "evaluate \\_SB.PCI0.PEJ0",
+        "evaluate \\_SB.GED_._EVT 5",
+        "evaluate \\_SB.PCI0.PSEL",
+    ];
+    let batch = commands.join("; ");
+    let out = run(
+        &dir,
+        "acpiexec",
+        &["-b", &batch, "FACP.dat", "APIC.dat", "MCFG.dat", "DSDT.dat"],
+    );
+    let all = text(&out);
+    assert!(out.status.success(), "acpiexec failed:\n{all}");
+    assert!(!mentions_problem(&all), "acpiexec complained:\n{all}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value = |i| dwords(&acpiexec_result(&stdout, i))[0];
+    assert_eq!((value(1), value(2)), (0, 1 << 3), "root bus slot 3\n{all}");
+    assert_eq!((value(4), value(5)), (1, 1), "rp2's slot\n{all}");
+    // _EVT left the select register at the last bus it scanned.
+    assert_eq!(value(7), 1, "after _EVT\n{all}");
+    let _ = fs::remove_dir_all(&dir);
 }

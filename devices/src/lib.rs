@@ -1,4 +1,5 @@
 //! Device models for hotplug-vmm, usable by any VMM: PCI/PCIe configuration space, host bridge,
+//! the ACPI PCI hot-plug controller,
 //! legacy platform devices (16550 console, ACPI power registers).
 //!
 //! Nothing here depends on KVM. Devices raise interrupts through [`interrupt::InterruptLine`] and
@@ -6,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod acpi_hotplug;
 pub mod interrupt;
 pub mod pci;
 pub mod power_control;

@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod hotplug;
 pub mod qmp;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,9 +1,11 @@
 //! Hot-plug as the control socket drives it (SPEC.md §5, §6): block backends (`blockdev-add`,
-//! `blockdev-del`), disks hot-added into root ports (`device_add`), graceful removal through
-//! the attention button (`device_del`), and the guest's answers.
+//! `blockdev-del`), disks hot-added into root ports and into the ACPI slots of the root bus
+//! (`device_add`), graceful removal through the attention button or an ACPI eject request
+//! (`device_del`), and the guest's answers.
 //!
-//! The guest answers through Slot Control writes, which reach the root port on a vCPU thread.
-//! The port tells its [`SlotObserver`] — here a channel — and a worker thread does the rest off
+//! The guest answers through Slot Control writes, which reach the root port on a vCPU thread,
+//! or through its `_EJ0`'s write to the ACPI hot-plug controller's eject register. The port or
+//! controller tells its observer — here a channel — and a worker thread does the rest off
 //! the vCPU: it reports every slot transition as an `X_HOTPLUG_SLOT` event, removes the device
 //! once the guest has powered its slot off (only then is the backend released) and sends
 //! `DEVICE_DELETED`, and reports a removal the guest has not answered for
@@ -20,10 +22,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::pci::{Indicator, PcieRootPort, SlotEvent, SlotObserver};
+use devices::acpi_hotplug::{AcpiHotplugController, AcpiHotplugObserver};
+use devices::pci::{Bdf, Indicator, PcieRootPort, SlotEvent, SlotObserver};
 use serde_json::{json, Map, Value};
 
-use crate::pci_devices::{AddDeviceError, DiskSpec, PciDevices, Placement};
+use crate::pci_devices::{
+    root_bus_slot_number, AddDeviceError, DiskSpec, PciDevices, Placement, FIRST_ROOT_BUS_SLOT,
+    FIRST_ROOT_PORT_SLOT, ROOT_BUS_SELECT,
+};
 use crate::qmp::{arg_obj, arg_opt_bool, arg_opt_str, arg_str, check_args, QmpError, QmpEvents};
 
 /// How long a requested removal may go unanswered before `X_UNPLUG_STALLED` (Linux's pciehp
@@ -48,9 +54,16 @@ struct Node {
     file: File,
 }
 
+/// The root bus's id.
+pub const ROOT_BUS: &str = "pcie.0";
+
 /// A `device_del` the guest has not answered yet.
 struct PendingUnplug {
+    /// The root port whose slot holds the device, or [`ROOT_BUS`].
     port: String,
+    /// ACPI slots: how often the guest's event method had read the bus's events when the
+    /// request was made (to tell "never looked" from "looked and did not eject").
+    serviced_at_request: u64,
     since: Instant,
     last_press: Instant,
     presses: u32,
@@ -84,6 +97,8 @@ struct Inner {
 
 enum Msg {
     Slot(String, SlotEvent),
+    /// The guest ejected device `.1` of ACPI hot-plug bus `.0`.
+    AcpiEject(u8, u8),
     Stop,
 }
 
@@ -93,6 +108,23 @@ struct Forwarder(Sender<Msg>);
 impl SlotObserver for Forwarder {
     fn slot_event(&self, port_id: &str, event: SlotEvent) {
         let _ = self.0.send(Msg::Slot(port_id.to_string(), event));
+    }
+}
+
+/// Hears the guest's ACPI ejects on a vCPU thread: takes the function off the bus at once (as
+/// a powered-off native slot does, so that no rescan of the guest's sees it again), and leaves
+/// the rest of the removal to the worker.
+struct AcpiForwarder {
+    tx: Sender<Msg>,
+    pci: Arc<PciDevices>,
+}
+
+impl AcpiHotplugObserver for AcpiForwarder {
+    fn ejected(&self, bus: u8, slot: u8) {
+        if bus == ROOT_BUS_SELECT {
+            self.pci.hide_root_bus_device(slot);
+        }
+        let _ = self.tx.send(Msg::AcpiEject(bus, slot));
     }
 }
 
@@ -116,6 +148,13 @@ impl Hotplug {
         for (_, entry) in inner.pci.root_ports() {
             lock(&entry.port).set_observer(Some(forwarder.clone()));
         }
+        if let Some(acpi) = inner.pci.acpi_hotplug() {
+            // A reference cycle (devices → controller → observer → devices) until stop().
+            lock(acpi).set_observer(Some(Arc::new(AcpiForwarder {
+                tx: tx.clone(),
+                pci: inner.pci.clone(),
+            })));
+        }
         let worker = {
             let inner = inner.clone();
             std::thread::Builder::new()
@@ -123,6 +162,7 @@ impl Hotplug {
                 .spawn(move || loop {
                     match rx.recv_timeout(Duration::from_millis(500)) {
                         Ok(Msg::Slot(port, event)) => inner.on_slot_event(&port, event),
+                        Ok(Msg::AcpiEject(bus, slot)) => inner.on_acpi_eject(bus, slot),
                         Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                         Err(RecvTimeoutError::Timeout) => {}
                     }
@@ -169,6 +209,9 @@ impl Hotplug {
         for (_, entry) in self.inner.pci.root_ports() {
             lock(&entry.port).set_observer(None);
         }
+        if let Some(acpi) = self.inner.pci.acpi_hotplug() {
+            lock(acpi).set_observer(None);
+        }
         let _ = self.tx.send(Msg::Stop);
         if let Some(w) = lock(&self.worker).take() {
             let _ = w.join();
@@ -186,20 +229,41 @@ fn generic(desc: impl Into<String>) -> QmpError {
     QmpError::generic(desc)
 }
 
-/// `addr` on a root port: only device 0 (function 0) exists below it.
-fn check_port_addr(port: &str, addr: &str) -> Result<(), QmpError> {
+/// Parses QEMU's `addr` ("5", "0x5", "05.0"): device and function numbers, in hex.
+fn parse_addr(addr: &str) -> Result<(u8, u8), QmpError> {
     let (dev, func) = addr.split_once('.').unwrap_or((addr, "0"));
     let parse = |s: &str| {
         let s = s.trim_start_matches("0x");
         u8::from_str_radix(s, 16).ok()
     };
     match (parse(dev), parse(func)) {
-        (Some(0), Some(0)) => Ok(()),
-        (Some(_), Some(_)) => Err(generic(format!(
-            "addr '{addr}': the slot of root port {port} holds device 0 function 0 only"
-        ))),
+        (Some(d), Some(f)) if d < 32 && f < 8 => Ok((d, f)),
         _ => Err(generic(format!(
             "Parameter 'addr' expects a PCI address such as '0' or '00.0', not '{addr}'"
+        ))),
+    }
+}
+
+/// `addr` on a root port: only device 0 (function 0) exists below it.
+fn check_port_addr(port: &str, addr: &str) -> Result<(), QmpError> {
+    match parse_addr(addr)? {
+        (0, 0) => Ok(()),
+        _ => Err(generic(format!(
+            "addr '{addr}': the slot of root port {port} holds device 0 function 0 only"
+        ))),
+    }
+}
+
+/// `addr` on the root bus: a hot-plug slot's device number, function 0.
+fn root_bus_addr(addr: &str) -> Result<u8, QmpError> {
+    match parse_addr(addr)? {
+        (d, 0) if (FIRST_ROOT_BUS_SLOT..FIRST_ROOT_PORT_SLOT).contains(&d) => Ok(d),
+        (d, 0) => Err(generic(format!(
+            "addr '{addr}': device {d:#x} of pcie.0 is not a hot-plug slot (slots are {FIRST_ROOT_BUS_SLOT:#x}..{:#x})",
+            FIRST_ROOT_PORT_SLOT - 1
+        ))),
+        _ => Err(generic(format!(
+            "addr '{addr}': this VMM hot-plugs function 0 only"
         ))),
     }
 }
@@ -335,30 +399,6 @@ impl Inner {
                 "Drive '{drive}' is already in use by device '{user}'"
             )));
         }
-        let port =
-            match bus {
-                Some("pcie.0") => return Err(generic(
-                    "Bus 'pcie.0' does not support hotplugging (use a root port: rp0, rp1, ...)",
-                )),
-                Some(bus) => {
-                    if self.pci.root_port(bus).is_none() {
-                        return Err(generic(format!("Bus '{bus}' not found")));
-                    }
-                    bus.to_string()
-                }
-                None => self
-                    .pci
-                    .root_ports()
-                    .find(|(id, e)| {
-                        self.pci.port_occupant(id).is_none() && !lock(&e.port).slot().is_present()
-                    })
-                    .map(|(id, _)| id.clone())
-                    .ok_or_else(|| generic("No free root port slot for the device"))?,
-            };
-        if let Some(addr) = addr {
-            check_port_addr(&port, addr)?;
-        }
-        let entry = self.pci.root_port(&port).expect("checked above");
         let file = node
             .file
             .try_clone()
@@ -370,9 +410,25 @@ impl Inner {
             file: Some(file),
             node: Some(drive.to_string()),
         };
-        let placement = Placement::Port {
-            port: port.clone(),
-            port_bdf: entry.bdf,
+        let placement = match bus {
+            Some(ROOT_BUS) => Placement::RootBus(self.root_bus_slot(addr)?),
+            Some(bus) => {
+                if self.pci.root_port(bus).is_none() {
+                    return Err(generic(format!("Bus '{bus}' not found")));
+                }
+                self.port_placement(bus, addr)?
+            }
+            None => {
+                let port = self
+                    .pci
+                    .root_ports()
+                    .find(|(id, e)| {
+                        self.pci.port_occupant(id).is_none() && !lock(&e.port).slot().is_present()
+                    })
+                    .map(|(id, _)| id.clone())
+                    .ok_or_else(|| generic("No free root port slot for the device"))?;
+                self.port_placement(&port, addr)?
+            }
         };
         self.pci
             .plug_disk(disk, placement, true)
@@ -386,6 +442,36 @@ impl Inner {
         Ok(json!({}))
     }
 
+    fn port_placement(&self, port: &str, addr: Option<&str>) -> Result<Placement, QmpError> {
+        if let Some(addr) = addr {
+            check_port_addr(port, addr)?;
+        }
+        let entry = self.pci.root_port(port).expect("callers checked the port");
+        Ok(Placement::Port {
+            port: port.to_string(),
+            port_bdf: entry.bdf,
+        })
+    }
+
+    /// The root bus slot for a `device_add`: `addr`'s, or the first free one.
+    fn root_bus_slot(&self, addr: Option<&str>) -> Result<Bdf, QmpError> {
+        let acpi = self
+            .pci
+            .acpi_hotplug()
+            .ok_or_else(|| generic("Bus 'pcie.0' does not support hotplugging"))?;
+        let occupied = lock(acpi)
+            .bus(ROOT_BUS_SELECT)
+            .map(|b| b.occupied)
+            .unwrap_or(u32::MAX);
+        let device = match addr {
+            Some(addr) => root_bus_addr(addr)?,
+            None => (FIRST_ROOT_BUS_SLOT..FIRST_ROOT_PORT_SLOT)
+                .find(|d| occupied & 1 << d == 0 && self.pci.root_bus_occupant(*d).is_none())
+                .ok_or_else(|| generic("No free slot on bus 'pcie.0' for the device"))?,
+        };
+        Ok(Bdf::new(0, device, 0).expect("device < 32"))
+    }
+
     fn device_del(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         check_args(args, &["id"])?;
         let id = arg_str(args, "id")?;
@@ -395,11 +481,7 @@ impl Inner {
             .placement(id)
             .ok_or_else(|| QmpError::device_not_found(id))?;
         let port = match placement {
-            Placement::RootBus(_) => {
-                return Err(generic(format!(
-                    "Bus 'pcie.0' does not support hotplugging: '{id}' cannot be removed"
-                )))
-            }
+            Placement::RootBus(bdf) => return self.acpi_eject_request(&mut state, id, bdf),
             Placement::Port { port, .. } => port,
         };
         let entry = self.pci.root_port(&port).expect("placement names a port");
@@ -424,6 +506,7 @@ impl Inner {
                 id.to_string(),
                 PendingUnplug {
                     port: port.clone(),
+                    serviced_at_request: 0,
                     since: now,
                     last_press: now,
                     presses: 1,
@@ -435,6 +518,113 @@ impl Inner {
         p.press_attention_button();
         log::info!("device_del {id}: attention button of {port} pressed");
         Ok(json!({}))
+    }
+
+    /// `device_del` of a device on the root bus: an ACPI eject request, repeated if asked again
+    /// after [`REPRESS_AFTER`].
+    fn acpi_eject_request(&self, state: &mut State, id: &str, bdf: Bdf) -> Result<Value, QmpError> {
+        let acpi = self.pci.acpi_hotplug().ok_or_else(|| {
+            generic(format!(
+                "Bus 'pcie.0' does not support hotplugging: '{id}' cannot be removed"
+            ))
+        })?;
+        let mut c = lock(acpi);
+        let now = Instant::now();
+        let serviced = c.bus(ROOT_BUS_SELECT).map_or(0, |b| b.serviced);
+        if let Some(pending) = state.pending.get_mut(id) {
+            let ago = now.duration_since(pending.last_press);
+            if ago < REPRESS_AFTER {
+                return Err(generic(format!(
+                    "device_del of '{id}' already requested {} ms ago; waiting for the guest",
+                    ago.as_millis()
+                )));
+            }
+            c.request_eject(ROOT_BUS_SELECT, bdf.device())
+                .map_err(|e| generic(e.to_string()))?;
+            pending.pressed(now);
+        } else {
+            c.request_eject(ROOT_BUS_SELECT, bdf.device())
+                .map_err(|e| generic(e.to_string()))?;
+            state.pending.insert(
+                id.to_string(),
+                PendingUnplug {
+                    port: ROOT_BUS.to_string(),
+                    serviced_at_request: serviced,
+                    since: now,
+                    last_press: now,
+                    presses: 1,
+                    stall_reported: false,
+                    recheck_at: None,
+                },
+            );
+        }
+        log::info!("device_del {id}: ACPI eject request for {bdf}");
+        Ok(json!({}))
+    }
+
+    /// The guest's `_EJ0` ejected device `device` of ACPI hot-plug bus `bus`: it has let go
+    /// of it, so the device goes now, its backend with it.
+    fn on_acpi_eject(&self, bus: u8, device: u8) {
+        let mut state = self.state();
+        if bus != ROOT_BUS_SELECT {
+            return;
+        }
+        let occupant = self.pci.root_bus_occupant(device);
+        self.events.emit(
+            "X_HOTPLUG_SLOT",
+            json!({"bus": ROOT_BUS, "slot": root_bus_slot_number(device), "change": "eject",
+                   "value": "ejected", "device": occupant}),
+        );
+        let Some(id) = occupant else {
+            return;
+        };
+        let requested = state.pending.remove(&id).is_some();
+        if self.pci.unplug(&id) {
+            log::info!(
+                "pcie.0: guest ejected device {device:#x}; {id} removed{}",
+                if requested { "" } else { " (guest-initiated)" }
+            );
+            self.events.emit(
+                "DEVICE_DELETED",
+                json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
+            );
+        }
+    }
+
+    /// x-query-hotplug's entries for the root bus's ACPI slots.
+    fn acpi_slots_json(&self, c: &AcpiHotplugController, state: &State) -> Vec<Value> {
+        let Some(bus) = c.bus(ROOT_BUS_SELECT) else {
+            return Vec::new();
+        };
+        (0..32u8)
+            .filter(|d| bus.hotpluggable & 1 << d != 0)
+            .map(|d| {
+                let occupant = self.pci.root_bus_occupant(d);
+                let pending = occupant
+                    .as_ref()
+                    .and_then(|id| state.pending.get(id))
+                    .map(|p| {
+                        json!({
+                            "request": "unplug",
+                            "since-ms": p.since.elapsed().as_millis() as u64,
+                            "requests": p.presses,
+                        })
+                    });
+                json!({
+                    "bus": ROOT_BUS,
+                    "slot": root_bus_slot_number(d),
+                    "addr": format!("{d:02x}.0"),
+                    "mode": "acpi",
+                    "occupant": occupant,
+                    "presence": bus.occupied & 1 << d != 0,
+                    "insert-pending": bus.insert & 1 << d != 0,
+                    "eject-request-pending": bus.remove & 1 << d != 0,
+                    "ejected": bus.ejected & 1 << d != 0,
+                    "events-serviced": bus.serviced,
+                    "pending": pending,
+                })
+            })
+            .collect()
     }
 
     fn slot_json(&self, port_id: &str, port: &PcieRootPort, state: &State) -> Value {
@@ -477,11 +667,14 @@ impl Inner {
 
     fn query_hotplug(&self) -> Value {
         let state = self.state();
-        let slots: Vec<Value> = self
+        let mut slots: Vec<Value> = self
             .pci
             .root_ports()
             .map(|(id, e)| self.slot_json(id, &lock(&e.port), &state))
             .collect();
+        if let Some(acpi) = self.pci.acpi_hotplug() {
+            slots.extend(self.acpi_slots_json(&lock(acpi), &state));
+        }
         Value::Array(slots)
     }
 
@@ -599,10 +792,14 @@ impl Inner {
                 continue;
             }
             p.stall_reported = true;
-            let Some(entry) = pci.root_port(&p.port) else {
+            let diagnosis = if let Some(entry) = pci.root_port(&p.port) {
+                diagnose(&p.port, &lock(&entry.port))
+            } else if let Some(acpi) = pci.acpi_hotplug() {
+                let serviced = lock(acpi).bus(ROOT_BUS_SELECT).map_or(0, |b| b.serviced);
+                diagnose_acpi(serviced > p.serviced_at_request)
+            } else {
                 continue;
             };
-            let diagnosis = diagnose(&p.port, &lock(&entry.port));
             stalled.push(json!({
                 "device": id,
                 "bus": p.port,
@@ -653,6 +850,16 @@ pub fn diagnose(port_id: &str, port: &PcieRootPort) -> String {
     }
 }
 
+/// Why the guest has not ejected an ACPI slot it was asked to: `looked` says whether its event
+/// method read the eject request.
+pub fn diagnose_acpi(looked: bool) -> String {
+    if looked {
+        "guest read the ACPI eject request for pcie.0 but never evaluated the slot's _EJ0: acpiphp did not take the request (slot not registered, or the driver refused to let go of the device)".to_string()
+    } else {
+        "guest never read the ACPI eject request for pcie.0: its Generic Event Device handler did not run (ACPI0013 not bound, or its interrupt not delivered)".to_string()
+    }
+}
+
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -660,6 +867,16 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn root_bus_addresses() {
+        assert_eq!(root_bus_addr("5").unwrap(), 5);
+        assert_eq!(root_bus_addr("0x0f").unwrap(), 15);
+        assert_eq!(root_bus_addr("0a.0").unwrap(), 10);
+        for bad in ["0", "10", "1f.0", "5.1", "zz", "", "20"] {
+            assert!(root_bus_addr(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn port_addresses() {

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use devices::acpi_hotplug::AcpiHotplugController;
 use devices::pci::{
     same_device, BarReprogram, BarReprogrammingHandler, BarSpace, Bdf, PciDevice, PciRoot,
     PcieRootPort, RootPortOptions, SharedPciDevice,
@@ -19,11 +20,21 @@ use crate::interrupts::{GsiRouter, KvmMsiGroup, KvmMsiSink};
 
 /// Device number of root port rp0 on bus 0; rpN is at FIRST_ROOT_PORT_SLOT + N.
 pub const FIRST_ROOT_PORT_SLOT: u8 = 0x10;
+/// Device numbers 1 up to (not including) FIRST_ROOT_PORT_SLOT of the root bus are ACPI
+/// hot-plug slots.
+pub const FIRST_ROOT_BUS_SLOT: u8 = 1;
+/// The ACPI hot-plug controller's bus select value for the root bus.
+pub const ROOT_BUS_SELECT: u8 = 0;
+/// Physical slot number (`_SUN`) of root bus device `d`: 32 + d, so that it never collides
+/// with a root port's (rpN has slot number N).
+pub fn root_bus_slot_number(device: u8) -> u32 {
+    32 + u32::from(device)
+}
 
 /// Where a disk sits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Placement {
-    /// On the root bus at this address (cold plug only: bus 0 has no hot-plug controller).
+    /// On the root bus at this address: an ACPI hot-plug slot.
     RootBus(Bdf),
     /// In the slot of root port `port` (e.g. "rp1"), whose own address is `port_bdf`.
     Port { port: String, port_bdf: Bdf },
@@ -51,7 +62,8 @@ struct VirtioFunction {
     placement: Placement,
     /// Where BAR 0 is decoded (and the ioeventfds registered), if it is.
     bar0: Option<u64>,
-    /// The MMIO the VMM assigned BAR 0 (root bus only; the guest assigns BARs behind ports).
+    /// The MMIO the VMM assigned BAR 0 (cold-plugged root bus devices only; the guest assigns
+    /// BARs behind ports and of hot-added devices, as it does on QEMU).
     bar0_range: Option<RangeInclusive>,
 }
 
@@ -73,6 +85,8 @@ pub struct PciDevices {
     virtio: Mutex<BTreeMap<String, VirtioFunction>>,
     /// Root ports by id; hot-add and removal go through their slots.
     root_ports: BTreeMap<String, RootPortEntry>,
+    /// The ACPI hot-plug controller of the root bus's slots.
+    acpi: Option<Arc<Mutex<AcpiHotplugController>>>,
     queues_per_disk: u16,
 }
 
@@ -139,8 +153,41 @@ impl PciDevices {
             mmio: Mutex::new(mmio),
             virtio: Mutex::new(BTreeMap::new()),
             root_ports: ports,
+            acpi: None,
             queues_per_disk,
         })
+    }
+
+    /// Lets `controller` (whose bus [`ROOT_BUS_SELECT`] is the root bus) hot-plug the root bus's
+    /// slots.
+    pub fn with_acpi_hotplug(mut self, controller: Arc<Mutex<AcpiHotplugController>>) -> Self {
+        self.acpi = Some(controller);
+        self
+    }
+
+    /// The ACPI hot-plug controller, if the machine has one.
+    pub fn acpi_hotplug(&self) -> Option<&Arc<Mutex<AcpiHotplugController>>> {
+        self.acpi.as_ref()
+    }
+
+    /// Takes the function at device `device` of the root bus off the bus (its configuration
+    /// space reads all-ones from now on), leaving the rest of its removal to
+    /// [`unplug`](Self::unplug). Locks only the bus: callable while the ACPI hot-plug controller
+    /// is locked.
+    pub fn hide_root_bus_device(&self, device: u8) {
+        if let Some(bdf) = Bdf::new(0, device, 0) {
+            if device != 0 && device < FIRST_ROOT_PORT_SLOT {
+                let _ = lock(&self.root).remove_device(bdf);
+            }
+        }
+    }
+
+    /// The id of the disk at device `device` of the root bus, if any.
+    pub fn root_bus_occupant(&self, device: u8) -> Option<String> {
+        lock(&self.virtio)
+            .iter()
+            .find(|(_, f)| matches!(f.placement, Placement::RootBus(b) if b.device() == device))
+            .map(|(id, _)| id.clone())
     }
 
     fn make_root_port(
@@ -239,8 +286,35 @@ impl PciDevices {
             .map_err(|e| AddDeviceError::Interrupts(id.clone(), e))?;
         let mut dev = VirtioPciDevice::new(Box::new(block), self.memory.clone(), Arc::new(msi))
             .map_err(|e| AddDeviceError::Transport(format!("{id}: {e}")))?;
+        if let Placement::RootBus(bdf) = &placement {
+            if let Some(occupant) = self.root_bus_occupant(bdf.device()) {
+                return Err(AddDeviceError::SlotOccupied {
+                    port: format!("pcie.0 slot {}", bdf.device()),
+                    occupant,
+                });
+            }
+            if hot {
+                let acpi = self.acpi.as_ref().ok_or_else(|| {
+                    AddDeviceError::Bus("pcie.0 has no hot-plug controller".to_string())
+                })?;
+                let c = lock(acpi);
+                let state = c.bus(ROOT_BUS_SELECT);
+                if state.is_none_or(|s| s.hotpluggable & 1 << bdf.device() == 0) {
+                    return Err(AddDeviceError::Bus(format!(
+                        "device {} of pcie.0 is not a hot-plug slot",
+                        bdf.device()
+                    )));
+                }
+                if state.is_some_and(|s| s.occupied & 1 << bdf.device() != 0) {
+                    return Err(AddDeviceError::SlotOccupied {
+                        port: format!("pcie.0 slot {}", bdf.device()),
+                        occupant: "a device being removed".to_string(),
+                    });
+                }
+            }
+        }
         let mut bar0_range = None;
-        if let Placement::RootBus(_) = placement {
+        if let (Placement::RootBus(_), false) = (&placement, hot) {
             let bar = dev
                 .config()
                 .bar(0)
@@ -284,7 +358,33 @@ impl PciDevices {
         );
         match &placement {
             Placement::RootBus(bdf) => {
-                log::info!("{bdf}: virtio-blk {id} ({})", disk.path.display())
+                if let Some(acpi) = &self.acpi {
+                    let mut c = lock(acpi);
+                    let result = if hot {
+                        c.insert(ROOT_BUS_SELECT, bdf.device())
+                    } else {
+                        c.cold_plug(ROOT_BUS_SELECT, bdf.device())
+                    };
+                    drop(c);
+                    match result {
+                        Ok(()) => {}
+                        // A cold-plugged device outside the hot-plug slots just stays.
+                        Err(_) if !hot => {}
+                        Err(e) => {
+                            let _ = self.unplug(&id);
+                            return Err(AddDeviceError::Bus(e.to_string()));
+                        }
+                    }
+                }
+                log::info!(
+                    "{bdf}: virtio-blk {id} ({}) {}",
+                    disk.path.display(),
+                    if hot {
+                        "hot-added"
+                    } else {
+                        "present at power-on"
+                    }
+                )
             }
             Placement::Port { port, .. } => {
                 let entry = &self.root_ports[port];
@@ -334,11 +434,18 @@ impl PciDevices {
         if let Some(range) = &f.bar0_range {
             let _ = lock(&self.mmio).free(range);
         }
-        if let Placement::Port { port, .. } = &f.placement {
-            if let Some(entry) = self.root_ports.get(port) {
-                let mut p = lock(&entry.port);
-                if p.slot().is_present() {
-                    let _ = p.remove_card();
+        match &f.placement {
+            Placement::Port { port, .. } => {
+                if let Some(entry) = self.root_ports.get(port) {
+                    let mut p = lock(&entry.port);
+                    if p.slot().is_present() {
+                        let _ = p.remove_card();
+                    }
+                }
+            }
+            Placement::RootBus(bdf) => {
+                if let Some(acpi) = &self.acpi {
+                    let _ = lock(acpi).remove(ROOT_BUS_SELECT, bdf.device());
                 }
             }
         }

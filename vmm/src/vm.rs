@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, RwLock};
 
+use devices::acpi_hotplug::{AcpiHotplugController, ACPI_HOTPLUG_PORTS};
 use devices::interrupt::InterruptLine;
 use devices::pci::{
     BarReprogrammingHandler, BarSpace, Bdf, PciConfigIo, PciConfigMmio, PciHostBridge, PciRoot,
@@ -33,7 +34,10 @@ use crate::control::MachineControl;
 use crate::hotplug::Hotplug;
 use crate::interrupts::GsiRouter;
 use crate::layout::*;
-use crate::pci_devices::{DiskSpec, PciDevices, Placement};
+use crate::pci_devices::{
+    root_bus_slot_number, DiskSpec, PciDevices, Placement, FIRST_ROOT_BUS_SLOT,
+    FIRST_ROOT_PORT_SLOT,
+};
 use crate::vcpu::Vcpu;
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -282,6 +286,26 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
             bars.clone(),
         )
         .map_err(|e| VmError::Bus(format!("I/O BAR window: {e:?}")))?;
+    // ACPI hot-plug of the root bus's slots: its register block and the GED interrupt.
+    let acpi_cfg = acpi_config(cli);
+    let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Io("eventfd", e))?;
+    vm.register_irqfd(&ged_irq, GED_GSI)
+        .map_err(|e| VmError::KvmIoctl("KVM_IRQFD", e))?;
+    let masks = acpi_cfg
+        .pci_hotplug
+        .as_ref()
+        .map(|hp| hp.hotpluggable_masks())
+        .unwrap_or_default();
+    let acpi_hotplug = Arc::new(Mutex::new(AcpiHotplugController::new(
+        &masks,
+        Arc::new(IrqfdLine(ged_irq)),
+    )));
+    register_pio(
+        &mut io_mgr,
+        ACPI_HOTPLUG_PORT,
+        ACPI_HOTPLUG_PORTS,
+        acpi_hotplug.clone(),
+    )?;
     let router = Arc::new(GsiRouter::new(vm.clone()));
     let pci = Arc::new(
         PciDevices::new(
@@ -294,7 +318,8 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
             u16::from(cli.cpus),
             (cli.root_ports, cli.no_command_completed),
         )
-        .map_err(|e| VmError::Device(e.to_string()))?,
+        .map_err(|e| VmError::Device(e.to_string()))?
+        .with_acpi_hotplug(acpi_hotplug),
     );
     let mut next_root_slot = 1u8;
     for (i, d) in cli.disk.iter().enumerate() {
@@ -344,8 +369,8 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         .map_err(|e| VmError::Bus(format!("ECAM: {e:?}")))?;
 
     // ACPI tables.
-    for (addr, blob) in acpi::build_tables(&acpi_config(cli), ACPI_START)
-        .map_err(|e| VmError::Acpi(format!("{e:?}")))?
+    for (addr, blob) in
+        acpi::build_tables(&acpi_cfg, ACPI_START).map_err(|e| VmError::Acpi(format!("{e:?}")))?
     {
         mem.write_slice(&blob, GuestAddress(addr))
             .map_err(|e| VmError::Acpi(format!("writing at {addr:#x}: {e}")))?;
@@ -522,6 +547,19 @@ fn acpi_config(cli: &Cli) -> acpi::MachineConfig {
                 report_port: None,
             },
         },
+        pci_hotplug: Some(acpi::PciHotplugConfig {
+            port: ACPI_HOTPLUG_PORT,
+            gsi: GED_GSI,
+            buses: vec![acpi::AcpiHotplugBus {
+                parent: acpi::SlotParent::RootBus,
+                slots: (FIRST_ROOT_BUS_SLOT..FIRST_ROOT_PORT_SLOT)
+                    .map(|device| acpi::AcpiSlot {
+                        device,
+                        sun: root_bus_slot_number(device),
+                    })
+                    .collect(),
+            }],
+        }),
     }
 }
 
@@ -539,5 +577,20 @@ mod tests {
         assert_eq!(cfg.sleep_control_port, POWER_PORT);
         assert_eq!(cfg.pci.ecam_base, ECAM_START);
         acpi::build_tables(&cfg, ACPI_START).expect("tables for the default machine");
+    }
+
+    #[test]
+    fn acpi_hotplug_registers_agree() {
+        // The AML's register offsets must be what the controller decodes.
+        use acpi::pci_hotplug as aml;
+        use devices::acpi_hotplug as dev;
+        assert_eq!(aml::REG_SELECT, dev::REG_SELECT);
+        assert_eq!(aml::REG_INSERT, dev::REG_INSERT);
+        assert_eq!(aml::REG_REMOVE, dev::REG_REMOVE);
+        assert_eq!(aml::REG_EJECT, dev::REG_EJECT);
+        assert_eq!(aml::PCI_HOTPLUG_PORTS, dev::ACPI_HOTPLUG_PORTS);
+        let cli = <Cli as clap::Parser>::parse_from(["hotplug-vmm", "--kernel", "k"]);
+        let hp = acpi_config(&cli).pci_hotplug.expect("root bus slots");
+        assert_eq!(hp.hotpluggable_masks(), [0xfffe]);
     }
 }

@@ -1,0 +1,542 @@
+//! The ACPI PCI hot-plug controller: the register block through which the DSDT's AML learns
+//! which slots have news for the guest, and into which a slot's `_EJ0` writes the eject.
+//!
+//! ACPI hot-plug has no standard register interface: the platform defines one and its AML
+//! (built by the `acpi` crate's `pci_hotplug` module) drives it. The flow, as Linux's acpiphp
+//! sees it:
+//!
+//! 1. The VMM calls [`AcpiHotplugController::insert`] or
+//!    [`AcpiHotplugController::request_eject`]: a bit is latched in the slot's bus and the
+//!    controller's [`InterruptLine`] fires (a Generic Event Device interrupt).
+//! 2. The GED's `_EVT` method selects each bus in turn ([`REG_SELECT`]), reads [`REG_INSERT`]
+//!    and [`REG_REMOVE`], writes back what it read to acknowledge it (write-1-to-clear), and
+//!    `Notify`s each slot: Device Check (1) for an insert, Eject Request (3) for a removal.
+//! 3. For a Device Check acpiphp rescans the slot and probes the new function. For an Eject
+//!    Request it unbinds and removes the function, then evaluates the slot's `_EJ0`, which writes
+//!    `1 << slot` to [`REG_EJECT`]. The controller tells its [`AcpiHotplugObserver`], and the VMM
+//!    removes the device and then calls [`AcpiHotplugController::remove`].
+//!
+//! # Register block
+//!
+//! Sixteen consecutive I/O ports; four 32-bit registers, bit `n` of each standing for device
+//! number `n` of the selected bus. Only aligned 32-bit accesses are decoded (the AML declares the
+//! fields `DWordAcc`): any other access reads all-ones and its write is dropped.
+//!
+//! | offset | name | access | meaning |
+//! | --- | --- | --- | --- |
+//! | 0x0 | [`REG_SELECT`] | RW | bus the other registers refer to: an index into the controller's buses (0 is the root bus by convention); an unknown index reads zeros and ignores writes |
+//! | 0x4 | [`REG_INSERT`] | RW1C | slots with a device check pending (a device was inserted) |
+//! | 0x8 | [`REG_REMOVE`] | RW1C | slots with an eject request pending |
+//! | 0xC | [`REG_EJECT`] | WO, reads 0 | the guest ejects the slots whose bits it writes; bits of empty slots are ignored |
+//!
+//! Nothing here knows about KVM, PCI buses or the control socket; the VMM maps bus indexes to its
+//! buses and keeps the devices.
+
+use std::fmt;
+use std::sync::Arc;
+
+use vm_device::bus::{PioAddress, PioAddressOffset};
+use vm_device::MutDevicePio;
+
+use crate::interrupt::InterruptLine;
+
+/// Offset of the bus select register.
+pub const REG_SELECT: u16 = 0x0;
+/// Offset of the insert (device check) register of the selected bus: RW1C.
+pub const REG_INSERT: u16 = 0x4;
+/// Offset of the remove (eject request) register of the selected bus: RW1C.
+pub const REG_REMOVE: u16 = 0x8;
+/// Offset of the eject register of the selected bus: write-only.
+pub const REG_EJECT: u16 = 0xC;
+/// Number of I/O ports the controller decodes.
+pub const ACPI_HOTPLUG_PORTS: u16 = 0x10;
+/// Device numbers per bus, one bit each in every register.
+pub const SLOTS_PER_BUS: u8 = 32;
+
+/// What the controller tells the VMM, on the thread of the guest's access and while the
+/// controller is locked: implementations must not lock it again (queue the work instead).
+pub trait AcpiHotplugObserver: Send + Sync {
+    /// The guest's `_EJ0` ejected device `slot` of bus `bus`: the guest has let go of it, and
+    /// the VMM may now remove it (then calls [`AcpiHotplugController::remove`]).
+    fn ejected(&self, bus: u8, slot: u8);
+    /// The guest's event method read the pending events of bus `bus` (the AML is running).
+    fn serviced(&self, _bus: u8) {}
+}
+
+/// Why a VMM request was refused; the controller is unchanged.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AcpiHotplugError {
+    /// The bus index is not one of the controller's buses.
+    #[error("ACPI hot-plug controller has no bus {0}")]
+    NoSuchBus(u8),
+    /// The device number is not a hot-pluggable slot of the bus.
+    #[error("device {slot} of ACPI hot-plug bus {bus} is not a hot-pluggable slot")]
+    NotHotpluggable {
+        /// Bus index.
+        bus: u8,
+        /// Device number.
+        slot: u8,
+    },
+    /// The slot already holds a device.
+    #[error("slot {slot} of ACPI hot-plug bus {bus} is occupied")]
+    Occupied {
+        /// Bus index.
+        bus: u8,
+        /// Device number.
+        slot: u8,
+    },
+    /// The slot holds no device.
+    #[error("slot {slot} of ACPI hot-plug bus {bus} is empty")]
+    Empty {
+        /// Bus index.
+        bus: u8,
+        /// Device number.
+        slot: u8,
+    },
+}
+
+/// State of one bus's slots, one bit per device number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AcpiBusState {
+    /// Device numbers the DSDT describes as hot-pluggable slots.
+    pub hotpluggable: u32,
+    /// Slots holding a device.
+    pub occupied: u32,
+    /// Device checks not yet acknowledged by the guest.
+    pub insert: u32,
+    /// Eject requests not yet acknowledged by the guest.
+    pub remove: u32,
+    /// Slots the guest has ejected and the VMM has not yet emptied.
+    pub ejected: u32,
+    /// How often the guest's event method has read this bus's pending events.
+    pub serviced: u64,
+}
+
+/// The ACPI PCI hot-plug controller; see the [module documentation](self).
+pub struct AcpiHotplugController {
+    buses: Vec<AcpiBusState>,
+    select: u32,
+    interrupt: Arc<dyn InterruptLine>,
+    observer: Option<Arc<dyn AcpiHotplugObserver>>,
+    ignored_accesses: u64,
+}
+
+impl fmt::Debug for AcpiHotplugController {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AcpiHotplugController")
+            .field("buses", &self.buses)
+            .field("select", &self.select)
+            .field("ignored_accesses", &self.ignored_accesses)
+            .finish_non_exhaustive()
+    }
+}
+
+fn bit(slot: u8) -> u32 {
+    1u32 << slot
+}
+
+impl AcpiHotplugController {
+    /// A controller for `hotpluggable.len()` buses (at most 256), bus `i` having the hot-pluggable
+    /// device numbers set in `hotpluggable[i]`, raising `interrupt` when it has news.
+    pub fn new(hotpluggable: &[u32], interrupt: Arc<dyn InterruptLine>) -> Self {
+        AcpiHotplugController {
+            buses: hotpluggable
+                .iter()
+                .take(256)
+                .map(|&hotpluggable| AcpiBusState {
+                    hotpluggable,
+                    ..Default::default()
+                })
+                .collect(),
+            select: 0,
+            interrupt,
+            observer: None,
+            ignored_accesses: 0,
+        }
+    }
+
+    /// Sets who hears of the guest's ejects.
+    pub fn set_observer(&mut self, observer: Option<Arc<dyn AcpiHotplugObserver>>) {
+        self.observer = observer;
+    }
+
+    /// The state of bus `bus`.
+    pub fn bus(&self, bus: u8) -> Option<&AcpiBusState> {
+        self.buses.get(usize::from(bus))
+    }
+
+    /// Number of buses.
+    pub fn bus_count(&self) -> usize {
+        self.buses.len()
+    }
+
+    /// Guest accesses that were not aligned 32-bit accesses to a register (ignored).
+    pub fn ignored_accesses(&self) -> u64 {
+        self.ignored_accesses
+    }
+
+    fn slot_mut(&mut self, bus: u8, slot: u8) -> Result<&mut AcpiBusState, AcpiHotplugError> {
+        let state = self
+            .buses
+            .get_mut(usize::from(bus))
+            .ok_or(AcpiHotplugError::NoSuchBus(bus))?;
+        if slot >= SLOTS_PER_BUS || state.hotpluggable & bit(slot) == 0 {
+            return Err(AcpiHotplugError::NotHotpluggable { bus, slot });
+        }
+        Ok(state)
+    }
+
+    fn raise(&self) {
+        if let Err(e) = self.interrupt.trigger() {
+            log::warn!("ACPI hot-plug interrupt: {e}");
+        }
+    }
+
+    /// Marks a slot occupied by a device present at boot: no event for the guest, which finds
+    /// it by enumeration.
+    pub fn cold_plug(&mut self, bus: u8, slot: u8) -> Result<(), AcpiHotplugError> {
+        let state = self.slot_mut(bus, slot)?;
+        if state.occupied & bit(slot) != 0 {
+            return Err(AcpiHotplugError::Occupied { bus, slot });
+        }
+        state.occupied |= bit(slot);
+        Ok(())
+    }
+
+    /// A device was put into the slot (the VMM made it answer on the bus first): latches a
+    /// device check and raises the interrupt.
+    pub fn insert(&mut self, bus: u8, slot: u8) -> Result<(), AcpiHotplugError> {
+        self.cold_plug(bus, slot)?;
+        let state = self.slot_mut(bus, slot)?;
+        state.insert |= bit(slot);
+        state.remove &= !bit(slot);
+        state.ejected &= !bit(slot);
+        self.raise();
+        Ok(())
+    }
+
+    /// Asks the guest to let go of the slot's device: latches an eject request and raises the
+    /// interrupt. The guest answers by ejecting the slot (or not at all).
+    pub fn request_eject(&mut self, bus: u8, slot: u8) -> Result<(), AcpiHotplugError> {
+        let state = self.slot_mut(bus, slot)?;
+        if state.occupied & bit(slot) == 0 {
+            return Err(AcpiHotplugError::Empty { bus, slot });
+        }
+        state.remove |= bit(slot);
+        state.insert &= !bit(slot);
+        self.raise();
+        Ok(())
+    }
+
+    /// The VMM has removed the slot's device (after the guest ejected it, or by surprise):
+    /// the slot is empty and nothing is pending for it.
+    pub fn remove(&mut self, bus: u8, slot: u8) -> Result<(), AcpiHotplugError> {
+        let state = self.slot_mut(bus, slot)?;
+        if state.occupied & bit(slot) == 0 {
+            return Err(AcpiHotplugError::Empty { bus, slot });
+        }
+        let mask = !bit(slot);
+        state.occupied &= mask;
+        state.insert &= mask;
+        state.remove &= mask;
+        state.ejected &= mask;
+        Ok(())
+    }
+
+    fn selected(&mut self) -> Option<(u8, &mut AcpiBusState)> {
+        let index = u8::try_from(self.select).ok()?;
+        self.buses
+            .get_mut(usize::from(index))
+            .map(|state| (index, state))
+    }
+
+    fn read_register(&mut self, offset: u16) -> u32 {
+        match offset {
+            REG_SELECT => self.select,
+            REG_INSERT | REG_REMOVE => {
+                let Some((index, state)) = self.selected() else {
+                    return 0;
+                };
+                state.serviced += 1;
+                let value = if offset == REG_INSERT {
+                    state.insert
+                } else {
+                    state.remove
+                };
+                if let Some(observer) = &self.observer {
+                    observer.serviced(index);
+                }
+                value
+            }
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u16, value: u32) {
+        match offset {
+            REG_SELECT => self.select = value,
+            REG_INSERT => {
+                if let Some((_, state)) = self.selected() {
+                    state.insert &= !value;
+                }
+            }
+            REG_REMOVE => {
+                if let Some((_, state)) = self.selected() {
+                    state.remove &= !value;
+                }
+            }
+            REG_EJECT => {
+                let observer = self.observer.clone();
+                let Some((index, state)) = self.selected() else {
+                    return;
+                };
+                // Only occupied slots that are not already on their way out.
+                let ejects = value & state.occupied & state.hotpluggable & !state.ejected;
+                if value & !ejects != 0 {
+                    log::debug!(
+                        "ACPI hot-plug bus {index}: eject of {:#x} ignored (empty or already ejected)",
+                        value & !ejects
+                    );
+                }
+                state.ejected |= ejects;
+                state.remove &= !ejects;
+                state.insert &= !ejects;
+                for slot in 0..SLOTS_PER_BUS {
+                    if ejects & bit(slot) != 0 {
+                        if let Some(observer) = &observer {
+                            observer.ejected(index, slot);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn decode(&mut self, offset: PioAddressOffset, len: usize) -> Option<u16> {
+        if len == 4 && offset.is_multiple_of(4) && offset < ACPI_HOTPLUG_PORTS {
+            Some(offset)
+        } else {
+            self.ignored_accesses += 1;
+            None
+        }
+    }
+}
+
+impl MutDevicePio for AcpiHotplugController {
+    fn pio_read(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        match self.decode(offset, data.len()) {
+            Some(reg) => data.copy_from_slice(&self.read_register(reg).to_le_bytes()),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        if let Some(reg) = self.decode(offset, data.len()) {
+            let mut bytes = [0u8; 4];
+            bytes.copy_from_slice(data);
+            self.write_register(reg, u32::from_le_bytes(bytes));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupt::CountingInterrupt;
+    use std::sync::Mutex;
+
+    const B: PioAddress = PioAddress(0x620);
+
+    #[derive(Default)]
+    struct Ejects(Mutex<Vec<(u8, u8)>>);
+    impl AcpiHotplugObserver for Ejects {
+        fn ejected(&self, bus: u8, slot: u8) {
+            self.0.lock().unwrap().push((bus, slot));
+        }
+    }
+
+    fn controller() -> (AcpiHotplugController, Arc<CountingInterrupt>, Arc<Ejects>) {
+        let irq = Arc::new(CountingInterrupt::default());
+        // Bus 0: devices 1..=15 hot-pluggable; bus 1 (a root port's): device 0.
+        let mut c = AcpiHotplugController::new(&[0xfffe, 0x1], irq.clone());
+        let ejects = Arc::new(Ejects::default());
+        c.set_observer(Some(ejects.clone()));
+        (c, irq, ejects)
+    }
+
+    fn rd(c: &mut AcpiHotplugController, reg: u16) -> u32 {
+        let mut b = [0u8; 4];
+        c.pio_read(B, reg, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(c: &mut AcpiHotplugController, reg: u16, v: u32) {
+        c.pio_write(B, reg, &v.to_le_bytes());
+    }
+
+    /// What the GED's `_EVT` does for one bus: select, read, acknowledge.
+    fn service(c: &mut AcpiHotplugController, bus: u32) -> (u32, u32) {
+        wr(c, REG_SELECT, bus);
+        let insert = rd(c, REG_INSERT);
+        let remove = rd(c, REG_REMOVE);
+        wr(c, REG_INSERT, insert);
+        wr(c, REG_REMOVE, remove);
+        (insert, remove)
+    }
+
+    #[test]
+    fn hot_add_then_eject_as_acpiphp_does() {
+        let (mut c, irq, ejects) = controller();
+        c.insert(0, 3).unwrap();
+        assert_eq!(irq.count(), 1);
+        assert_eq!(service(&mut c, 1), (0, 0));
+        assert_eq!(service(&mut c, 0), (1 << 3, 0));
+        // Acknowledged: a second run of the event method finds nothing.
+        assert_eq!(service(&mut c, 0), (0, 0));
+        assert_eq!(c.bus(0).unwrap().occupied, 1 << 3);
+
+        c.request_eject(0, 3).unwrap();
+        assert_eq!(irq.count(), 2);
+        assert_eq!(service(&mut c, 0), (0, 1 << 3));
+        assert!(ejects.0.lock().unwrap().is_empty());
+        // _EJ0 of slot 3.
+        wr(&mut c, REG_SELECT, 0);
+        wr(&mut c, REG_EJECT, 1 << 3);
+        assert_eq!(*ejects.0.lock().unwrap(), [(0, 3)]);
+        // Until the VMM empties the slot a second eject is not reported again.
+        wr(&mut c, REG_EJECT, 1 << 3);
+        assert_eq!(ejects.0.lock().unwrap().len(), 1);
+        c.remove(0, 3).unwrap();
+        assert_eq!(c.bus(0).unwrap().occupied, 0);
+        // And the slot takes a new device.
+        c.insert(0, 3).unwrap();
+        assert_eq!(service(&mut c, 0), (1 << 3, 0));
+    }
+
+    #[test]
+    fn pending_bits_are_write_one_to_clear_only() {
+        let (mut c, _, _) = controller();
+        c.insert(0, 1).unwrap();
+        c.insert(0, 2).unwrap();
+        wr(&mut c, REG_SELECT, 0);
+        wr(&mut c, REG_INSERT, 0);
+        assert_eq!(rd(&mut c, REG_INSERT), 0b110);
+        // An event latched between the read and the acknowledgement survives it.
+        let seen = rd(&mut c, REG_INSERT);
+        c.insert(0, 4).unwrap();
+        wr(&mut c, REG_INSERT, seen);
+        assert_eq!(rd(&mut c, REG_INSERT), 1 << 4);
+        // The guest cannot set bits or write the read-only eject register's value back.
+        assert_eq!(rd(&mut c, REG_REMOVE), 0);
+        assert_eq!(rd(&mut c, REG_EJECT), 0);
+    }
+
+    #[test]
+    fn the_select_register_picks_the_bus() {
+        let (mut c, _, ejects) = controller();
+        c.insert(1, 0).unwrap();
+        assert_eq!(service(&mut c, 0), (0, 0));
+        assert_eq!(rd(&mut c, REG_SELECT), 0);
+        assert_eq!(service(&mut c, 1), (1, 0));
+        assert_eq!(rd(&mut c, REG_SELECT), 1);
+        c.request_eject(1, 0).unwrap();
+        // An eject written with the wrong bus selected does nothing.
+        wr(&mut c, REG_SELECT, 0);
+        wr(&mut c, REG_EJECT, 1);
+        assert!(ejects.0.lock().unwrap().is_empty());
+        wr(&mut c, REG_SELECT, 1);
+        wr(&mut c, REG_EJECT, 1);
+        assert_eq!(*ejects.0.lock().unwrap(), [(1, 0)]);
+        // A selector naming no bus reads zeros and drops writes.
+        for sel in [2, 255, 256, u32::MAX] {
+            wr(&mut c, REG_SELECT, sel);
+            assert_eq!(rd(&mut c, REG_SELECT), sel);
+            assert_eq!(rd(&mut c, REG_INSERT), 0);
+            assert_eq!(rd(&mut c, REG_REMOVE), 0);
+            wr(&mut c, REG_EJECT, u32::MAX);
+        }
+        assert_eq!(ejects.0.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn ejecting_an_empty_or_fixed_slot_is_ignored() {
+        let (mut c, _, ejects) = controller();
+        c.cold_plug(0, 5).unwrap();
+        wr(&mut c, REG_SELECT, 0);
+        // Slot 0 is not hot-pluggable (the host bridge lives there), 6 is empty.
+        wr(&mut c, REG_EJECT, 1 << 0 | 1 << 6);
+        assert!(ejects.0.lock().unwrap().is_empty());
+        // A guest may eject a cold-plugged device without being asked (sysfs "power" = 0).
+        wr(&mut c, REG_EJECT, u32::MAX);
+        assert_eq!(*ejects.0.lock().unwrap(), [(0, 5)]);
+    }
+
+    #[test]
+    fn vmm_requests_are_checked() {
+        let (mut c, irq, _) = controller();
+        assert_eq!(c.insert(2, 1), Err(AcpiHotplugError::NoSuchBus(2)));
+        assert_eq!(
+            c.insert(0, 0),
+            Err(AcpiHotplugError::NotHotpluggable { bus: 0, slot: 0 })
+        );
+        assert_eq!(
+            c.insert(0, 32),
+            Err(AcpiHotplugError::NotHotpluggable { bus: 0, slot: 32 })
+        );
+        assert_eq!(
+            c.request_eject(0, 1),
+            Err(AcpiHotplugError::Empty { bus: 0, slot: 1 })
+        );
+        assert_eq!(
+            c.remove(0, 1),
+            Err(AcpiHotplugError::Empty { bus: 0, slot: 1 })
+        );
+        c.insert(0, 1).unwrap();
+        assert_eq!(
+            c.insert(0, 1),
+            Err(AcpiHotplugError::Occupied { bus: 0, slot: 1 })
+        );
+        assert_eq!(
+            c.cold_plug(0, 1),
+            Err(AcpiHotplugError::Occupied { bus: 0, slot: 1 })
+        );
+        // Only the one good request raised the interrupt.
+        assert_eq!(irq.count(), 1);
+    }
+
+    #[test]
+    fn an_eject_request_replaces_a_pending_insert() {
+        let (mut c, _, _) = controller();
+        c.insert(0, 7).unwrap();
+        c.request_eject(0, 7).unwrap();
+        assert_eq!(service(&mut c, 0), (0, 1 << 7));
+    }
+
+    #[test]
+    fn accesses_of_other_sizes_or_offsets_are_ignored() {
+        let (mut c, _, ejects) = controller();
+        c.insert(0, 1).unwrap();
+        c.request_eject(0, 1).unwrap();
+        let before = c.bus(0).copied();
+        for off in 0..24u16 {
+            for len in 0..9usize {
+                if len == 4 && off % 4 == 0 && off < ACPI_HOTPLUG_PORTS {
+                    continue;
+                }
+                let mut b = vec![0u8; len];
+                c.pio_read(B, off, &mut b);
+                assert!(b.iter().all(|&x| x == 0xff), "read {len}@{off}");
+                c.pio_write(B, off, &[0xff; 8][..len]);
+            }
+        }
+        let pending = |s: Option<AcpiBusState>| s.map(|s| (s.occupied, s.remove, s.ejected));
+        assert_eq!(pending(c.bus(0).copied()), pending(before));
+        assert!(ejects.0.lock().unwrap().is_empty());
+        assert!(c.ignored_accesses() > 0);
+        // Offsets past the block but inside a 32-bit aligned read are ignored as well.
+        let mut b = [0u8; 4];
+        c.pio_read(B, ACPI_HOTPLUG_PORTS, &mut b);
+        assert_eq!(b, [0xff; 4]);
+    }
+}
