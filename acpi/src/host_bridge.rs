@@ -20,6 +20,7 @@
 //! Method (_OSC, 4, Serialized) {
 //!     CreateDWordField (Arg3, 0, CDW1)
 //!     If (Arg0 == ToUUID ("33db4d5b-1ff7-401c-9657-7441c03dd766")) {
+//!         OSTA = CDW1                                     // only with a report port
 //!         If (Arg2 < 3) { CDW1 |= 0x02; Return (Arg3) }   // _OSC failure: no control dword
 //!         CreateDWordField (Arg3, 4, CDW2)                // support field
 //!         CreateDWordField (Arg3, 8, CDW3)                // control field
@@ -27,7 +28,8 @@
 //!         Local0 = CDW3                                   // requested
 //!         If (Arg1 != One) { CDW1 |= 0x08; Local1 = 0 }   // unknown revision: grant nothing
 //!         Else { Local1 = Local0 & ALLOWED }              // granted
-//!         OREQ = Local0; OGNT = Local1                    // only with a report port
+//!         OSUP = SUPP; OREQ = Local0                      // only with a report port
+//!         OGNT = Local1                                   // (last: it completes the report)
 //!         If (Local1 != Local0) { CDW1 |= 0x10 }          // capabilities masked
 //!         CDW3 = Local1; CTRL = Local1
 //!     } Else {
@@ -86,9 +88,18 @@ pub const OSC_CTRL_LTR: u32 = 1 << 5;
 pub const OSC_CTRL_DPC: u32 = 1 << 7;
 
 /// Number of I/O ports the `_OSC` report registers take from
-/// [`OscConfig::report_port`]: a 32-bit "requested" register at `p` and a
-/// 32-bit "granted" register at `p + 4`.
-pub const OSC_REPORT_LEN: u16 = 8;
+/// [`OscConfig::report_port`]: four 32-bit registers, CDW1 on entry at `p`,
+/// the support dword at `p + 4`, the control requested at `p + 8` and the
+/// control granted at `p + 12`.
+pub const OSC_REPORT_LEN: u16 = 16;
+/// Offset of the `_OSC` report's status register (CDW1 on entry).
+pub const OSC_REPORT_STATUS: u16 = 0x0;
+/// Offset of the `_OSC` report's support register (CDW2).
+pub const OSC_REPORT_SUPPORT: u16 = 0x4;
+/// Offset of the `_OSC` report's requested-control register (CDW3 on entry).
+pub const OSC_REPORT_REQUESTED: u16 = 0x8;
+/// Offset of the `_OSC` report's granted-control register (CDW3 on return).
+pub const OSC_REPORT_GRANTED: u16 = 0xC;
 
 /// PCI legacy interrupt routing: INTA..INTD of slot `s` go to GSI
 /// `PRT_GSI_BASE + (s + pin) % 4`.
@@ -102,17 +113,18 @@ pub struct OscConfig {
     /// ports' slots.
     pub grant_native_hotplug: bool,
     /// If `Some(p)`, every `_OSC` evaluation for the PCI host bridge UUID
-    /// writes the control dword the OS requested (CDW3 on entry) to the
-    /// 32-bit SystemIO register `p`, then the control dword granted to the
-    /// 32-bit SystemIO register `p + 4`, so the VMM can show what the guest
-    /// asked for and got. The pair is written on queries (CDW1 bit 0 set) as
-    /// well as on the final request; the last pair written is what the OS now
-    /// controls. The ports `p..p+8` are reserved in the motherboard resources.
+    /// writes CDW1 as the OS passed it to the 32-bit SystemIO register `p`,
+    /// the support dword (CDW2) to `p + 4`, the control dword the OS requested
+    /// (CDW3 on entry) to `p + 8` and, last, the control dword granted to
+    /// `p + 12`, so the VMM can show what the guest asked for and got. Queries
+    /// (CDW1 bit 0 set) are reported too; the last evaluation without the
+    /// query flag is what the OS now controls. The ports `p..p+16` are
+    /// reserved in the motherboard resources.
     pub report_port: Option<u16>,
 }
 
 impl Default for OscConfig {
-    /// Grant native hotplug; report to ports 0x610..0x618.
+    /// Grant native hotplug; report to ports 0x610..0x620.
     fn default() -> Self {
         OscConfig {
             grant_native_hotplug: true,
@@ -341,6 +353,8 @@ impl Aml for Osc<'_> {
         let cdw3 = Path::new("CDW3");
         let supp = Path::new("SUPP");
         let ctrl = Path::new("CTRL");
+        let osta = Path::new("OSTA");
+        let osup = Path::new("OSUP");
         let oreq = Path::new("OREQ");
         let ognt = Path::new("OGNT");
         let requested = Local(0);
@@ -369,6 +383,8 @@ impl Aml for Osc<'_> {
         let mask = And::new(&granted, &requested, &allowed);
         let else_known_rev = Else::new(vec![&mask]);
 
+        let report_status = Store::new(&osta, &cdw1);
+        let report_support = Store::new(&osup, &supp);
         let report_requested = Store::new(&oreq, &requested);
         let report_granted = Store::new(&ognt, &granted);
 
@@ -379,7 +395,12 @@ impl Aml for Osc<'_> {
         let store_granted = Store::new(&cdw3, &granted);
         let save_control = Store::new(&ctrl, &granted);
 
-        let mut pci_body: Vec<&dyn Aml> = vec![
+        let mut pci_body: Vec<&dyn Aml> = Vec::new();
+        if self.0.report_port.is_some() {
+            // CDW1 as the OS passed it, before this method sets any of its bits.
+            pci_body.push(&report_status);
+        }
+        pci_body.extend_from_slice(&[
             &if_too_short,
             &create_cdw2,
             &create_cdw3,
@@ -387,8 +408,9 @@ impl Aml for Osc<'_> {
             &load_requested,
             &if_unknown_rev,
             &else_known_rev,
-        ];
+        ]);
         if self.0.report_port.is_some() {
+            pci_body.push(&report_support);
             pci_body.push(&report_requested);
             pci_body.push(&report_granted);
         }
@@ -435,6 +457,8 @@ impl Aml for HostBridge<'_> {
             FieldLockRule::NoLock,
             FieldUpdateRule::Preserve,
             vec![
+                FieldEntry::Named(*b"OSTA", 32),
+                FieldEntry::Named(*b"OSUP", 32),
                 FieldEntry::Named(*b"OREQ", 32),
                 FieldEntry::Named(*b"OGNT", 32),
             ],

@@ -342,27 +342,30 @@ fn check_osc(grant_native_hotplug: bool) {
         // 1, 2: the report registers.
         "evaluate \\_SB.PCI0.OREQ".to_string(),
         "evaluate \\_SB.PCI0.OGNT".to_string(),
-        // 3: Linux's commit of what it was offered.
+        // 3, 4: CDW1 as Linux passed it (the query flag), and its support dword.
+        "evaluate \\_SB.PCI0.OSTA".to_string(),
+        "evaluate \\_SB.PCI0.OSUP".to_string(),
+        // 5: Linux's commit of what it was offered.
         format!(
             "evaluate {osc} {PCI_UUID_BYTES} 1 3 {}",
             buffer_arg(&[0, support, allowed])
         ),
-        // 4: unknown revision.
+        // 6: unknown revision.
         format!(
             "evaluate {osc} {PCI_UUID_BYTES} 2 3 {}",
             buffer_arg(&[0, support, allowed])
         ),
-        // 5: unknown UUID.
+        // 7: unknown UUID.
         format!(
             "evaluate {osc} (00 11 22 33 44 55 66 77 88 99 aa bb cc dd ee ff) 1 3 {}",
             buffer_arg(&[0, support, allowed])
         ),
-        // 6: no control dword.
+        // 8: no control dword.
         format!(
             "evaluate {osc} {PCI_UUID_BYTES} 1 2 {}",
             buffer_arg(&[0, support])
         ),
-        // 7: \_S5.
+        // 9: \_S5.
         "evaluate \\_S5_".to_string(),
     ];
     let batch = commands.join("; ");
@@ -388,9 +391,11 @@ fn check_osc(grant_native_hotplug: bool) {
     );
     assert_eq!(result(1)[0], linux_request, "OREQ\n{all}");
     assert_eq!(result(2)[0], allowed, "OGNT\n{all}");
-    assert_eq!(result(3), [0, support, allowed], "commit\n{all}");
+    assert_eq!(result(3)[0], OSC_CDW1_QUERY, "OSTA\n{all}");
+    assert_eq!(result(4)[0], support, "OSUP\n{all}");
+    assert_eq!(result(5), [0, support, allowed], "commit\n{all}");
     assert_eq!(
-        result(4),
+        result(6),
         [
             OSC_CDW1_UNRECOGNIZED_REVISION | OSC_CDW1_CAPABILITIES_MASKED,
             support,
@@ -399,12 +404,12 @@ fn check_osc(grant_native_hotplug: bool) {
         "unknown revision\n{all}"
     );
     assert_eq!(
-        result(5),
+        result(7),
         [OSC_CDW1_UNRECOGNIZED_UUID, support, allowed],
         "unknown UUID\n{all}"
     );
     assert_eq!(
-        result(6),
+        result(8),
         [OSC_CDW1_FAILURE, support],
         "short buffer\n{all}"
     );

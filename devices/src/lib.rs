@@ -1,5 +1,5 @@
 //! Device models for hotplug-vmm, usable by any VMM: PCI/PCIe configuration space, host bridge,
-//! the ACPI PCI hot-plug controller,
+//! the ACPI PCI hot-plug controller, the `_OSC` report registers,
 //! legacy platform devices (16550 console, ACPI power registers).
 //!
 //! Nothing here depends on KVM. Devices raise interrupts through [`interrupt::InterruptLine`] and
@@ -9,6 +9,7 @@
 
 pub mod acpi_hotplug;
 pub mod interrupt;
+pub mod osc_report;
 pub mod pci;
 pub mod power_control;
 pub mod serial;
