@@ -1,8 +1,10 @@
 //! ACPI PCI hot-plug on real guests (issue 5, SPEC.md §4–§6): the root bus's slots described in
 //! the DSDT and registered by the guest's acpiphp, hot-add through a Device Check from the
 //! Generic Event Device, removal through an Eject Request answered by the slot's `_EJ0`, a
-//! cold-plugged disk removed the same way, bad input, an add followed at once by a removal, and
-//! native and ACPI slots used side by side in one VM; on one kernel, 50 add/remove cycles on an
+//! cold-plugged disk removed the same way, bad input, an add followed at once by a removal,
+//! root ports in ACPI mode (`--root-port-hotplug`: acpiphp, not pciehp, drives their slots), the
+//! guest's `_OSC` as x-query-hotplug reports it, and native and ACPI slots used side by side in
+//! one VM; on one kernel, 50 add/remove cycles on an
 //! ACPI slot that must leave the VMM with the file descriptors and threads it had.
 //!
 //! The guest is the evidence: its block-device reports, /sys/bus/pci, the data it reads, and the
@@ -20,11 +22,11 @@ use serde_json::{json, Value};
 
 /// The ACPI slot entry of x-query-hotplug for root bus device `device`.
 fn acpi_slot(slots: &Value, device: u8) -> Value {
-    slots
+    slots["slots"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["mode"] == "acpi" && s["addr"] == format!("{device:02x}.0"))
+        .find(|s| s["bus"] == "pcie.0" && s["addr"] == format!("{device:02x}.0"))
         .cloned()
         .unwrap_or_else(|| panic!("no ACPI slot {device:#x} in {slots}"))
 }
@@ -78,7 +80,7 @@ fn acpi_del(g: &mut Guest, q: &mut QmpClient, id: &str, dev: &str) {
 
 fn acpi_hotplug(version: &str, cycles: usize) {
     let dir = TempDir::new(&format!("acpi-hotplug-{version}"));
-    let disks: Vec<(String, PathBuf)> = ["cold", "a", "b", "c", "n", "x"]
+    let disks: Vec<(String, PathBuf)> = ["cold", "cold3", "a", "b", "c", "n", "x", "p"]
         .iter()
         .map(|n| (n.to_string(), make_disk(&dir, n)))
         .collect();
@@ -90,32 +92,82 @@ fn acpi_hotplug(version: &str, cycles: usize) {
         sock.display().to_string(),
         "--disk".to_string(),
         format!("path={},id=cold,bus=pcie.0", disk("cold").display()),
+        // Root ports rp2 and rp3 in ACPI mode, a disk cold-plugged into rp3.
+        "--root-port-hotplug".to_string(),
+        "rp2=acpi,rp3=acpi".to_string(),
+        "--disk".to_string(),
+        format!("path={},id=cold3,bus=rp3", disk("cold3").display()),
     ]);
     let (mut g, _) = Guest::boot(&opts);
     let mut q = QmpClient::negotiated(&sock);
 
-    // acpiphp registered every ACPI slot (_SUN 32 + device), pciehp the root ports' slots.
+    // acpiphp registered every ACPI slot (_SUN 32 + device on the root bus, N on ACPI-mode
+    // port rpN), pciehp the native root ports' slots.
     let slots_dir = g.run("ls -1 /sys/bus/pci/slots | sort -n | tr '\\n' ' '");
     let expected: Vec<String> = (0..4).chain(33..48).map(|n| n.to_string()).collect();
     assert_eq!(slots_dir.trim(), expected.join(" "), "/sys/bus/pci/slots");
     // (Prefixed: the harness takes bare kernel log lines for asynchronous console output.)
-    let dmesg = g.run("dmesg | grep acpiphp | sed 's/^/K: /'");
-    for n in 33..48 {
+    let dmesg = g.run("dmesg | grep -E 'acpiphp|pciehp' | sed 's/^/K: /'");
+    for n in (2..4).chain(33..48) {
         let line = format!("acpiphp: Slot [{n}] registered");
-        assert!(dmesg.contains(&line), "dmesg lacks {line:?}");
+        assert!(dmesg.contains(&line), "dmesg lacks {line:?}:\n{dmesg}");
+    }
+    for n in 0..2 {
+        assert!(
+            dmesg.contains(&format!("Slot #{n} ")) && !dmesg.contains(&format!("Slot [{n}]")),
+            "pciehp, not acpiphp, drives native rp{n}:\n{dmesg}"
+        );
+    }
+    for n in 2..4 {
+        assert!(
+            !dmesg.contains(&format!("Slot #{n} ")),
+            "pciehp left ACPI-mode rp{n} alone:\n{dmesg}"
+        );
     }
     let address = g.run("cat /sys/bus/pci/slots/33/address");
     assert_eq!(address, "0000:00:01", "slot 33 is device 1 of the root bus");
     assert!(pci_function_exists(&mut g, 1), "the cold-plugged disk");
     let present = guest_disks(&mut g);
-    assert_eq!(present.len(), 1, "{present:?}");
-    assert_eq!(present[0].1, "cold");
-    let cold_dev = present[0].0.clone();
+    let dev_of = |id: &str| {
+        present
+            .iter()
+            .find(|(_, s)| s == id)
+            .unwrap_or_else(|| panic!("no disk {id} in {present:?}"))
+            .0
+            .clone()
+    };
+    assert_eq!(present.len(), 2, "{present:?}");
+    let cold_dev = dev_of("cold");
+    let cold3_dev = dev_of("cold3");
+    check_disk(&mut g, &cold3_dev, "cold3", "cold3");
     let slots = q.ok("x-query-hotplug", json!({}));
     let s1 = acpi_slot(&slots, 1);
     assert_eq!(s1["occupant"], "cold", "{s1}");
     assert_eq!(s1["slot"], 33, "{s1}");
     assert_eq!(s1["presence"], true, "{s1}");
+    for (bus, mode, occupant) in [
+        ("rp0", "native", Value::Null),
+        ("rp1", "native", Value::Null),
+        ("rp2", "acpi", Value::Null),
+        ("rp3", "acpi", json!("cold3")),
+    ] {
+        let s = slot(&slots, bus);
+        assert_eq!(
+            (&s["mode"], &s["occupant"]),
+            (&json!(mode), &occupant),
+            "{s}"
+        );
+    }
+    // The guest asked for native hot-plug control and got it (it still drives rp0, rp1).
+    let osc = &slots["osc"]["committed"];
+    assert_eq!(slots["osc"]["native-hotplug-granted"], true, "{slots}");
+    assert!(
+        osc["granted-decoded"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("PCIeHotplug")),
+        "{osc}"
+    );
 
     // ---- Bad input: an error each, nothing changes. ----
     blockdev_add(&mut q, "x", &disk("x"));
@@ -169,6 +221,19 @@ fn acpi_hotplug(version: &str, cycles: usize) {
         |l| block_event(l, "BLOCK-REMOVE").as_deref() == Some(dev_n.as_str()),
         ADD_TIMEOUT,
     );
+
+    // ---- A root port in ACPI mode: acpiphp scans the port's bus and ejects through _EJ0. ----
+    blockdev_add(&mut q, "p", &disk("p"));
+    let dev_p = hot_add(&mut g, &mut q, "p", "p", "rp2");
+    let behind = g.run("ls -d /sys/bus/pci/devices/0000:00:12.0/0000:*:00.0 | wc -l");
+    assert_eq!(behind, "1", "the disk sits behind rp2 (00:12.0)");
+    acpi_del(&mut g, &mut q, "p", &dev_p);
+    let behind = g.run("ls -d /sys/bus/pci/devices/0000:00:12.0/0000:*:00.0 2>/dev/null | wc -l");
+    assert_eq!(behind, "0", "rp2's device is gone");
+    acpi_del(&mut g, &mut q, "cold3", &cold3_dev);
+    // The emptied slot takes a disk again.
+    let dev_p = hot_add(&mut g, &mut q, "p3", "p", "rp3");
+    acpi_del(&mut g, &mut q, "p3", &dev_p);
 
     // ---- The cold-plugged disk is ejected the same way. ----
     acpi_del(&mut g, &mut q, "cold", &cold_dev);
@@ -232,11 +297,15 @@ fn acpi_hotplug(version: &str, cycles: usize) {
     assert!(guest_disks(&mut g).is_empty());
 
     // ---- What the guest's drivers said: pciehp drove rp1's slot, acpiphp the root bus. ----
-    let dmesg = g.run("dmesg | grep -E 'pciehp|acpiphp|ACPI|pci 0000:00:0[1-7]' | sed 's/^/K: /'");
+    let dmesg = g.run(
+        "dmesg | grep -E 'pciehp|acpiphp|ACPI|pci 0000:00:0[1-7]|BAR|bridge window' | sed 's/^/K: /'",
+    );
     eprintln!("{version}: hot-plug lines:\n{dmesg}");
     assert!(dmesg.contains("Slot(1): Card present"), "pciehp on rp1");
     assert!(
-        !dmesg.contains("Slot(33)") && !dmesg.contains("Slot(34)"),
+        ["Slot(2)", "Slot(3)", "Slot(33)", "Slot(34)"]
+            .iter()
+            .all(|n| !dmesg.contains(n)),
         "pciehp never touched an ACPI slot"
     );
     assert!(
@@ -250,6 +319,8 @@ fn acpi_hotplug(version: &str, cycles: usize) {
         "BUG",
         "Oops",
         "_EJ0 failed",
+        "no space for",
+        "failed to assign",
     ] {
         assert!(!dmesg.contains(bad), "dmesg has {bad:?}");
     }

@@ -79,6 +79,33 @@ fn bad_serial_mode() {
 }
 
 #[test]
+fn bad_hotplug_modes() {
+    for bad in ["shpc", "rp1=maybe", "rp1=acpi,rp1=native", "port1=acpi"] {
+        assert_one_line_error(
+            &["--kernel", "k", "--root-port-hotplug", bad],
+            "--root-port-hotplug",
+        );
+    }
+    // A port the machine does not have: checked before the kernel is loaded.
+    let k = temp_file("rph-kernel", b"not a kernel");
+    assert_one_line_error(
+        &[
+            "--kernel",
+            &k,
+            "--root-ports",
+            "2",
+            "--root-port-hotplug",
+            "rp2=acpi",
+        ],
+        "names rp2, but there are 2 root ports",
+    );
+    assert_one_line_error(
+        &["--kernel", "k", "--osc-native-hotplug", "maybe"],
+        "--osc-native-hotplug",
+    );
+}
+
+#[test]
 fn kernel_is_required_and_help_documents_every_flag() {
     assert_one_line_error(&[], "--kernel");
     let out = Command::new(env!("CARGO_BIN_EXE_hotplug-vmm"))
@@ -94,6 +121,12 @@ fn kernel_is_required_and_help_documents_every_flag() {
         "--memory",
         "--cpus",
         "--serial",
+        "--root-ports",
+        "--root-port-hotplug",
+        "--osc-native-hotplug",
+        "--no-command-completed",
+        "--disk",
+        "--qmp",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }

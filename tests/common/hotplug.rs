@@ -86,8 +86,12 @@ pub fn wait_deleted(g: &Guest, q: &mut QmpClient, id: &str) -> Value {
     }
 }
 
+/// The x-query-hotplug entry of the slot on `bus` (a root port id); `slots` is the query's
+/// reply or its `slots` list.
 pub fn slot<'a>(slots: &'a Value, bus: &str) -> &'a Value {
     slots
+        .get("slots")
+        .unwrap_or(slots)
         .as_array()
         .unwrap()
         .iter()

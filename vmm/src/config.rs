@@ -50,6 +50,20 @@ pub struct Cli {
     #[arg(long)]
     pub no_command_completed: bool,
 
+    /// Who drives the root ports' slots: `native` (the guest's pciehp, through the PCIe slot
+    /// registers) or `acpi` (the guest's acpiphp, through the ACPI hot-plug controller and the
+    /// DSDT; the port then does not advertise Hot-Plug Capable, as on QEMU's q35 since 6.1).
+    /// One mode for every port, and/or per port: e.g. `acpi`, `rp2=acpi,rp3=acpi`,
+    /// `acpi,rp0=native`.
+    #[arg(long, value_name = "MODE|rpN=MODE,...", default_value = "native", value_parser = parse_root_port_hotplug)]
+    pub root_port_hotplug: RootPortHotplug,
+
+    /// Whether the host bridge's _OSC grants the guest native PCIe hot-plug control. With
+    /// `deny`, Linux's pciehp does not drive the native root ports (their device_del then gets
+    /// no answer); ACPI slots are unaffected.
+    #[arg(long, value_name = "grant|deny", default_value = "grant", value_parser = parse_grant, action = clap::ArgAction::Set)]
+    pub osc_native_hotplug: bool,
+
     /// A cold-plugged virtio-blk disk backed by a raw file: path=FILE[,id=ID][,readonly=on]
     /// [,bus=pcie.0|rpN]. The id is the disk's serial (/sys/block/vdX/serial); on bus rpN the
     /// disk sits in that root port's slot and can be removed with device_del; repeatable.
@@ -63,6 +77,101 @@ pub struct Cli {
     /// Where the guest console goes: stdio (stdout, with stdin as input), null, or file=PATH.
     #[arg(long, value_name = "stdio|null|file=PATH", default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialMode,
+}
+
+/// How a root port's slot is hot-plugged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HotplugMode {
+    /// PCI Express native hot-plug: the guest's pciehp drives the slot registers.
+    #[default]
+    Native,
+    /// ACPI hot-plug: the guest's acpiphp, through the DSDT and the ACPI hot-plug controller.
+    Acpi,
+}
+
+impl HotplugMode {
+    /// The mode's name on the command line and in x-query-hotplug.
+    pub fn name(self) -> &'static str {
+        match self {
+            HotplugMode::Native => "native",
+            HotplugMode::Acpi => "acpi",
+        }
+    }
+}
+
+/// A `--root-port-hotplug` argument: a mode for every port, with per-port exceptions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RootPortHotplug {
+    /// The mode of ports not named.
+    pub default: HotplugMode,
+    /// Modes of named ports, by port number (rpN).
+    pub ports: std::collections::BTreeMap<u8, HotplugMode>,
+}
+
+impl RootPortHotplug {
+    /// The mode of root port rp`n`.
+    pub fn mode(&self, n: u8) -> HotplugMode {
+        self.ports.get(&n).copied().unwrap_or(self.default)
+    }
+
+    /// Checks that every port named exists when there are `root_ports` of them.
+    pub fn check(&self, root_ports: u8) -> Result<(), String> {
+        match self.ports.keys().find(|&&n| n >= root_ports) {
+            Some(n) => Err(format!(
+                "--root-port-hotplug names rp{n}, but there are {root_ports} root ports (rp0..rp{})",
+                root_ports.saturating_sub(1)
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+fn parse_mode(s: &str) -> Result<HotplugMode, String> {
+    match s {
+        "native" => Ok(HotplugMode::Native),
+        "acpi" => Ok(HotplugMode::Acpi),
+        _ => Err(format!("'{s}' is not a hot-plug mode (native or acpi)")),
+    }
+}
+
+/// Parses `MODE`, `rpN=MODE` or a comma-separated list of them.
+pub fn parse_root_port_hotplug(s: &str) -> Result<RootPortHotplug, String> {
+    let mut out = RootPortHotplug::default();
+    let mut default_seen = false;
+    for part in s.split(',') {
+        match part.split_once('=') {
+            None => {
+                if std::mem::replace(&mut default_seen, true) {
+                    return Err(format!("'{s}' gives the default mode twice"));
+                }
+                out.default = parse_mode(part)?;
+            }
+            Some((port, mode)) => {
+                let n = port
+                    .strip_prefix("rp")
+                    .and_then(|n| n.parse::<u8>().ok())
+                    .filter(|n| *n < MAX_ROOT_PORTS && !port[2..].starts_with('+'))
+                    .ok_or_else(|| {
+                        format!(
+                            "'{port}' is not a root port id (rp0..rp{})",
+                            MAX_ROOT_PORTS - 1
+                        )
+                    })?;
+                if out.ports.insert(n, parse_mode(mode)?).is_some() {
+                    return Err(format!("rp{n} is given twice in '{s}'"));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_grant(s: &str) -> Result<bool, String> {
+    match s {
+        "grant" => Ok(true),
+        "deny" => Ok(false),
+        _ => Err(format!("'{s}' is not grant or deny")),
+    }
 }
 
 /// Destination of the guest console.
@@ -250,6 +359,52 @@ mod tests {
         );
         assert!(parse_serial("file=").is_err());
         assert!(parse_serial("tcp").is_err());
+    }
+
+    #[test]
+    fn root_port_hotplug() {
+        let all_native = parse_root_port_hotplug("native").unwrap();
+        assert_eq!(all_native, RootPortHotplug::default());
+        let acpi = parse_root_port_hotplug("acpi").unwrap();
+        assert_eq!(
+            (acpi.mode(0), acpi.mode(15)),
+            (HotplugMode::Acpi, HotplugMode::Acpi)
+        );
+        let mixed = parse_root_port_hotplug("rp2=acpi,rp3=acpi").unwrap();
+        assert_eq!(
+            (0..4).map(|n| mixed.mode(n)).collect::<Vec<_>>(),
+            [
+                HotplugMode::Native,
+                HotplugMode::Native,
+                HotplugMode::Acpi,
+                HotplugMode::Acpi
+            ]
+        );
+        assert!(mixed.check(4).is_ok());
+        assert!(mixed.check(3).unwrap_err().contains("rp3"));
+        let except = parse_root_port_hotplug("acpi,rp0=native").unwrap();
+        assert_eq!(
+            (except.mode(0), except.mode(1)),
+            (HotplugMode::Native, HotplugMode::Acpi)
+        );
+        for bad in [
+            "",
+            "shpc",
+            "acpi,native",
+            "rp1=acpi,rp1=native",
+            "rp16=acpi",
+            "rp=acpi",
+            "rpx=acpi",
+            "rp+1=acpi",
+            "1=acpi",
+            "rp1=",
+            "rp1=both",
+            "rp1",
+        ] {
+            assert!(parse_root_port_hotplug(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_grant("deny"), Ok(false));
+        assert!(parse_grant("no").is_err());
     }
 
     #[test]

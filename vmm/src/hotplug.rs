@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::acpi_hotplug::{AcpiHotplugController, AcpiHotplugObserver};
+use devices::acpi_hotplug::{AcpiBusState, AcpiHotplugController, AcpiHotplugObserver};
+use devices::osc_report::OscEvaluation;
 use devices::pci::{Bdf, Indicator, PcieRootPort, SlotEvent, SlotObserver};
 use serde_json::{json, Map, Value};
 
@@ -61,6 +62,8 @@ pub const ROOT_BUS: &str = "pcie.0";
 struct PendingUnplug {
     /// The root port whose slot holds the device, or [`ROOT_BUS`].
     port: String,
+    /// ACPI slots: the ACPI hot-plug controller's bus select value of the slot's bus.
+    acpi_select: Option<u8>,
     /// ACPI slots: how often the guest's event method had read the bus's events when the
     /// request was made (to tell "never looked" from "looked and did not eject").
     serviced_at_request: u64,
@@ -123,6 +126,8 @@ impl AcpiHotplugObserver for AcpiForwarder {
     fn ejected(&self, bus: u8, slot: u8) {
         if bus == ROOT_BUS_SELECT {
             self.pci.hide_root_bus_device(slot);
+        } else if slot == 0 {
+            self.pci.hide_port_device(bus);
         }
         let _ = self.tx.send(Msg::AcpiEject(bus, slot));
     }
@@ -481,10 +486,21 @@ impl Inner {
             .placement(id)
             .ok_or_else(|| QmpError::device_not_found(id))?;
         let port = match placement {
-            Placement::RootBus(bdf) => return self.acpi_eject_request(&mut state, id, bdf),
+            Placement::RootBus(bdf) => {
+                return self.acpi_eject_request(
+                    &mut state,
+                    id,
+                    ROOT_BUS,
+                    ROOT_BUS_SELECT,
+                    bdf.device(),
+                )
+            }
             Placement::Port { port, .. } => port,
         };
         let entry = self.pci.root_port(&port).expect("placement names a port");
+        if let Some(select) = entry.acpi_select {
+            return self.acpi_eject_request(&mut state, id, &port, select, 0);
+        }
         let mut p = lock(&entry.port);
         if p.slot().power_indicator() == Indicator::Blinking {
             return Err(generic(format!(
@@ -506,6 +522,7 @@ impl Inner {
                 id.to_string(),
                 PendingUnplug {
                     port: port.clone(),
+                    acpi_select: None,
                     serviced_at_request: 0,
                     since: now,
                     last_press: now,
@@ -520,17 +537,24 @@ impl Inner {
         Ok(json!({}))
     }
 
-    /// `device_del` of a device on the root bus: an ACPI eject request, repeated if asked again
-    /// after [`REPRESS_AFTER`].
-    fn acpi_eject_request(&self, state: &mut State, id: &str, bdf: Bdf) -> Result<Value, QmpError> {
+    /// `device_del` of a device in an ACPI slot (device `device` of `bus`, whose bus select is
+    /// `select`): an ACPI eject request, repeated if asked again after [`REPRESS_AFTER`].
+    fn acpi_eject_request(
+        &self,
+        state: &mut State,
+        id: &str,
+        bus: &str,
+        select: u8,
+        device: u8,
+    ) -> Result<Value, QmpError> {
         let acpi = self.pci.acpi_hotplug().ok_or_else(|| {
             generic(format!(
-                "Bus 'pcie.0' does not support hotplugging: '{id}' cannot be removed"
+                "Bus '{bus}' does not support hotplugging: '{id}' cannot be removed"
             ))
         })?;
         let mut c = lock(acpi);
         let now = Instant::now();
-        let serviced = c.bus(ROOT_BUS_SELECT).map_or(0, |b| b.serviced);
+        let serviced = c.bus(select).map_or(0, |b| b.serviced);
         if let Some(pending) = state.pending.get_mut(id) {
             let ago = now.duration_since(pending.last_press);
             if ago < REPRESS_AFTER {
@@ -539,16 +563,17 @@ impl Inner {
                     ago.as_millis()
                 )));
             }
-            c.request_eject(ROOT_BUS_SELECT, bdf.device())
+            c.request_eject(select, device)
                 .map_err(|e| generic(e.to_string()))?;
             pending.pressed(now);
         } else {
-            c.request_eject(ROOT_BUS_SELECT, bdf.device())
+            c.request_eject(select, device)
                 .map_err(|e| generic(e.to_string()))?;
             state.pending.insert(
                 id.to_string(),
                 PendingUnplug {
-                    port: ROOT_BUS.to_string(),
+                    port: bus.to_string(),
+                    acpi_select: Some(select),
                     serviced_at_request: serviced,
                     since: now,
                     last_press: now,
@@ -558,7 +583,7 @@ impl Inner {
                 },
             );
         }
-        log::info!("device_del {id}: ACPI eject request for {bdf}");
+        log::info!("device_del {id}: ACPI eject request for device {device:#x} of {bus}");
         Ok(json!({}))
     }
 
@@ -566,13 +591,26 @@ impl Inner {
     /// of it, so the device goes now, its backend with it.
     fn on_acpi_eject(&self, bus: u8, device: u8) {
         let mut state = self.state();
-        if bus != ROOT_BUS_SELECT {
-            return;
-        }
-        let occupant = self.pci.root_bus_occupant(device);
+        let (bus_name, slot_number, occupant) = if bus == ROOT_BUS_SELECT {
+            (
+                ROOT_BUS.to_string(),
+                root_bus_slot_number(device),
+                self.pci.root_bus_occupant(device),
+            )
+        } else {
+            let Some((port, entry)) = self.pci.port_by_select(bus).filter(|_| device == 0) else {
+                return;
+            };
+            let number = lock(&entry.port).slot().capabilities().physical_slot_number;
+            (
+                port.clone(),
+                u32::from(number),
+                self.pci.port_occupant(port),
+            )
+        };
         self.events.emit(
             "X_HOTPLUG_SLOT",
-            json!({"bus": ROOT_BUS, "slot": root_bus_slot_number(device), "change": "eject",
+            json!({"bus": bus_name, "slot": slot_number, "change": "eject",
                    "value": "ejected", "device": occupant}),
         );
         let Some(id) = occupant else {
@@ -581,7 +619,7 @@ impl Inner {
         let requested = state.pending.remove(&id).is_some();
         if self.pci.unplug(&id) {
             log::info!(
-                "pcie.0: guest ejected device {device:#x}; {id} removed{}",
+                "{bus_name}: guest ejected device {device:#x}; {id} removed{}",
                 if requested { "" } else { " (guest-initiated)" }
             );
             self.events.emit(
@@ -600,31 +638,32 @@ impl Inner {
             .filter(|d| bus.hotpluggable & 1 << d != 0)
             .map(|d| {
                 let occupant = self.pci.root_bus_occupant(d);
-                let pending = occupant
-                    .as_ref()
-                    .and_then(|id| state.pending.get(id))
-                    .map(|p| {
-                        json!({
-                            "request": "unplug",
-                            "since-ms": p.since.elapsed().as_millis() as u64,
-                            "requests": p.presses,
-                        })
-                    });
-                json!({
-                    "bus": ROOT_BUS,
-                    "slot": root_bus_slot_number(d),
-                    "addr": format!("{d:02x}.0"),
-                    "mode": "acpi",
-                    "occupant": occupant,
-                    "presence": bus.occupied & 1 << d != 0,
-                    "insert-pending": bus.insert & 1 << d != 0,
-                    "eject-request-pending": bus.remove & 1 << d != 0,
-                    "ejected": bus.ejected & 1 << d != 0,
-                    "events-serviced": bus.serviced,
-                    "pending": pending,
-                })
+                let mut slot = acpi_slot_json(bus, d, occupant.as_deref(), state);
+                slot["bus"] = json!(ROOT_BUS);
+                slot["slot"] = json!(root_bus_slot_number(d));
+                slot
             })
             .collect()
+    }
+
+    /// x-query-hotplug's entry for the slot of root port `port_id` in ACPI mode.
+    fn acpi_port_json(
+        &self,
+        port_id: &str,
+        port: &PcieRootPort,
+        c: &AcpiHotplugController,
+        select: u8,
+        state: &State,
+    ) -> Value {
+        let occupant = self.pci.port_occupant(port_id);
+        let bus = c.bus(select).copied().unwrap_or_default();
+        let slot = port.slot();
+        let mut entry = acpi_slot_json(&bus, 0, occupant.as_deref(), state);
+        entry["bus"] = json!(port_id);
+        entry["slot"] = json!(slot.capabilities().physical_slot_number);
+        entry["link"] = json!(slot.is_link_active());
+        entry["bus-select"] = json!(select);
+        entry
     }
 
     fn slot_json(&self, port_id: &str, port: &PcieRootPort, state: &State) -> Value {
@@ -667,15 +706,50 @@ impl Inner {
 
     fn query_hotplug(&self) -> Value {
         let state = self.state();
+        let acpi = self.pci.acpi_hotplug();
         let mut slots: Vec<Value> = self
             .pci
             .root_ports()
-            .map(|(id, e)| self.slot_json(id, &lock(&e.port), &state))
+            .map(|(id, e)| match (e.acpi_select, acpi) {
+                (Some(select), Some(acpi)) => {
+                    self.acpi_port_json(id, &lock(&e.port), &lock(acpi), select, &state)
+                }
+                _ => self.slot_json(id, &lock(&e.port), &state),
+            })
             .collect();
-        if let Some(acpi) = self.pci.acpi_hotplug() {
+        if let Some(acpi) = acpi {
             slots.extend(self.acpi_slots_json(&lock(acpi), &state));
         }
-        Value::Array(slots)
+        json!({"osc": self.osc_json(), "slots": slots})
+    }
+
+    /// What the guest's `_OSC` asked for and was granted: the last evaluation and the last
+    /// commit (what the OS controls; `null` if it never committed, e.g. with `pcie_aspm=off`).
+    fn osc_json(&self) -> Value {
+        let Some(report) = self.pci.osc_report() else {
+            return Value::Null;
+        };
+        let r = lock(report);
+        let evaluation = |e: Option<OscEvaluation>| {
+            e.map(|e| {
+                json!({
+                    "query": e.query,
+                    "support": e.support,
+                    "support-decoded": osc_support_names(e.support),
+                    "requested": e.requested,
+                    "requested-decoded": osc_control_names(e.requested),
+                    "granted": e.granted,
+                    "granted-decoded": osc_control_names(e.granted),
+                })
+            })
+        };
+        let committed = r.committed();
+        json!({
+            "evaluations": r.evaluations(),
+            "last": evaluation(r.last()),
+            "committed": evaluation(committed),
+            "native-hotplug-granted": committed.is_some_and(|c| c.granted & OSC_CONTROL_NATIVE_HOTPLUG != 0),
+        })
     }
 
     /// A guest Slot Control command did `event` on `port_id`.
@@ -764,7 +838,7 @@ impl Inner {
             self.release_card(&mut state, &port);
         }
         for (id, p) in state.pending.iter_mut() {
-            if p.recheck_at.is_none_or(|t| t > Instant::now()) {
+            if p.acpi_select.is_some() || p.recheck_at.is_none_or(|t| t > Instant::now()) {
                 continue;
             }
             p.recheck_at = None;
@@ -792,11 +866,12 @@ impl Inner {
                 continue;
             }
             p.stall_reported = true;
-            let diagnosis = if let Some(entry) = pci.root_port(&p.port) {
+            let diagnosis = if let (Some(select), Some(acpi)) = (p.acpi_select, pci.acpi_hotplug())
+            {
+                let serviced = lock(acpi).bus(select).map_or(0, |b| b.serviced);
+                diagnose_acpi(&p.port, serviced > p.serviced_at_request)
+            } else if let Some(entry) = pci.root_port(&p.port) {
                 diagnose(&p.port, &lock(&entry.port))
-            } else if let Some(acpi) = pci.acpi_hotplug() {
-                let serviced = lock(acpi).bus(ROOT_BUS_SELECT).map_or(0, |b| b.serviced);
-                diagnose_acpi(serviced > p.serviced_at_request)
             } else {
                 continue;
             };
@@ -850,14 +925,82 @@ pub fn diagnose(port_id: &str, port: &PcieRootPort) -> String {
     }
 }
 
-/// Why the guest has not ejected an ACPI slot it was asked to: `looked` says whether its event
-/// method read the eject request.
-pub fn diagnose_acpi(looked: bool) -> String {
+/// Why the guest has not ejected an ACPI slot of `bus` it was asked to: `looked` says whether
+/// its event method read the eject request.
+pub fn diagnose_acpi(bus: &str, looked: bool) -> String {
     if looked {
-        "guest read the ACPI eject request for pcie.0 but never evaluated the slot's _EJ0: acpiphp did not take the request (slot not registered, or the driver refused to let go of the device)".to_string()
+        format!("guest read the ACPI eject request for {bus} but never evaluated the slot's _EJ0: acpiphp did not take the request (slot not registered, or the driver refused to let go of the device)")
     } else {
-        "guest never read the ACPI eject request for pcie.0: its Generic Event Device handler did not run (ACPI0013 not bound, or its interrupt not delivered)".to_string()
+        format!("guest never read the ACPI eject request for {bus}: its Generic Event Device handler did not run (ACPI0013 not bound, or its interrupt not delivered)")
     }
+}
+
+/// One ACPI slot's entry of x-query-hotplug (device `d` of `bus`), without its bus and slot
+/// number.
+fn acpi_slot_json(bus: &AcpiBusState, d: u8, occupant: Option<&str>, state: &State) -> Value {
+    let pending = occupant.and_then(|id| state.pending.get(id)).map(|p| {
+        json!({
+            "request": "unplug",
+            "since-ms": p.since.elapsed().as_millis() as u64,
+            "requests": p.presses,
+        })
+    });
+    json!({
+        "addr": format!("{d:02x}.0"),
+        "mode": "acpi",
+        "occupant": occupant,
+        "presence": bus.occupied & 1 << d != 0,
+        "insert-pending": bus.insert & 1 << d != 0,
+        "eject-request-pending": bus.remove & 1 << d != 0,
+        "ejected": bus.ejected & 1 << d != 0,
+        "events-serviced": bus.serviced,
+        "pending": pending,
+    })
+}
+
+/// `_OSC` control field bits (PCI Firmware Specification 3.3 §4.5.1), as Linux names them.
+const OSC_CONTROL_NAMES: [(u32, &str); 7] = [
+    (1 << 0, "PCIeHotplug"),
+    (1 << 1, "SHPCHotplug"),
+    (1 << 2, "PME"),
+    (1 << 3, "AER"),
+    (1 << 4, "PCIeCapability"),
+    (1 << 5, "LTR"),
+    (1 << 7, "DPC"),
+];
+/// `_OSC` control bit: PCI Express native hot-plug.
+const OSC_CONTROL_NATIVE_HOTPLUG: u32 = 1 << 0;
+/// `_OSC` support field bits, as Linux names them.
+const OSC_SUPPORT_NAMES: [(u32, &str); 8] = [
+    (1 << 0, "ExtendedConfig"),
+    (1 << 1, "ASPM"),
+    (1 << 2, "ClockPM"),
+    (1 << 3, "Segments"),
+    (1 << 4, "MSI"),
+    (1 << 5, "HPX-Type3"),
+    (1 << 6, "EDR"),
+    (1 << 8, "HotplugEventSupport"),
+];
+
+fn decode_bits(value: u32, names: &[(u32, &str)]) -> Vec<String> {
+    let mut out: Vec<String> = names
+        .iter()
+        .filter(|(bit, _)| value & bit != 0)
+        .map(|(_, name)| name.to_string())
+        .collect();
+    let known = names.iter().fold(0, |acc, (bit, _)| acc | bit);
+    if value & !known != 0 {
+        out.push(format!("{:#x}", value & !known));
+    }
+    out
+}
+
+fn osc_control_names(value: u32) -> Vec<String> {
+    decode_bits(value, &OSC_CONTROL_NAMES)
+}
+
+fn osc_support_names(value: u32) -> Vec<String> {
+    decode_bits(value, &OSC_SUPPORT_NAMES)
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {

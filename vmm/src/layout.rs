@@ -82,6 +82,8 @@ pub const PCI_CONFIG_IO_SIZE: u16 = 8;
 pub const PCI_IO_WINDOW: (u16, u16) = (0x1000, 0xffff);
 /// The ACPI SCI.
 pub const SCI_IRQ: u16 = 9;
+/// The `_OSC` report registers (16 ports): what the guest's `_OSC` asked for and got.
+pub const OSC_REPORT_PORT: u16 = 0x610;
 /// The ACPI PCI hot-plug controller's register block (16 ports).
 pub const ACPI_HOTPLUG_PORT: u16 = 0x620;
 /// The Generic Event Device's interrupt (edge, active high): ACPI hot-plug events.

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use devices::acpi_hotplug::AcpiHotplugController;
+use devices::osc_report::OscReport;
 use devices::pci::{
     same_device, BarReprogram, BarReprogrammingHandler, BarSpace, Bdf, PciDevice, PciRoot,
     PcieRootPort, RootPortOptions, SharedPciDevice,
@@ -16,6 +17,7 @@ use devices::virtio::GuestMemory;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
+use crate::config::HotplugMode;
 use crate::interrupts::{GsiRouter, KvmMsiGroup, KvmMsiSink};
 
 /// Device number of root port rp0 on bus 0; rpN is at FIRST_ROOT_PORT_SLOT + N.
@@ -25,6 +27,17 @@ pub const FIRST_ROOT_PORT_SLOT: u8 = 0x10;
 pub const FIRST_ROOT_BUS_SLOT: u8 = 1;
 /// The ACPI hot-plug controller's bus select value for the root bus.
 pub const ROOT_BUS_SELECT: u8 = 0;
+/// Size of the memory window the VMM programs into a root port in ACPI mode, as firmware does:
+/// Linux sizes a window at boot only for native hot-plug bridges, and acpiphp assigns a hot-added
+/// device's BARs from the window its port already has. Linux's own hot-plug reserve is 2 MiB.
+pub const ACPI_PORT_MEMORY_WINDOW: u64 = 2 << 20;
+/// Type 1 header: Memory Base and Memory Limit (PCI-to-PCI Bridge Spec 1.2 §3.2.5.8).
+const MEMORY_BASE: u16 = 0x20;
+/// Type 1 header: Prefetchable Memory Base and Limit (§3.2.5.9).
+const PREFETCHABLE_BASE: u16 = 0x24;
+/// Type 1 header: I/O Base and I/O Limit (§3.2.5.6).
+const IO_BASE: u16 = 0x1c;
+
 /// Physical slot number (`_SUN`) of root bus device `d`: 32 + d, so that it never collides
 /// with a root port's (rpN has slot number N).
 pub fn root_bus_slot_number(device: u8) -> u32 {
@@ -71,6 +84,8 @@ struct VirtioFunction {
 pub struct RootPortEntry {
     pub bdf: Bdf,
     pub port: Arc<Mutex<PcieRootPort>>,
+    /// In ACPI mode: the ACPI hot-plug controller's bus select value for its slot (its device 0).
+    pub acpi_select: Option<u8>,
 }
 
 /// The PCI devices of one segment.
@@ -85,8 +100,10 @@ pub struct PciDevices {
     virtio: Mutex<BTreeMap<String, VirtioFunction>>,
     /// Root ports by id; hot-add and removal go through their slots.
     root_ports: BTreeMap<String, RootPortEntry>,
-    /// The ACPI hot-plug controller of the root bus's slots.
+    /// The ACPI hot-plug controller of the root bus's slots and the ACPI-mode ports'.
     acpi: Option<Arc<Mutex<AcpiHotplugController>>>,
+    /// What the guest's `_OSC` asked for and got.
+    osc: Option<Arc<Mutex<OscReport>>>,
     queues_per_disk: u16,
 }
 
@@ -113,9 +130,10 @@ pub enum AddDeviceError {
 
 impl PciDevices {
     /// Devices on `root`, BARs of root-bus devices allocated from
-    /// `[mmio_base, mmio_base + mmio_size)`, and `root_ports` root ports (rp0..) with native
-    /// hot-plug at 00:10.0 and up (advertising No Command Completed Support if
-    /// `no_command_completed`).
+    /// `[mmio_base, mmio_base + mmio_size)`, and one root port (rp0..) per entry of
+    /// `port_modes` at 00:10.0 and up. Native ones advertise No Command Completed Support if
+    /// `no_command_completed`; ACPI ones get ACPI hot-plug bus selects 1, 2, ... in order and a
+    /// memory window of [`ACPI_PORT_MEMORY_WINDOW`].
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         vm: Arc<VmFd>,
@@ -125,24 +143,51 @@ impl PciDevices {
         router: Arc<GsiRouter>,
         (mmio_base, mmio_size): (u64, u64),
         queues_per_disk: u16,
-        (root_ports, no_command_completed): (u8, bool),
+        (port_modes, no_command_completed): (&[HotplugMode], bool),
     ) -> Result<Self, AddDeviceError> {
-        let mmio = AddressAllocator::new(mmio_base, mmio_size)
+        let mut mmio = AddressAllocator::new(mmio_base, mmio_size)
             .map_err(|e| AddDeviceError::Bus(format!("MMIO window: {e}")))?;
         let mut ports = BTreeMap::new();
-        for n in 0..root_ports {
+        let mut next_select = ROOT_BUS_SELECT + 1;
+        for (n, &mode) in (0u8..).zip(port_modes) {
             let id = format!("rp{n}");
             let bdf = FIRST_ROOT_PORT_SLOT
                 .checked_add(n)
                 .and_then(|d| Bdf::new(0, d, 0))
                 .ok_or_else(|| AddDeviceError::Bus(format!("no slot for root port {id}")))?;
-            let port = Self::make_root_port(&router, &id, u16::from(n), no_command_completed)?;
+            let port =
+                Self::make_root_port(&router, &id, u16::from(n), mode, no_command_completed)?;
+            let acpi_select = match mode {
+                HotplugMode::Native => None,
+                HotplugMode::Acpi => {
+                    let window = mmio
+                        .allocate(
+                            ACPI_PORT_MEMORY_WINDOW,
+                            ACPI_PORT_MEMORY_WINDOW,
+                            AllocPolicy::FirstMatch,
+                        )
+                        .map_err(|_| AddDeviceError::NoMmio(id.clone()))?;
+                    program_bridge_windows(&mut lock(&port), window.start(), window.end());
+                    next_select += 1;
+                    Some(next_select - 1)
+                }
+            };
             let shared: SharedPciDevice = port.clone();
             lock(&root)
                 .add_device(bdf, shared)
                 .map_err(|e| AddDeviceError::Bus(format!("{bdf}: {e}")))?;
-            log::info!("{bdf}: PCIe root port {id} (slot {n}, native hot-plug)");
-            ports.insert(id, RootPortEntry { bdf, port });
+            log::info!(
+                "{bdf}: PCIe root port {id} (slot {n}, {} hot-plug)",
+                mode.name()
+            );
+            ports.insert(
+                id,
+                RootPortEntry {
+                    bdf,
+                    port,
+                    acpi_select,
+                },
+            );
         }
         Ok(PciDevices {
             vm,
@@ -154,6 +199,7 @@ impl PciDevices {
             virtio: Mutex::new(BTreeMap::new()),
             root_ports: ports,
             acpi: None,
+            osc: None,
             queues_per_disk,
         })
     }
@@ -163,6 +209,17 @@ impl PciDevices {
     pub fn with_acpi_hotplug(mut self, controller: Arc<Mutex<AcpiHotplugController>>) -> Self {
         self.acpi = Some(controller);
         self
+    }
+
+    /// Lets the control socket show what the guest's `_OSC` reported to `report`.
+    pub fn with_osc_report(mut self, report: Arc<Mutex<OscReport>>) -> Self {
+        self.osc = Some(report);
+        self
+    }
+
+    /// The `_OSC` report registers, if the machine has them.
+    pub fn osc_report(&self) -> Option<&Arc<Mutex<OscReport>>> {
+        self.osc.as_ref()
     }
 
     /// The ACPI hot-plug controller, if the machine has one.
@@ -182,6 +239,21 @@ impl PciDevices {
         }
     }
 
+    /// Takes the function in the slot of the ACPI-mode root port with bus select `select` off
+    /// its bus (see [`hide_root_bus_device`](Self::hide_root_bus_device)).
+    pub fn hide_port_device(&self, select: u8) {
+        if let Some(entry) = self.port_by_select(select) {
+            let _ = lock(&self.root).remove_downstream_device(entry.1.bdf, 0);
+        }
+    }
+
+    /// The ACPI-mode root port with ACPI hot-plug bus select `select`: its id and entry.
+    pub fn port_by_select(&self, select: u8) -> Option<(&String, &RootPortEntry)> {
+        self.root_ports
+            .iter()
+            .find(|(_, e)| e.acpi_select == Some(select))
+    }
+
     /// The id of the disk at device `device` of the root bus, if any.
     pub fn root_bus_occupant(&self, device: u8) -> Option<String> {
         lock(&self.virtio)
@@ -194,6 +266,7 @@ impl PciDevices {
         router: &Arc<GsiRouter>,
         id: &str,
         slot_number: u16,
+        mode: HotplugMode,
         no_command_completed: bool,
     ) -> Result<Arc<Mutex<PcieRootPort>>, AddDeviceError> {
         let msi = KvmMsiGroup::new(router.clone(), 1)
@@ -201,7 +274,7 @@ impl PciDevices {
         let options = RootPortOptions {
             port_number: u8::try_from(slot_number).unwrap_or(0),
             no_command_completed,
-            ..RootPortOptions::default()
+            native_hotplug: mode == HotplugMode::Native,
         };
         Ok(Arc::new(Mutex::new(PcieRootPort::new(
             id,
@@ -393,6 +466,21 @@ impl PciDevices {
                 } else {
                     lock(&entry.port).cold_plug_card()
                 };
+                // In ACPI mode the card is also announced to acpiphp (a Device Check).
+                let result = result.map_err(|e| e.to_string()).and_then(|()| {
+                    match (entry.acpi_select, &self.acpi) {
+                        (Some(select), Some(acpi)) => {
+                            let mut c = lock(acpi);
+                            if hot {
+                                c.insert(select, 0)
+                            } else {
+                                c.cold_plug(select, 0)
+                            }
+                            .map_err(|e| e.to_string())
+                        }
+                        _ => Ok(()),
+                    }
+                });
                 if let Err(e) = result {
                     // Checked above under the same conditions; undo rather than leave a half-added card.
                     let _ = self.unplug(&id);
@@ -440,6 +528,10 @@ impl PciDevices {
                     let mut p = lock(&entry.port);
                     if p.slot().is_present() {
                         let _ = p.remove_card();
+                    }
+                    drop(p);
+                    if let (Some(select), Some(acpi)) = (entry.acpi_select, &self.acpi) {
+                        let _ = lock(acpi).remove(select, 0);
                     }
                 }
             }
@@ -586,6 +678,17 @@ impl BarReprogrammingHandler for PciDevices {
             }
         }
     }
+}
+
+/// Programs a root port's bridge windows as firmware would: memory `[start, end]` (1 MiB
+/// granular), no I/O and no prefetchable window (base above limit).
+fn program_bridge_windows(port: &mut PcieRootPort, start: u64, end: u64) {
+    let mb = |a: u64| ((a >> 16) as u16) & 0xfff0;
+    let memory = u32::from(mb(start)) | u32::from(mb(end)) << 16;
+    // No BAR moves: a bridge's windows are not BARs.
+    let _ = port.config_write(MEMORY_BASE, &memory.to_le_bytes());
+    let _ = port.config_write(PREFETCHABLE_BASE, &0x0000_fff0u32.to_le_bytes());
+    let _ = port.config_write(IO_BASE, &0x00f0u16.to_le_bytes());
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use devices::acpi_hotplug::{AcpiHotplugController, ACPI_HOTPLUG_PORTS};
 use devices::interrupt::InterruptLine;
+use devices::osc_report::{OscReport, OSC_REPORT_PORTS};
 use devices::pci::{
     BarReprogrammingHandler, BarSpace, Bdf, PciConfigIo, PciConfigMmio, PciHostBridge, PciRoot,
 };
@@ -28,7 +29,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::boot;
-use crate::config::{Cli, SerialMode};
+use crate::config::{Cli, HotplugMode, SerialMode};
 use crate::console::{ConsoleInput, EventFdNotifier};
 use crate::control::MachineControl;
 use crate::hotplug::Hotplug;
@@ -178,6 +179,9 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         File::open(p).map_err(|e| boot::BootError::InitramfsOpen(p.display().to_string(), e))?;
     }
 
+    cli.root_port_hotplug
+        .check(cli.root_ports)
+        .map_err(VmError::Device)?;
     let mut ports_taken = std::collections::BTreeSet::new();
     for d in &cli.disk {
         let is_port = d
@@ -306,7 +310,18 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         ACPI_HOTPLUG_PORTS,
         acpi_hotplug.clone(),
     )?;
+    // What the guest's _OSC asked for and got.
+    let osc_report = Arc::new(Mutex::new(OscReport::new()));
+    register_pio(
+        &mut io_mgr,
+        OSC_REPORT_PORT,
+        OSC_REPORT_PORTS,
+        osc_report.clone(),
+    )?;
     let router = Arc::new(GsiRouter::new(vm.clone()));
+    let port_modes: Vec<HotplugMode> = (0..cli.root_ports)
+        .map(|n| cli.root_port_hotplug.mode(n))
+        .collect();
     let pci = Arc::new(
         PciDevices::new(
             vm.clone(),
@@ -316,10 +331,11 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
             router,
             (MMIO32_START, MMIO32_SIZE),
             u16::from(cli.cpus),
-            (cli.root_ports, cli.no_command_completed),
+            (&port_modes, cli.no_command_completed),
         )
         .map_err(|e| VmError::Device(e.to_string()))?
-        .with_acpi_hotplug(acpi_hotplug),
+        .with_acpi_hotplug(acpi_hotplug)
+        .with_osc_report(osc_report),
     );
     let mut next_root_slot = 1u8;
     for (i, d) in cli.disk.iter().enumerate() {
@@ -543,14 +559,16 @@ fn acpi_config(cli: &Cli) -> acpi::MachineConfig {
             mmio32: (MMIO32_START, MMIO32_SIZE),
             mmio64: (mmio64_start(cli.memory), MMIO64_SIZE),
             osc: acpi::OscConfig {
-                grant_native_hotplug: true,
-                report_port: None,
+                grant_native_hotplug: cli.osc_native_hotplug,
+                report_port: Some(OSC_REPORT_PORT),
             },
         },
         pci_hotplug: Some(acpi::PciHotplugConfig {
             port: ACPI_HOTPLUG_PORT,
             gsi: GED_GSI,
-            buses: vec![acpi::AcpiHotplugBus {
+            // Bus select 0 is the root bus; ACPI-mode root ports follow in order (as
+            // PciDevices numbers them).
+            buses: std::iter::once(acpi::AcpiHotplugBus {
                 parent: acpi::SlotParent::RootBus,
                 slots: (FIRST_ROOT_BUS_SLOT..FIRST_ROOT_PORT_SLOT)
                     .map(|device| acpi::AcpiSlot {
@@ -558,7 +576,23 @@ fn acpi_config(cli: &Cli) -> acpi::MachineConfig {
                         sun: root_bus_slot_number(device),
                     })
                     .collect(),
-            }],
+            })
+            .chain(
+                (0..cli.root_ports)
+                    .filter(|&n| cli.root_port_hotplug.mode(n) == HotplugMode::Acpi)
+                    .map(|n| acpi::AcpiHotplugBus {
+                        parent: acpi::SlotParent::RootPort {
+                            index: n,
+                            device: FIRST_ROOT_PORT_SLOT + n,
+                            function: 0,
+                        },
+                        slots: vec![acpi::AcpiSlot {
+                            device: 0,
+                            sun: u32::from(n),
+                        }],
+                    }),
+            )
+            .collect(),
         }),
     }
 }
@@ -592,5 +626,57 @@ mod tests {
         let cli = <Cli as clap::Parser>::parse_from(["hotplug-vmm", "--kernel", "k"]);
         let hp = acpi_config(&cli).pci_hotplug.expect("root bus slots");
         assert_eq!(hp.hotpluggable_masks(), [0xfffe]);
+        // ACPI-mode root ports follow the root bus, one slot (device 0) each, in port order.
+        let cli = <Cli as clap::Parser>::parse_from([
+            "hotplug-vmm",
+            "--kernel",
+            "k",
+            "--root-port-hotplug",
+            "rp3=acpi,rp1=acpi",
+        ]);
+        let hp = acpi_config(&cli).pci_hotplug.expect("slots");
+        assert_eq!(hp.hotpluggable_masks(), [0xfffe, 1, 1]);
+        let parents: Vec<_> = hp.buses.iter().map(|b| b.parent.clone()).collect();
+        assert_eq!(
+            parents[1..],
+            [
+                acpi::SlotParent::RootPort {
+                    index: 1,
+                    device: 0x11,
+                    function: 0
+                },
+                acpi::SlotParent::RootPort {
+                    index: 3,
+                    device: 0x13,
+                    function: 0
+                },
+            ]
+        );
+        assert_eq!(hp.buses[2].slots[0].sun, 3, "rpN's slot keeps number N");
+        acpi::build_tables(&acpi_config(&cli), ACPI_START).expect("tables");
+    }
+
+    #[test]
+    fn osc_report_registers_agree() {
+        use acpi::host_bridge as aml;
+        use devices::osc_report as dev;
+        assert_eq!(aml::OSC_REPORT_LEN, dev::OSC_REPORT_PORTS);
+        assert_eq!(aml::OSC_REPORT_STATUS, dev::REG_STATUS);
+        assert_eq!(aml::OSC_REPORT_SUPPORT, dev::REG_SUPPORT);
+        assert_eq!(aml::OSC_REPORT_REQUESTED, dev::REG_REQUESTED);
+        assert_eq!(aml::OSC_REPORT_GRANTED, dev::REG_GRANTED);
+        assert_eq!(aml::OSC_CDW1_QUERY, dev::CDW1_QUERY);
+        let cli = <Cli as clap::Parser>::parse_from(["hotplug-vmm", "--kernel", "k"]);
+        let osc = acpi_config(&cli).pci.osc;
+        assert_eq!(osc.report_port, Some(OSC_REPORT_PORT));
+        assert!(osc.grant_native_hotplug);
+        let deny = <Cli as clap::Parser>::parse_from([
+            "hotplug-vmm",
+            "--kernel",
+            "k",
+            "--osc-native-hotplug",
+            "deny",
+        ]);
+        assert!(!acpi_config(&deny).pci.osc.grant_native_hotplug);
     }
 }
