@@ -2,17 +2,24 @@
 """Hot-plug latency, hotplug-vmm side by side with QEMU on the same guest and disk images.
 
 Usage: resources/bench-hotplug.py [--runs N] [--kernel-version 6.1] [--only hotplug-vmm|qemu]
+                                  [--modes native,acpi-port,acpi-root]
                                   [--vmm-arg=--no-command-completed]
 
-For each VMM: boot the test guest once (with a control socket), then N times: blockdev-add,
-device_add of virtio-blk-pci onto a PCIe root port, time until the guest's /init reports the new
-block device (BLOCK-ADD on the console); device_del, time until DEVICE_DELETED; blockdev-del.
-QEMU runs q35 with a pcie-root-port and ACPI hot-plug off for bridges
-(-global ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off), so its guest's pciehp drives the
-slot natively too. Prints the medians and the ratios hotplug-vmm / QEMU.
+For each mode and VMM: boot the test guest once (with a control socket), then N times:
+blockdev-add, device_add of virtio-blk-pci, time until the guest's /init reports the new block
+device (BLOCK-ADD on the console); device_del, time until DEVICE_DELETED; blockdev-del.
 
-device_del -> DEVICE_DELETED is dominated by the guest: pciehp waits 5 s after the attention
-button before it lets go, on any VMM.
+Modes, each side by side with the QEMU setup that hot-plugs the same way:
+  native     a PCIe root port driven by the guest's pciehp. QEMU: q35 with a pcie-root-port and
+             ACPI hot-plug off for bridges (-global ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off).
+  acpi-port  a PCIe root port driven by the guest's acpiphp (ours: --root-port-hotplug acpi).
+             QEMU: q35 with a pcie-root-port and its default ACPI hot-plug of bridges.
+  acpi-root  a slot of the root bus driven by acpiphp (ours: pcie.0). QEMU: pc (i440fx), pci.0;
+             q35's pcie.0 does not hot-plug.
+Prints the medians and the ratios hotplug-vmm / QEMU.
+
+device_del -> DEVICE_DELETED is dominated by the guest in native mode: pciehp waits 5 s after
+the attention button before it lets go, on any VMM. acpiphp has no such wait.
 """
 
 import argparse
@@ -67,6 +74,8 @@ def main():
     ap.add_argument("--kernel-version", default="6.1")
     ap.add_argument("--memory", default="256M")
     ap.add_argument("--only", choices=["hotplug-vmm", "qemu"])
+    ap.add_argument("--modes", default="native,acpi-port,acpi-root",
+                    help="comma-separated: native, acpi-port, acpi-root")
     ap.add_argument("--vmm-arg", action="append", default=[],
                     help="extra hotplug-vmm argument, e.g. --vmm-arg=--no-command-completed")
     args = ap.parse_args()
@@ -81,37 +90,50 @@ def main():
             f.truncate(16 << 20)
         images.append(path)
 
-    setups = []
-    if args.only in (None, "hotplug-vmm"):
-        sock = os.path.join(tmp, "ours.sock")
-        setups.append(("hotplug-vmm", [VMM, "--kernel", kernel, "--initramfs", initrd, "--cmdline", cmdline,
-                                       "--cpus", "1", "--memory", args.memory, "--qmp", sock] + args.vmm_arg, sock))
-    if args.only in (None, "qemu"):
-        sock = os.path.join(tmp, "qemu.sock")
-        # -cpu host without arch-capabilities: PVM hosts refuse that MSR; QEMU's default model
-        # does not boot this guest there (docs/guest-on-pvm.md).
-        setups.append(("QEMU q35", [
-            "qemu-system-x86_64", "-machine", "q35,accel=kvm", "-cpu", "host,-arch-capabilities",
-            "-m", args.memory, "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
-            "-serial", "stdio", "-kernel", kernel, "-initrd", initrd, "-append", cmdline,
-            "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
-            "-device", "pcie-root-port,id=rp0,chassis=1,slot=0",
-            "-device", "pcie-root-port,id=rp1,chassis=2,slot=1",
-            "-qmp", f"unix:{sock},server=on,wait=off"], sock))
-
-    results = {}
-    for name, cmd, sock in setups:
-        results[name] = measure(name, cmd, sock, images, args.runs, "rp1")
+    qemu_common = ["qemu-system-x86_64", "-cpu", "host,-arch-capabilities",
+                   "-m", args.memory, "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
+                   "-serial", "stdio", "-kernel", kernel, "-initrd", initrd, "-append", cmdline]
+    root_ports = ["-device", "pcie-root-port,id=rp0,chassis=1,slot=0",
+                  "-device", "pcie-root-port,id=rp1,chassis=2,slot=1"]
+    # mode: (our extra arguments, our bus, QEMU's label, QEMU's machine arguments, QEMU's bus)
+    # -cpu host without arch-capabilities: PVM hosts refuse that MSR; QEMU's default model does
+    # not boot this guest there (docs/guest-on-pvm.md).
+    modes = {
+        "native": ([], "rp1", "QEMU q35",
+                   ["-machine", "q35,accel=kvm",
+                    "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"] + root_ports, "rp1"),
+        "acpi-port": (["--root-port-hotplug", "acpi"], "rp1", "QEMU q35",
+                      ["-machine", "q35,accel=kvm",
+                       "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=on"] + root_ports, "rp1"),
+        "acpi-root": ([], "pcie.0", "QEMU pc", ["-machine", "pc,accel=kvm"], "pci.0"),
+    }
+    rows = []
+    for mode in args.modes.split(","):
+        if mode not in modes:
+            sys.exit(f"unknown mode {mode!r} (native, acpi-port, acpi-root)")
+        ours_args, ours_bus, qemu_name, qemu_args, qemu_bus = modes[mode]
+        results = {}
+        if args.only in (None, "hotplug-vmm"):
+            sock = os.path.join(tmp, f"ours-{mode}.sock")
+            cmd = [VMM, "--kernel", kernel, "--initramfs", initrd, "--cmdline", cmdline, "--cpus", "1",
+                   "--memory", args.memory, "--qmp", sock] + ours_args + args.vmm_arg
+            results["ours"] = measure(f"hotplug-vmm {mode}", cmd, sock, images, args.runs, ours_bus)
+        if args.only in (None, "qemu"):
+            sock = os.path.join(tmp, f"qemu-{mode}.sock")
+            cmd = qemu_common + qemu_args + ["-qmp", f"unix:{sock},server=on,wait=off"]
+            results["qemu"] = measure(f"{qemu_name} {mode}", cmd, sock, images, args.runs, qemu_bus)
+        for i, what in enumerate(["device_add -> /dev/vdX in the guest", "device_del -> DEVICE_DELETED"]):
+            ours = statistics.median(results["ours"][i]) if "ours" in results else None
+            qemu = statistics.median(results["qemu"][i]) if "qemu" in results else None
+            rows.append((f"{mode}: {what}", qemu_name, ours, qemu))
 
     print(f"\nhot-plug latency, Linux {args.kernel_version}, median of {args.runs} runs")
-    print("| | hotplug-vmm | QEMU q35 | ratio |")
+    print("| | hotplug-vmm | QEMU | ratio |")
     print("| --- | --- | --- | --- |")
-    for i, label in enumerate(["device_add -> /dev/vdX in the guest", "device_del -> DEVICE_DELETED"]):
-        ours = statistics.median(results["hotplug-vmm"][i]) if "hotplug-vmm" in results else None
-        qemu = statistics.median(results["QEMU q35"][i]) if "QEMU q35" in results else None
+    for label, qemu_name, ours, qemu in rows:
         fmt = lambda v: f"{v:.2f} s" if v is not None else "-"  # noqa: E731
         ratio = f"{ours / qemu:.2f}" if ours and qemu else "-"
-        print(f"| {label} | {fmt(ours)} | {fmt(qemu)} | {ratio} |")
+        print(f"| {label} | {fmt(ours)} | {fmt(qemu)} ({qemu_name}) | {ratio} |")
 
 
 if __name__ == "__main__":
