@@ -141,6 +141,16 @@ def show(title, lines):
         print(f"  {l}")
 
 
+def hot_add(qmp, con, dev_id, bus):
+    """device_add of a virtio-blk disk on node "hot" onto `bus`; returns the guest's vdX."""
+    start = len(con.lines)
+    t = time.time()
+    qmp.cmd("device_add", {"driver": "virtio-blk-pci", "id": dev_id, "drive": "hot", "bus": bus})
+    _, line = con.wait(lambda l: "BLOCK-ADD" in l, start, timeout=120)
+    print(f"demo: the guest reports {line[line.index('BLOCK-ADD'):]!r} {time.time() - t:.1f}s after device_add")
+    return line[line.index("BLOCK-ADD"):].split()[1]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--kernel-version", default="6.1")
@@ -197,12 +207,7 @@ def main():
     qmp = Qmp(sock)
     qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "hot",
                              "file": {"driver": "file", "filename": hot}})
-    start = len(con.lines)
-    t = time.time()
-    qmp.cmd("device_add", {"driver": "virtio-blk-pci", "id": "hot", "drive": "hot", "bus": "rp1"})
-    _, line = con.wait(lambda l: "BLOCK-ADD" in l, start, timeout=120)
-    print(f"demo: the guest reports {line[line.index('BLOCK-ADD'):]!r} {time.time() - t:.1f}s after device_add")
-    dev = line[line.index("BLOCK-ADD"):].split()[1]
+    dev = hot_add(qmp, con, "hot", "rp1")
     show(f"dmesg | grep 'Slot(1)'; cat /sys/block/{dev}/serial; head -c 23 /dev/{dev}",
          [l.replace("K: ", "", 1) for l in con.run(
              f"dmesg | grep 'Slot(1)' | sed 's/^/K: /'; cat /sys/block/{dev}/serial; echo; head -c 23 /dev/{dev}; echo")])
@@ -217,12 +222,7 @@ def main():
     osc = qmp.ok("x-query-hotplug")["osc"]["committed"]
     print(f"demo: the guest's _OSC asked for {osc['requested-decoded']} and got {osc['granted-decoded']}; "
           f"rp2 does not advertise Hot-Plug Capable, so acpiphp drives it")
-    start = len(con.lines)
-    t = time.time()
-    qmp.cmd("device_add", {"driver": "virtio-blk-pci", "id": "hot-acpi", "drive": "hot", "bus": "rp2"})
-    _, line = con.wait(lambda l: "BLOCK-ADD" in l, start, timeout=120)
-    print(f"demo: the guest reports {line[line.index('BLOCK-ADD'):]!r} {time.time() - t:.1f}s after device_add")
-    dev = line[line.index("BLOCK-ADD"):].split()[1]
+    dev = hot_add(qmp, con, "hot-acpi", "rp2")
     grep = r"dmesg | grep -E 'acpiphp: Slot \[2\]|pci 0000:0[1-9]:00.0: \[1af4' | tail -2"
     show(f"{grep}; cat /sys/block/{dev}/serial",
          [l.replace("K: ", "", 1) for l in con.run(f"{grep} | sed 's/^/K: /'; cat /sys/block/{dev}/serial")])

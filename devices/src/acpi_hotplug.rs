@@ -314,12 +314,11 @@ impl AcpiHotplugController {
     }
 
     fn decode(&mut self, offset: PioAddressOffset, len: usize) -> Option<u16> {
-        if len == 4 && offset.is_multiple_of(4) && offset < ACPI_HOTPLUG_PORTS {
-            Some(offset)
-        } else {
+        let reg = crate::dword_registers::decode(offset, len, ACPI_HOTPLUG_PORTS);
+        if reg.is_none() {
             self.ignored_accesses += 1;
-            None
         }
+        reg
     }
 }
 

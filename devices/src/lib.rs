@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod acpi_hotplug;
+mod dword_registers;
 pub mod interrupt;
 pub mod osc_report;
 pub mod pci;

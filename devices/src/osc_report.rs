@@ -96,12 +96,11 @@ impl OscReport {
     }
 
     fn decode(&mut self, offset: PioAddressOffset, len: usize) -> Option<u16> {
-        if len == 4 && offset.is_multiple_of(4) && offset < OSC_REPORT_PORTS {
-            Some(offset)
-        } else {
+        let reg = crate::dword_registers::decode(offset, len, OSC_REPORT_PORTS);
+        if reg.is_none() {
             self.ignored_accesses += 1;
-            None
         }
+        reg
     }
 }
 
