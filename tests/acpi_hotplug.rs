@@ -10,7 +10,7 @@
 //! The guest is the evidence: its block-device reports, /sys/bus/pci, the data it reads, and the
 //! lines acpiphp and pciehp log.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -6,7 +6,7 @@
 //! virtio-blk disks read back the host's data, take O_DIRECT writes (or refuse them when
 //! read-only) and show their ids as serials; and that `poweroff -f` ends the VMM with status 0.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -7,7 +7,7 @@
 //! The guest is the evidence: its block-device reports, /sys/block, the data it reads, and the
 //! lines pciehp logs.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

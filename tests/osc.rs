@@ -16,7 +16,7 @@
 //! image in an ACPI slot (the root bus, and a root port in ACPI mode) unplugs fine: acpiphp does
 //! not depend on `_OSC`. x-query-hotplug shows what the guest asked for and what it got.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The control socket on a running guest (SPEC.md §5): greeting and negotiation, the machine
 //! queries, bad input answered with an error while the guest keeps running, and `quit`.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
