@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """virtio-blk data path, hotplug-vmm side by side with QEMU: fio inside the same guest.
 
-Usage: resources/bench-blk.py [--kernel-version 6.1] [--cpus 1] [--runtime 10]
-                              [--only hotplug-vmm|qemu-threads|qemu-io_uring]
+Usage: resources/bench-blk.py [--kernel-version 6.1] [--cpus 1] [--runtime 10] [--append PARAMS]
+                              [--only hotplug-vmm|qemu-threads|qemu-io_uring] [--jobs N]
 
 Every setup boots the same test guest with two virtio-blk disks: the 1 GiB raw file under test
 (random data, the same file for every setup) and a read-only ext4 image holding Debian's fio and
@@ -130,10 +130,13 @@ def main():
     ap.add_argument("--memory", default="512M")
     ap.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
     ap.add_argument("--only", choices=["hotplug-vmm", "qemu-threads", "qemu-io_uring"])
+    ap.add_argument("--append", default="", help="extra guest kernel parameters, e.g. idle=poll")
+    ap.add_argument("--jobs", type=int, default=len(JOBS), help="run only the first N jobs")
     args = ap.parse_args()
+    del JOBS[args.jobs:]
     kernel = os.path.join(CACHE, f"linux-{args.kernel_version}", "vmlinux")
     initrd = os.path.join(CACHE, "initramfs.cpio")
-    cmdline = default_cmdline()
+    cmdline = (default_cmdline() + " " + args.append).strip()
     tools, data = tools_image(), data_file()
 
     setups = []
