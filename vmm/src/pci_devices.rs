@@ -31,13 +31,6 @@ pub const ROOT_BUS_SELECT: u8 = 0;
 /// Linux sizes a window at boot only for native hot-plug bridges, and acpiphp assigns a hot-added
 /// device's BARs from the window its port already has. Linux's own hot-plug reserve is 2 MiB.
 pub const ACPI_PORT_MEMORY_WINDOW: u64 = 2 << 20;
-/// Type 1 header: Memory Base and Memory Limit (PCI-to-PCI Bridge Spec 1.2 §3.2.5.8).
-const MEMORY_BASE: u16 = 0x20;
-/// Type 1 header: Prefetchable Memory Base and Limit (§3.2.5.9).
-const PREFETCHABLE_BASE: u16 = 0x24;
-/// Type 1 header: I/O Base and I/O Limit (§3.2.5.6).
-const IO_BASE: u16 = 0x1c;
-
 /// Physical slot number (`_SUN`) of root bus device `d`: 32 + d, so that it never collides
 /// with a root port's (rpN has slot number N).
 pub fn root_bus_slot_number(device: u8) -> u32 {
@@ -167,7 +160,13 @@ impl PciDevices {
                             AllocPolicy::FirstMatch,
                         )
                         .map_err(|_| AddDeviceError::NoMmio(id.clone()))?;
-                    program_bridge_windows(&mut lock(&port), window.start(), window.end());
+                    // A bridge's non-prefetchable window holds 32-bit addresses only.
+                    let (Ok(base), Ok(limit)) =
+                        (u32::try_from(window.start()), u32::try_from(window.end()))
+                    else {
+                        return Err(AddDeviceError::NoMmio(id));
+                    };
+                    lock(&port).set_memory_window(base, limit);
                     next_select += 1;
                     Some(next_select - 1)
                 }
@@ -678,17 +677,6 @@ impl BarReprogrammingHandler for PciDevices {
             }
         }
     }
-}
-
-/// Programs a root port's bridge windows as firmware would: memory `[start, end]` (1 MiB
-/// granular), no I/O and no prefetchable window (base above limit).
-fn program_bridge_windows(port: &mut PcieRootPort, start: u64, end: u64) {
-    let mb = |a: u64| ((a >> 16) as u16) & 0xfff0;
-    let memory = u32::from(mb(start)) | u32::from(mb(end)) << 16;
-    // No BAR moves: a bridge's windows are not BARs.
-    let _ = port.config_write(MEMORY_BASE, &memory.to_le_bytes());
-    let _ = port.config_write(PREFETCHABLE_BASE, &0x0000_fff0u32.to_le_bytes());
-    let _ = port.config_write(IO_BASE, &0x00f0u16.to_le_bytes());
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

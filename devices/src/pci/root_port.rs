@@ -540,6 +540,16 @@ impl PcieRootPort {
         (base <= limit).then_some((base, limit))
     }
 
+    /// Programs the memory window to `[base, limit]` as firmware does before the guest runs
+    /// (the guest may reprogram it). The window is 1 MiB granular: the low 20 bits of `base`
+    /// and `limit` are not stored, and only 32-bit addresses can be expressed.
+    pub fn set_memory_window(&mut self, base: u32, limit: u32) {
+        self.config
+            .set_u16(MEMORY_BASE, (base >> 16) as u16 & 0xfff0);
+        self.config
+            .set_u16(MEMORY_LIMIT, (limit >> 16) as u16 & 0xfff0);
+    }
+
     /// The 64-bit prefetchable memory window `(base, limit)` (limit inclusive), or `None` if
     /// disabled.
     pub fn prefetchable_window(&self) -> Option<(u64, u64)> {
@@ -902,6 +912,13 @@ mod tests {
         assert_eq!(g.port.io_window(), Some((0x1000, 0x2fff)));
         g.write32(MEMORY_BASE, 0xfe10_fe00);
         assert_eq!(g.port.memory_window(), Some((0xfe00_0000, 0xfe1f_ffff)));
+        // Firmware's programming reads back the same, 1 MiB granular; the guest sees it.
+        g.port.set_memory_window(0xc020_0000, 0xc03f_ffff);
+        assert_eq!(g.port.memory_window(), Some((0xc020_0000, 0xc03f_ffff)));
+        assert_eq!(g.read32(MEMORY_BASE), 0xc030_c020);
+        g.port.set_memory_window(0xc000_0000, 0xc00f_0000);
+        assert_eq!(g.port.memory_window(), Some((0xc000_0000, 0xc00f_ffff)));
+        g.write32(MEMORY_BASE, 0xfe10_fe00);
         g.write32(PREFETCHABLE_MEMORY_BASE, 0x0011_0001);
         g.write32(PREFETCHABLE_BASE_UPPER32, 0x8);
         g.write32(PREFETCHABLE_LIMIT_UPPER32, 0x8);
