@@ -314,11 +314,7 @@ impl AcpiHotplugController {
     }
 
     fn decode(&mut self, offset: PioAddressOffset, len: usize) -> Option<u16> {
-        let reg = crate::dword_registers::decode(offset, len, ACPI_HOTPLUG_PORTS);
-        if reg.is_none() {
-            self.ignored_accesses += 1;
-        }
-        reg
+        crate::dword_registers::decode(offset, len, ACPI_HOTPLUG_PORTS, &mut self.ignored_accesses)
     }
 }
 

@@ -96,11 +96,7 @@ impl OscReport {
     }
 
     fn decode(&mut self, offset: PioAddressOffset, len: usize) -> Option<u16> {
-        let reg = crate::dword_registers::decode(offset, len, OSC_REPORT_PORTS);
-        if reg.is_none() {
-            self.ignored_accesses += 1;
-        }
-        reg
+        crate::dword_registers::decode(offset, len, OSC_REPORT_PORTS, &mut self.ignored_accesses)
     }
 }
 
