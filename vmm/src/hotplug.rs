@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use acpi::host_bridge as osc;
 use devices::acpi_hotplug::{AcpiBusState, AcpiHotplugController, AcpiHotplugObserver};
 use devices::osc_report::OscEvaluation;
 use devices::pci::{Bdf, Indicator, PcieRootPort, SlotEvent, SlotObserver};
@@ -748,7 +749,7 @@ impl Inner {
             "evaluations": r.evaluations(),
             "last": evaluation(r.last()),
             "committed": evaluation(committed),
-            "native-hotplug-granted": committed.is_some_and(|c| c.granted & OSC_CONTROL_NATIVE_HOTPLUG != 0),
+            "native-hotplug-granted": committed.is_some_and(|c| c.granted & osc::OSC_CTRL_PCIE_NATIVE_HP != 0),
         })
     }
 
@@ -960,16 +961,14 @@ fn acpi_slot_json(bus: &AcpiBusState, d: u8, occupant: Option<&str>, state: &Sta
 
 /// `_OSC` control field bits (PCI Firmware Specification 3.3 §4.5.1), as Linux names them.
 const OSC_CONTROL_NAMES: [(u32, &str); 7] = [
-    (1 << 0, "PCIeHotplug"),
-    (1 << 1, "SHPCHotplug"),
-    (1 << 2, "PME"),
-    (1 << 3, "AER"),
-    (1 << 4, "PCIeCapability"),
-    (1 << 5, "LTR"),
-    (1 << 7, "DPC"),
+    (osc::OSC_CTRL_PCIE_NATIVE_HP, "PCIeHotplug"),
+    (osc::OSC_CTRL_SHPC_NATIVE_HP, "SHPCHotplug"),
+    (osc::OSC_CTRL_PCIE_PME, "PME"),
+    (osc::OSC_CTRL_PCIE_AER, "AER"),
+    (osc::OSC_CTRL_PCIE_CAPABILITY, "PCIeCapability"),
+    (osc::OSC_CTRL_LTR, "LTR"),
+    (osc::OSC_CTRL_DPC, "DPC"),
 ];
-/// `_OSC` control bit: PCI Express native hot-plug.
-const OSC_CONTROL_NATIVE_HOTPLUG: u32 = 1 << 0;
 /// `_OSC` support field bits, as Linux names them.
 const OSC_SUPPORT_NAMES: [(u32, &str); 8] = [
     (1 << 0, "ExtendedConfig"),
