@@ -21,7 +21,8 @@ use super::device::{same_device, PciBarIo, SharedPciDevice};
 struct Mapping {
     size: u64,
     bdf: Bdf,
-    region: PciBarIo,
+    /// `None`: a vacated BAR (see [`BarSpace::vacate_device`]).
+    region: Option<PciBarIo>,
 }
 
 #[derive(Default)]
@@ -38,6 +39,12 @@ struct Maps {
 ///
 /// Register one [`BarSpace`] over every window of the host bridge (it may be registered on
 /// several ranges, memory and I/O): it works with absolute addresses, `base + offset`.
+///
+/// A VMM that pulls a device out may leave its BARs *vacated* rather than unmapped
+/// ([`BarSpace::vacate_device`]): they read zero and drop writes until a later mapping
+/// overlaps them, which evicts them. Some guest drivers poll a register of a device they are
+/// letting go of until it reads zero (Linux's virtio-pci reset does), and spin forever on the
+/// all-ones of a device that is really gone.
 #[derive(Default)]
 pub struct BarSpace {
     maps: RwLock<Maps>,
@@ -76,19 +83,49 @@ impl BarSpace {
         }
         let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
         let map = Self::map_of(&mut maps, kind);
-        let before = map.range(..end).next_back();
-        if before.is_some_and(|(&start, m)| start + m.size > address) {
-            return false;
+        // Mappings never overlap one another, so the overlapping ones are the last ones
+        // starting before `end`, walked backwards. Vacated BARs give way.
+        let mut vacated = Vec::new();
+        for (&start, m) in map.range(..end).rev() {
+            if start + m.size <= address {
+                break;
+            }
+            if m.region.is_some() {
+                return false;
+            }
+            vacated.push(start);
+        }
+        for start in vacated {
+            map.remove(&start);
         }
         map.insert(
             address,
             Mapping {
                 size,
                 bdf,
-                region: PciBarIo::new(device.clone(), index),
+                region: Some(PciBarIo::new(device.clone(), index)),
             },
         );
         true
+    }
+
+    /// Vacates every mapping of `device`: from now on they read zero and drop writes, without
+    /// reaching the device, until a later [`map`](Self::map) overlaps them. Returns how many
+    /// mappings were vacated.
+    pub fn vacate_device(&self, device: &SharedPciDevice) -> usize {
+        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+        let maps = &mut *maps;
+        let mut n = 0;
+        for m in maps.memory.values_mut().chain(maps.io.values_mut()) {
+            if m.region
+                .as_ref()
+                .is_some_and(|r| same_device(r.device(), device))
+            {
+                m.region = None;
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Removes the mapping that starts at `address`, if it belongs to BAR `index` of `bdf`.
@@ -96,7 +133,7 @@ impl BarSpace {
         let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
         let map = Self::map_of(&mut maps, kind);
         match map.get(&address) {
-            Some(m) if m.bdf == bdf && m.region.bar() == index => {
+            Some(m) if m.bdf == bdf && m.region.as_ref().is_some_and(|r| r.bar() == index) => {
                 map.remove(&address);
                 true
             }
@@ -116,10 +153,13 @@ impl BarSpace {
     pub fn unmap_device(&self, device: &SharedPciDevice) -> usize {
         let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
         let before = maps.memory.len() + maps.io.len();
-        maps.memory
-            .retain(|_, m| !same_device(m.region.device(), device));
-        maps.io
-            .retain(|_, m| !same_device(m.region.device(), device));
+        let other = |m: &Mapping| {
+            !m.region
+                .as_ref()
+                .is_some_and(|r| same_device(r.device(), device))
+        };
+        maps.memory.retain(|_, m| other(m));
+        maps.io.retain(|_, m| other(m));
         before - maps.memory.len() - maps.io.len()
     }
 
@@ -134,8 +174,9 @@ impl BarSpace {
         self.len() == 0
     }
 
-    /// The BAR under `[address, address + len)` and the offset of `address` into it.
-    fn find(&self, io: bool, address: u64, len: usize) -> Option<(PciBarIo, u64)> {
+    /// The BAR under `[address, address + len)` (`None` inside if vacated) and the offset of
+    /// `address` into it.
+    fn find(&self, io: bool, address: u64, len: usize) -> Option<(Option<PciBarIo>, u64)> {
         let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
         let map = if io { &maps.io } else { &maps.memory };
         let (&start, m) = map.range(..=address).next_back()?;
@@ -146,7 +187,8 @@ impl BarSpace {
 
     fn read(&self, io: bool, address: Option<u64>, data: &mut [u8]) {
         match address.and_then(|a| self.find(io, a, data.len())) {
-            Some((region, offset)) => {
+            Some((None, _)) => data.fill(0),
+            Some((Some(region), offset)) => {
                 if io {
                     region.pio_read(PioAddress(0), offset as u16, data)
                 } else {
@@ -158,7 +200,7 @@ impl BarSpace {
     }
 
     fn write(&self, io: bool, address: Option<u64>, data: &[u8]) {
-        if let Some((region, offset)) = address.and_then(|a| self.find(io, a, data.len())) {
+        if let Some((Some(region), offset)) = address.and_then(|a| self.find(io, a, data.len())) {
             if io {
                 region.pio_write(PioAddress(0), offset as u16, data)
             } else {
@@ -277,6 +319,37 @@ mod tests {
         space.mmio_write(MmioAddress(0xc000_0000), u64::MAX, &[1]);
         space.mmio_read(MmioAddress(0xc000_0000), u64::MAX - 1, &mut b);
         assert_eq!(p.lock().unwrap().writes.len(), 1);
+    }
+
+    #[test]
+    fn vacated_bars_read_zero_and_give_way() {
+        let space = BarSpace::new();
+        let (p, dev) = probe();
+        let (_, other) = probe();
+        assert!(space.map(bdf(1), &dev, MEM, 0, 0x10000, 0x1000));
+        assert!(space.map(bdf(1), &dev, MEM, 2, 0x11000, 0x1000));
+        assert!(space.map(bdf(2), &other, MEM, 0, 0x20000, 0x1000));
+        assert_eq!(space.vacate_device(&dev), 2);
+        let mut b = [0xaau8; 4];
+        space.mmio_read(MmioAddress(0), 0x10010, &mut b);
+        assert_eq!(b, [0; 4], "vacated: zero");
+        space.mmio_write(MmioAddress(0), 0x10010, &[1, 2, 3, 4]);
+        assert!(
+            p.lock().unwrap().writes.is_empty(),
+            "never reaches the device"
+        );
+        space.mmio_read(MmioAddress(0), 0x20000, &mut b);
+        assert_eq!(b, [0; 4], "the other device's BAR 0 still answers");
+        // A new mapping over both vacated BARs evicts them; a live one still refuses.
+        let (_, new) = probe();
+        assert!(space.map(bdf(1), &new, MEM, 0, 0x10800, 0x1000));
+        assert_eq!(space.len(), 2);
+        space.mmio_read(MmioAddress(0), 0x10000, &mut b);
+        assert_eq!(b, [0xff; 4], "the vacated BAR's uncovered part went too");
+        assert!(!space.map(bdf(3), &new, MEM, 0, 0x20800, 0x1000));
+        // Unmapping a device leaves no vacated BAR behind.
+        assert_eq!(space.vacate_device(&other), 1);
+        assert_eq!(space.unmap_device(&other), 0);
     }
 
     #[test]

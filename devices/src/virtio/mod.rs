@@ -95,6 +95,59 @@ pub trait VirtioInterrupt: Send + Sync {
     fn trigger(&self, kind: VirtioInterruptType) -> io::Result<()>;
 }
 
+/// What a device pulled out without the driver's knowledge (surprise removal) does with the
+/// requests the driver had made available and the device had not completed.
+///
+/// Either way the request the device is serving at that moment finishes its host I/O first
+/// (a `pread` cannot be taken back); the backend is released once it has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InFlightPolicy {
+    /// Complete every one of them with the device type's I/O error (virtio-blk:
+    /// `VIRTIO_BLK_S_IOERR`) and raise the queue interrupts, then vanish: the driver sees the
+    /// errors before it sees the device gone, so nothing of its is left waiting on the device.
+    #[default]
+    Fail,
+    /// Vanish with them, as hardware pulled from its slot does: no completion is ever
+    /// published. A driver without a timeout for its requests waits for them forever (Linux's
+    /// virtio_blk does: the removal then hangs in `del_gendisk`).
+    Drop,
+}
+
+impl InFlightPolicy {
+    /// The policy's name on the command line and the control socket.
+    pub fn name(self) -> &'static str {
+        match self {
+            InFlightPolicy::Fail => "fail",
+            InFlightPolicy::Drop => "drop",
+        }
+    }
+}
+
+impl std::str::FromStr for InFlightPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fail" => Ok(InFlightPolicy::Fail),
+            "drop" => Ok(InFlightPolicy::Drop),
+            _ => Err(format!("'{s}' is not an in-flight policy (fail, drop)")),
+        }
+    }
+}
+
+/// What a surprise removal did with the requests in flight.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InFlightOutcome {
+    /// Requests completed with an I/O error without being done ([`InFlightPolicy::Fail`]).
+    pub failed: u64,
+    /// Requests left uncompleted ([`InFlightPolicy::Drop`], or any request whose host I/O
+    /// outlasted the removal).
+    pub dropped: u64,
+    /// The host I/O of the request being served had not finished when the removal returned:
+    /// the device's thread finishes it alone, then releases the backend.
+    pub host_io_pending: bool,
+}
+
 /// A queue the driver enabled, ready for the device: the `virtio-queue` state (sizes and ring
 /// addresses as negotiated, already validated by `Queue::is_valid` against guest memory), the
 /// queue's index and the event the transport signals when the driver notifies the queue.
@@ -164,5 +217,16 @@ pub trait VirtioDevice: Send {
     /// activated again. The default only resets.
     fn shutdown(&mut self) {
         self.reset();
+    }
+
+    /// The device is pulled out without the driver's knowledge (surprise removal): stop
+    /// serving the queues, dealing with the requests in flight as `in_flight` says, and release
+    /// the backend once the host I/O in flight has finished. Returns promptly even if that
+    /// host I/O hangs; after it returns the device publishes nothing to guest memory. The
+    /// device is never activated again. The default is [`shutdown`](Self::shutdown).
+    fn surprise_remove(&mut self, in_flight: InFlightPolicy) -> InFlightOutcome {
+        let _ = in_flight;
+        self.shutdown();
+        InFlightOutcome::default()
     }
 }

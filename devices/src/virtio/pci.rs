@@ -66,8 +66,8 @@ use super::msix::{
     Msix, MsixCapability, MsixDelivery, MsixError, MSIX_CAP_LEN, MSIX_CAP_MESSAGE_CONTROL,
 };
 use super::{
-    features, status, ActiveQueue, GuestMemory, MsiInterruptGroup, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType, VIRTIO_MSI_NO_VECTOR,
+    features, status, ActiveQueue, GuestMemory, InFlightOutcome, InFlightPolicy, MsiInterruptGroup,
+    VirtioDevice, VirtioInterrupt, VirtioInterruptType, VIRTIO_MSI_NO_VECTOR,
 };
 use crate::pci::configuration::{
     BarKind, BarRegion, PciConfigError, PciConfiguration, PciIdentity, CAP_ID_MSIX,
@@ -696,6 +696,18 @@ impl VirtioPciDevice {
         self.device.shutdown();
         self.activated = false;
         self.reset();
+    }
+
+    /// The device is pulled out without the driver's knowledge:
+    /// [`VirtioDevice::surprise_remove`] with `in_flight` (with [`InFlightPolicy::Fail`] the
+    /// device's last interrupts go out through the vectors the driver assigned, before they are
+    /// forgotten), then the transport forgets everything as on a reset. The VMM takes the
+    /// function off the bus and unmaps its BARs right after.
+    pub fn surprise_remove(&mut self, in_flight: InFlightPolicy) -> InFlightOutcome {
+        let outcome = self.device.surprise_remove(in_flight);
+        self.activated = false;
+        self.reset();
+        outcome
     }
 
     /// Resets the device as a driver write of 0 to `device_status` does (§2.4, §4.1.4.3.1): the

@@ -9,12 +9,15 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::disk::{Disk, SECTOR_SIZE};
 use super::request::{read_data, write_data, ChainLayout, RequestType};
 use super::stats::{BlockStats, Counter};
-use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG};
+use super::{
+    BackendErrorObserver, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS,
+    MAX_WRITE_ZEROES_SEG,
+};
 
 /// Size of one `struct virtio_blk_discard_write_zeroes` (§5.2.6): `le64 sector;
 /// le32 num_sectors; le32 flags`.
@@ -36,6 +39,7 @@ pub struct RequestProcessor {
     features: u64,
     layout: ChainLayout,
     stats: Arc<BlockStats>,
+    backend_errors: Option<Arc<dyn BackendErrorObserver>>,
 }
 
 impl RequestProcessor {
@@ -59,7 +63,18 @@ impl RequestProcessor {
             features,
             layout: ChainLayout::new(seg_max as usize),
             stats,
+            backend_errors: None,
         }
+    }
+
+    /// Tells `observer` of every failure of the backing file's I/O (not of the requests the
+    /// guest got wrong).
+    pub fn with_backend_error_observer(
+        mut self,
+        observer: Option<Arc<dyn BackendErrorObserver>>,
+    ) -> Self {
+        self.backend_errors = observer;
+        self
     }
 
     /// Serves the request in `chain` and returns the used length to report for it: bytes
@@ -82,6 +97,51 @@ impl RequestProcessor {
             Ok(written) => (S_OK, written),
             Err(status) => (status, 0),
         };
+        self.complete(mem, status_addr, status, written)
+    }
+
+    /// Completes the request in `chain` with `VIRTIO_BLK_S_IOERR` without doing it: the device
+    /// is being pulled out ([`InFlightPolicy::Fail`](crate::virtio::InFlightPolicy::Fail)).
+    /// Returns the used length as [`process`](Self::process) does.
+    pub fn fail(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+        let mem: &GuestMemoryMmap = chain.memory();
+        self.layout.parse(chain.clone());
+        let Some(status_addr) = self.layout.status() else {
+            self.stats.add(Counter::MalformedChains, 1);
+            return 0;
+        };
+        self.stats.add(Counter::FailedOnRemoval, 1);
+        self.complete(mem, status_addr, S_IOERR, 0)
+    }
+
+    /// A host I/O of the request failed: the request fails with `VIRTIO_BLK_S_IOERR`. Unless the
+    /// guest's buffers were the problem (EFAULT: outside guest memory), the backend is failing:
+    /// counted and reported to the observer.
+    fn host_error(&self, what: &str, e: std::io::Error) -> u8 {
+        debug!("virtio-blk: {what} failed: {e}");
+        if e.raw_os_error() != Some(libc::EFAULT) {
+            self.stats.add(Counter::BackendErrors, 1);
+            if let Some(observer) = &self.backend_errors {
+                observer.backend_error(what, &e);
+            }
+        }
+        S_IOERR
+    }
+
+    /// Counts `n` requests left uncompleted because the device was pulled out
+    /// ([`InFlightPolicy::Drop`](crate::virtio::InFlightPolicy::Drop)).
+    pub fn count_dropped(&self, n: u64) {
+        self.stats.add(Counter::DroppedOnRemoval, n);
+    }
+
+    /// Writes `status` and returns the used length (`written` data bytes and the status byte).
+    fn complete(
+        &self,
+        mem: &GuestMemoryMmap,
+        status_addr: GuestAddress,
+        status: u8,
+        written: u32,
+    ) -> u32 {
         match status {
             S_IOERR => self.stats.add(Counter::IoErrors, 1),
             S_UNSUPP => self.stats.add(Counter::Unsupported, 1),
@@ -111,7 +171,7 @@ impl RequestProcessor {
             }
             RequestType::Flush => {
                 self.stats.add(Counter::Flushes, 1);
-                self.disk.flush().map_err(|e| io_error("flush", e))?;
+                self.disk.flush().map_err(|e| self.host_error("flush", e))?;
                 Ok(0)
             }
             RequestType::GetId => {
@@ -143,7 +203,7 @@ impl RequestProcessor {
         for seg in self.layout.writable() {
             self.disk
                 .read_to_guest(mem, seg.addr, seg.len as usize, offset)
-                .map_err(|e| io_error("read", e))?;
+                .map_err(|e| self.host_error("read", e))?;
             offset += u64::from(seg.len);
         }
         self.stats.add(Counter::BytesRead, len);
@@ -164,7 +224,7 @@ impl RequestProcessor {
         for seg in self.layout.readable() {
             self.disk
                 .write_from_guest(mem, seg.addr, seg.len as usize, offset)
-                .map_err(|e| io_error("write", e))?;
+                .map_err(|e| self.host_error("write", e))?;
             offset += u64::from(seg.len);
         }
         self.stats.add(Counter::BytesWritten, len);
@@ -212,7 +272,7 @@ impl RequestProcessor {
             } else {
                 self.disk.discard(offset, bytes)
             };
-            done.map_err(|e| io_error(if zeroes { "write zeroes" } else { "discard" }, e))?;
+            done.map_err(|e| self.host_error(if zeroes { "write zeroes" } else { "discard" }, e))?;
         }
         Ok(0)
     }
@@ -259,11 +319,6 @@ impl RequestProcessor {
     }
 }
 
-fn io_error(what: &str, e: std::io::Error) -> u8 {
-    debug!("virtio-blk: {what} failed: {e}");
-    S_IOERR
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,7 +327,6 @@ mod tests {
         VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
         VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
     };
-    use vm_memory::GuestAddress;
 
     const HDR: u64 = BUF;
     const DATA: u64 = BUF + 0x1000;
@@ -325,6 +379,75 @@ mod tests {
             guest_bytes(&mem, DATA + 0x1000, 1024),
             expected(4 * 512, 1024)
         );
+    }
+
+    #[test]
+    fn fail_completes_with_ioerr_without_doing_the_request() {
+        let mem = guest_memory();
+        let tmp = image();
+        let (mut p, stats) = processor(&tmp, false, 8);
+        put_header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+        fill(&mem, DATA, 512, 0xaa);
+        fill(&mem, STATUS, 1, 0xee);
+        let descs = [desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)];
+        let used = with_chain(&mem, &descs, |c| p.fail(c));
+        assert_eq!((used, status(&mem, STATUS)), (1, S_IOERR));
+        assert_eq!(
+            guest_bytes(&mem, DATA, 512),
+            vec![0xaa; 512],
+            "no data read"
+        );
+        let snap = stats.snapshot();
+        assert_eq!(
+            (snap.failed_on_removal, snap.io_errors, snap.reads),
+            (1, 1, 0)
+        );
+        // A chain without a status byte cannot be failed, only returned.
+        let used = with_chain(&mem, &[desc(HDR, 16, 0)], |c| p.fail(c));
+        assert_eq!(used, 0);
+        assert_eq!(stats.snapshot().malformed_chains, 1);
+    }
+
+    #[test]
+    fn backend_failures_reach_the_observer_guest_faults_do_not() {
+        #[derive(Default)]
+        struct Seen(std::sync::Mutex<Vec<String>>);
+        impl BackendErrorObserver for Seen {
+            fn backend_error(&self, operation: &str, _error: &std::io::Error) {
+                self.0.lock().unwrap().push(operation.to_string());
+            }
+        }
+        let mem = guest_memory();
+        let tmp = image();
+        // An image the host can no longer read (opened write-only: EBADF on every pread).
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(tmp.as_path())
+            .unwrap();
+        let disk = Arc::new(Disk::from_file(file, false).unwrap());
+        let stats = Arc::new(BlockStats::default());
+        let seen = Arc::new(Seen::default());
+        let mut p = RequestProcessor::new(disk, "s", u64::MAX, 8, stats.clone())
+            .with_backend_error_observer(Some(seen.clone()));
+        put_header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+        let descs = [desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)];
+        let used = with_chain(&mem, &descs, |c| p.process(c));
+        assert_eq!((used, status(&mem, STATUS)), (1, S_IOERR));
+        assert_eq!(*seen.0.lock().unwrap(), ["read"]);
+        assert_eq!(stats.snapshot().backend_errors, 1);
+        // A read into a buffer outside guest memory fails too, but the guest is at fault.
+        let (p, stats) = processor(&tmp, false, 8);
+        let seen = Arc::new(Seen::default());
+        let mut p = p.with_backend_error_observer(Some(seen.clone()));
+        let descs = [
+            desc(HDR, 16, 0),
+            desc(RAM_SIZE - 256, 512, W),
+            desc(STATUS, 1, W),
+        ];
+        let used = with_chain(&mem, &descs, |c| p.process(c));
+        assert_eq!((used, status(&mem, STATUS)), (1, S_IOERR));
+        assert!(seen.0.lock().unwrap().is_empty());
+        assert_eq!(stats.snapshot().backend_errors, 0);
     }
 
     #[test]

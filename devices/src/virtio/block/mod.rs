@@ -36,7 +36,10 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::QueueT;
 
 use super::features::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use super::{ActivateError, ActiveQueue, GuestMemory, VirtioDevice, VirtioInterrupt};
+use super::{
+    ActivateError, ActiveQueue, GuestMemory, InFlightOutcome, InFlightPolicy, VirtioDevice,
+    VirtioInterrupt,
+};
 use config_space::{ConfigSpace, ConfigValues};
 use worker::{Worker, WorkerContext};
 
@@ -122,6 +125,21 @@ pub enum BlockError {
     },
 }
 
+/// Hears of failures of a device's backing file: host I/O that failed for reasons of the
+/// host's (a network block device whose server died, a disk going bad), not the guest's. The
+/// request is completed with `VIRTIO_BLK_S_IOERR` regardless; the VMM may report the failure or
+/// take the device away. Called on the device's I/O thread for every failure: return promptly.
+pub trait BackendErrorObserver: Send + Sync {
+    /// `operation` ("read", "write", "flush", ...) failed with `error`.
+    fn backend_error(&self, operation: &str, error: &std::io::Error);
+}
+
+impl std::fmt::Debug for dyn BackendErrorObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackendErrorObserver")
+    }
+}
+
 /// A virtio-blk device.
 pub struct Block {
     config: BlockConfig,
@@ -132,6 +150,7 @@ pub struct Block {
     stats: Arc<BlockStats>,
     needs_reset: Arc<AtomicBool>,
     worker: Option<Worker>,
+    backend_errors: Option<Arc<dyn BackendErrorObserver>>,
 }
 
 impl Block {
@@ -206,6 +225,7 @@ impl Block {
             stats: Arc::new(BlockStats::default()),
             needs_reset: Arc::new(AtomicBool::new(false)),
             worker: None,
+            backend_errors: None,
         })
     }
 
@@ -242,6 +262,12 @@ impl Block {
     /// Request counters, shared: keep the handle to read them after the device is boxed.
     pub fn stats(&self) -> Arc<BlockStats> {
         self.stats.clone()
+    }
+
+    /// Tells `observer` of every failure of the backing file's I/O from the next activation
+    /// on.
+    pub fn set_backend_error_observer(&mut self, observer: Option<Arc<dyn BackendErrorObserver>>) {
+        self.backend_errors = observer;
     }
 
     /// Whether the I/O thread is running.
@@ -322,7 +348,8 @@ impl VirtioDevice for Block {
             features,
             self.config.seg_max(),
             self.stats.clone(),
-        );
+        )
+        .with_backend_error_observer(self.backend_errors.clone());
         let ctx = WorkerContext {
             memory,
             interrupt,
@@ -354,6 +381,32 @@ impl VirtioDevice for Block {
             info!("virtio-blk {}: backend released", self.config.id);
         }
     }
+
+    /// Pulls the device out: the I/O thread fails (`VIRTIO_BLK_S_IOERR`) or drops every request
+    /// the driver made available, finishing the one it is serving first (see
+    /// [`InFlightPolicy`]); if that host I/O outlasts a short wait, the thread finishes it
+    /// alone, publishing nothing, and holds the backend until then. Afterwards the device is as
+    /// after [`shutdown`](VirtioDevice::shutdown).
+    fn surprise_remove(&mut self, in_flight: InFlightPolicy) -> InFlightOutcome {
+        let before = self.stats.snapshot();
+        let ended = self.worker.take().is_none_or(|w| w.pull(in_flight));
+        self.needs_reset.store(false, Ordering::Release);
+        let after = self.stats.snapshot();
+        let outcome = InFlightOutcome {
+            failed: after.failed_on_removal - before.failed_on_removal,
+            dropped: after.dropped_on_removal - before.dropped_on_removal,
+            host_io_pending: !ended,
+        };
+        info!(
+            "virtio-blk {}: pulled out ({} in-flight policy): {outcome:?}",
+            self.config.id,
+            in_flight.name(),
+        );
+        if self.disk.take().is_some() && ended {
+            info!("virtio-blk {}: backend released", self.config.id);
+        }
+        outcome
+    }
 }
 
 impl Block {
@@ -379,7 +432,7 @@ mod tests {
     use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
-    use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     #[derive(Default)]
@@ -551,6 +604,87 @@ mod tests {
         rig.activate(&mut dev, queue).unwrap();
         wait_for("request after re-activation", || q.used().idx().load() == 3);
         assert_eq!(dev.stats().snapshot().reads, 3);
+    }
+
+    /// An active device that served one read request and then had two more published but not
+    /// notified: (device, queue).
+    fn two_requests_in_flight<'a>(
+        tmp: &vmm_sys_util::tempfile::TempFile,
+        rig: &Rig,
+        mem: &'a GuestMemoryMmap,
+    ) -> (Block, MockSplitQueue<'a, GuestMemoryMmap>) {
+        let q = MockSplitQueue::new(mem, 16);
+        let mut dev = block(tmp, false, 1);
+        let chain = |i: u16, status: u64| {
+            put_header(mem, HDR + u64::from(i) * 0x10, VIRTIO_BLK_T_IN, 1);
+            [
+                desc_next(HDR + u64::from(i) * 0x10, 16, N, i + 1),
+                desc_next(DATA, 512, W | N, i + 2),
+                desc_next(status, 1, W, 0),
+            ]
+        };
+        q.add_desc_chains(&chain(0, STATUS + 2), 0).unwrap();
+        rig.activate(&mut dev, q.create_queue().unwrap()).unwrap();
+        // Once its interrupt is out the I/O thread sleeps until notified.
+        wait_for("first request", || {
+            rig.interrupt.queue.load(Ordering::SeqCst) == 1
+        });
+        for (i, status) in [(3u16, STATUS), (6, STATUS + 1)] {
+            q.add_desc_chains(&chain(i, status), i).unwrap();
+        }
+        mem.write_slice(&[0xee, 0xee], GuestAddress(STATUS))
+            .unwrap();
+        (dev, q)
+    }
+
+    #[test]
+    fn surprise_removal_fails_the_requests_in_flight() {
+        let tmp = image();
+        let rig = Rig::new();
+        let guard = rig.memory.memory();
+        let mem: &GuestMemoryMmap = &guard;
+        let (mut dev, q) = two_requests_in_flight(&tmp, &rig, mem);
+        let outcome = dev.surprise_remove(InFlightPolicy::Fail);
+        assert_eq!(
+            outcome,
+            InFlightOutcome {
+                failed: 2,
+                dropped: 0,
+                host_io_pending: false
+            }
+        );
+        // Completed with VIRTIO_BLK_S_IOERR (1), used length 1, the driver interrupted.
+        assert_eq!(q.used().idx().load(), 3);
+        assert_eq!(status(mem, STATUS), 1);
+        assert_eq!(status(mem, STATUS + 1), 1);
+        assert_eq!(q.used().ring().ref_at(1).unwrap().load().len(), 1);
+        assert_eq!(q.used().ring().ref_at(2).unwrap().load().len(), 1);
+        assert_eq!(rig.interrupt.queue.load(Ordering::SeqCst), 2);
+        assert_eq!(dev.stats().snapshot().reads, 1, "only the first was read");
+        assert!(!dev.is_active() && !dev.has_backend());
+        assert!(rig.activate(&mut dev, q.create_queue().unwrap()).is_err());
+    }
+
+    #[test]
+    fn surprise_removal_drops_the_requests_in_flight() {
+        let tmp = image();
+        let rig = Rig::new();
+        let guard = rig.memory.memory();
+        let mem: &GuestMemoryMmap = &guard;
+        let (mut dev, q) = two_requests_in_flight(&tmp, &rig, mem);
+        let outcome = dev.surprise_remove(InFlightPolicy::Drop);
+        assert_eq!((outcome.failed, outcome.dropped), (0, 2));
+        // Nothing more published: no used entry, no status, no interrupt.
+        assert_eq!(q.used().idx().load(), 1);
+        assert_eq!(status(mem, STATUS), 0xee);
+        assert_eq!(rig.interrupt.queue.load(Ordering::SeqCst), 1);
+        assert!(!dev.is_active() && !dev.has_backend());
+        // A device that was never activated has nothing in flight.
+        let mut idle = block(&tmp, false, 1);
+        assert_eq!(
+            idle.surprise_remove(InFlightPolicy::Fail),
+            InFlightOutcome::default()
+        );
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub struct BlockStats {
     bytes_written: AtomicU64,
     io_errors: AtomicU64,
     malformed_chains: AtomicU64,
+    failed_on_removal: AtomicU64,
+    dropped_on_removal: AtomicU64,
+    backend_errors: AtomicU64,
 }
 
 /// A copy of [`BlockStats`] at one moment.
@@ -45,6 +48,15 @@ pub struct BlockStatsSnapshot {
     pub io_errors: u64,
     /// Chains returned without a status byte (no usable device-writable status byte).
     pub malformed_chains: u64,
+    /// Requests in flight when the device was pulled out with
+    /// [`InFlightPolicy::Fail`](crate::virtio::InFlightPolicy::Fail): completed with
+    /// `VIRTIO_BLK_S_IOERR` without being done (also counted in `io_errors`).
+    pub failed_on_removal: u64,
+    /// Requests in flight when the device was pulled out with
+    /// [`InFlightPolicy::Drop`](crate::virtio::InFlightPolicy::Drop): never completed.
+    pub dropped_on_removal: u64,
+    /// Host I/O failures of the backing file (also counted in `io_errors`).
+    pub backend_errors: u64,
 }
 
 /// Which counter to bump (keeps the call sites short).
@@ -61,6 +73,9 @@ pub(crate) enum Counter {
     BytesWritten,
     IoErrors,
     MalformedChains,
+    FailedOnRemoval,
+    DroppedOnRemoval,
+    BackendErrors,
 }
 
 impl BlockStats {
@@ -77,6 +92,9 @@ impl BlockStats {
             Counter::BytesWritten => &self.bytes_written,
             Counter::IoErrors => &self.io_errors,
             Counter::MalformedChains => &self.malformed_chains,
+            Counter::FailedOnRemoval => &self.failed_on_removal,
+            Counter::DroppedOnRemoval => &self.dropped_on_removal,
+            Counter::BackendErrors => &self.backend_errors,
         }
     }
 
@@ -99,6 +117,9 @@ impl BlockStats {
             bytes_written: get(Counter::BytesWritten),
             io_errors: get(Counter::IoErrors),
             malformed_chains: get(Counter::MalformedChains),
+            failed_on_removal: get(Counter::FailedOnRemoval),
+            dropped_on_removal: get(Counter::DroppedOnRemoval),
+            backend_errors: get(Counter::BackendErrors),
         }
     }
 }

@@ -11,11 +11,18 @@
 //! holds, a head index outside the table, a used ring the device cannot write — is a driver
 //! bug the device cannot report per request: it stops serving that queue, sets
 //! DEVICE_NEEDS_RESET (§2.1.2) and raises a configuration-change interrupt.
+//!
+//! The thread stops in one of three ways ([`Mode`]): on a reset, publishing nothing more; on
+//! a surprise removal with [`InFlightPolicy::Fail`], first completing every available chain
+//! with `VIRTIO_BLK_S_IOERR`; on one with [`InFlightPolicy::Drop`], publishing nothing more
+//! and counting the chains it leaves behind.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use log::{debug, error, warn};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -24,10 +31,45 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::executor::RequestProcessor;
-use crate::virtio::{ActiveQueue, GuestMemory, VirtioInterrupt, VirtioInterruptType};
+use crate::virtio::{
+    ActiveQueue, GuestMemory, InFlightPolicy, VirtioInterrupt, VirtioInterruptType,
+};
 
 /// epoll token of the stop event (queue tokens are their position in the queue list).
 const STOP_TOKEN: u64 = u64::MAX;
+
+/// How long a surprise removal waits for the request the thread is serving (its host I/O)
+/// before leaving the thread to finish it alone. Host I/O on a dead network backend can block
+/// for minutes; the control socket must not.
+pub(super) const PULL_WAIT: Duration = Duration::from_millis(500);
+
+/// What the thread is told to do, in one atomic the thread reads before each chain and
+/// before publishing each completion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Mode {
+    /// Serve the queues.
+    Run = 0,
+    /// Device reset: stop, publish nothing more (the driver may free the rings right after).
+    Reset = 1,
+    /// Surprise removal, [`InFlightPolicy::Fail`]: complete every available chain with an I/O
+    /// error, raise the interrupts, stop.
+    Fail = 2,
+    /// Surprise removal, [`InFlightPolicy::Drop`]: stop, publish nothing more, count what is
+    /// left behind.
+    Drop = 3,
+}
+
+impl Mode {
+    fn load(mode: &AtomicU8) -> Mode {
+        match mode.load(Ordering::Acquire) {
+            0 => Mode::Run,
+            1 => Mode::Reset,
+            2 => Mode::Fail,
+            _ => Mode::Drop,
+        }
+    }
+}
 
 /// Everything the I/O thread owns while the device is active.
 pub(super) struct WorkerContext {
@@ -40,16 +82,18 @@ pub(super) struct WorkerContext {
 
 /// Handle on a running I/O thread.
 pub(super) struct Worker {
-    stop_flag: Arc<AtomicBool>,
+    mode: Arc<AtomicU8>,
     stop_event: EventFd,
     thread: JoinHandle<()>,
+    /// Disconnected when the thread has ended (its sender is dropped on the way out).
+    exited: mpsc::Receiver<()>,
 }
 
 impl Worker {
     /// Starts the thread `name` serving `ctx`.
     pub fn spawn(name: String, ctx: WorkerContext) -> io::Result<Worker> {
         let stop_event = EventFd::new(EFD_NONBLOCK)?;
-        let stop_flag = Arc::new(AtomicBool::new(false));
+        let mode = Arc::new(AtomicU8::new(Mode::Run as u8));
         let epoll = Epoll::new()?;
         epoll.ctl(
             ControlOperation::Add,
@@ -63,27 +107,64 @@ impl Worker {
                 EpollEvent::new(EventSet::IN, i as u64),
             )?;
         }
-        let flag = stop_flag.clone();
-        let thread = thread::Builder::new()
-            .name(name)
-            .spawn(move || run(epoll, ctx, &flag))?;
+        let (exit_tx, exited) = mpsc::channel::<()>();
+        let thread_mode = mode.clone();
+        let thread = thread::Builder::new().name(name).spawn(move || {
+            let _exit = exit_tx;
+            run(epoll, ctx, &thread_mode)
+        })?;
         Ok(Worker {
-            stop_flag,
+            mode,
             stop_event,
             thread,
+            exited,
         })
     }
 
-    /// Stops the thread and waits for it: when this returns, the device no longer touches guest
-    /// memory. A request being served is finished first; chains popped but not yet served are
-    /// dropped (the driver is resetting the device anyway).
-    pub fn stop(self) {
-        self.stop_flag.store(true, Ordering::Release);
+    fn signal(&self, mode: Mode) {
+        self.mode.store(mode as u8, Ordering::Release);
         if let Err(e) = self.stop_event.write(1) {
             error!("virtio-blk: cannot signal I/O thread to stop: {e}");
         }
+    }
+
+    /// Stops the thread and waits for it (device reset): when this returns, the device no
+    /// longer touches guest memory. The request being served finishes its host I/O but its
+    /// completion is not published, nor anything else: the driver resetting the device may
+    /// free the rings as soon as it reads the status back.
+    pub fn stop(self) {
+        self.signal(Mode::Reset);
         if self.thread.join().is_err() {
             error!("virtio-blk: I/O thread panicked");
+        }
+    }
+
+    /// Stops the thread as the device is pulled out, dealing with the requests in flight as
+    /// `in_flight` says. Waits up to [`PULL_WAIT`] for the request being served; if its host
+    /// I/O takes longer the thread is left to finish it alone, publishing nothing, and
+    /// releases the backend (its reference to the disk) when it ends. Returns whether the
+    /// thread had ended.
+    pub fn pull(self, in_flight: InFlightPolicy) -> bool {
+        self.signal(match in_flight {
+            InFlightPolicy::Fail => Mode::Fail,
+            InFlightPolicy::Drop => Mode::Drop,
+        });
+        match self.exited.recv_timeout(PULL_WAIT) {
+            Err(RecvTimeoutError::Disconnected) => {
+                if self.thread.join().is_err() {
+                    error!("virtio-blk: I/O thread panicked");
+                }
+                true
+            }
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {
+                // From here on the thread publishes nothing, whatever the policy.
+                self.mode.store(Mode::Drop as u8, Ordering::Release);
+                warn!(
+                    "virtio-blk: host I/O still in flight {} ms after the surprise removal; its I/O thread finishes it alone and then releases the backend",
+                    PULL_WAIT.as_millis()
+                );
+                false
+            }
         }
     }
 }
@@ -94,7 +175,7 @@ struct QueueState {
     broken: bool,
 }
 
-fn run(epoll: Epoll, ctx: WorkerContext, stop: &AtomicBool) {
+fn run(epoll: Epoll, ctx: WorkerContext, mode: &AtomicU8) {
     let WorkerContext {
         memory,
         interrupt,
@@ -113,17 +194,14 @@ fn run(epoll: Epoll, ctx: WorkerContext, stop: &AtomicBool) {
         memory: &memory,
         interrupt: interrupt.as_ref(),
         needs_reset: &needs_reset,
-        stop,
+        mode,
     };
     // The driver may have queued requests before its first notification reached us.
     for q in queues.iter_mut() {
         io.serve(q, &mut processor);
     }
     let mut events = vec![EpollEvent::default(); queues.len() + 1];
-    loop {
-        if stop.load(Ordering::Acquire) {
-            return;
-        }
+    while Mode::load(mode) == Mode::Run {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -135,7 +213,7 @@ fn run(epoll: Epoll, ctx: WorkerContext, stop: &AtomicBool) {
         for ev in &events[..n] {
             let token = ev.data();
             if token == STOP_TOKEN {
-                return;
+                break;
             }
             let Some(q) = usize::try_from(token).ok().and_then(|i| queues.get_mut(i)) else {
                 continue;
@@ -145,13 +223,34 @@ fn run(epoll: Epoll, ctx: WorkerContext, stop: &AtomicBool) {
             io.serve(q, &mut processor);
         }
     }
+    match Mode::load(mode) {
+        // Serving in Fail mode completes every available chain with an error.
+        Mode::Fail => {
+            for q in queues.iter_mut() {
+                io.serve(q, &mut processor);
+            }
+        }
+        Mode::Drop => {
+            let guard = memory.memory();
+            let left: u64 = queues
+                .iter()
+                .filter(|q| !q.broken && q.active.queue.ready())
+                .filter_map(|q| {
+                    let avail = q.active.queue.avail_idx(&*guard, Ordering::Acquire).ok()?;
+                    Some(u64::from(avail.0.wrapping_sub(q.active.queue.next_avail())))
+                })
+                .sum();
+            processor.count_dropped(left);
+        }
+        Mode::Run | Mode::Reset => {}
+    }
 }
 
 struct Io<'a> {
     memory: &'a GuestMemory,
     interrupt: &'a dyn VirtioInterrupt,
     needs_reset: &'a AtomicBool,
-    stop: &'a AtomicBool,
+    mode: &'a AtomicU8,
 }
 
 impl Io<'_> {
@@ -161,7 +260,7 @@ impl Io<'_> {
         }
         let guard = self.memory.memory();
         let mem: &GuestMemoryMmap = &guard;
-        match drain(mem, &mut q.active, processor, self.stop) {
+        match drain(mem, &mut q.active, processor, self.mode) {
             Ok(true) => {
                 if let Err(e) = self
                     .interrupt
@@ -190,12 +289,14 @@ impl Io<'_> {
 ///
 /// Each pop re-reads the avail index; `iter` refuses one more than a queue size ahead of the
 /// device, so a corrupt index is a fault rather than a long walk over stale entries. The loop
-/// runs as long as the driver keeps publishing chains, checking `stop` before each one.
+/// runs as long as the driver keeps publishing chains. `mode` is read before each chain (in
+/// Fail mode chains are failed rather than served) and again before each completion is
+/// published (a reset or a Drop that came while the host I/O ran publishes nothing).
 fn drain(
     mem: &GuestMemoryMmap,
     active: &mut ActiveQueue,
     processor: &mut RequestProcessor,
-    stop: &AtomicBool,
+    mode: &AtomicU8,
 ) -> Result<bool, virtio_queue::Error> {
     let queue = &mut active.queue;
     if !queue.ready() {
@@ -206,11 +307,20 @@ fn drain(
     loop {
         queue.disable_notification(mem)?;
         while let Some(chain) = queue.iter(mem)?.next() {
-            if stop.load(Ordering::Acquire) {
-                return Ok(false);
-            }
             let head = chain.head_index();
-            let len = processor.process(chain);
+            let len = match Mode::load(mode) {
+                Mode::Run => processor.process(chain),
+                Mode::Fail => processor.fail(chain),
+                Mode::Reset | Mode::Drop => return Ok(false),
+            };
+            match Mode::load(mode) {
+                Mode::Reset => return Ok(false),
+                Mode::Drop => {
+                    processor.count_dropped(1);
+                    return Ok(false);
+                }
+                Mode::Run | Mode::Fail => {}
+            }
             queue.add_used(mem, head, len)?;
             used_any = true;
         }
