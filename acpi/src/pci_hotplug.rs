@@ -1,7 +1,7 @@
 //! AML for ACPI PCI hot-plug: one device per hot-pluggable slot, the methods that drive the
 //! platform's hot-plug register block, and the Generic Event Device whose interrupt runs them.
 //!
-//! The register block (16 I/O ports at [`PciHotplugConfig::port`], all registers 32 bits, bit
+//! The register block (20 I/O ports at [`PciHotplugConfig::port`], all registers 32 bits, bit
 //! `n` standing for device number `n` of the selected bus) is the one `devices::acpi_hotplug`
 //! models:
 //!
@@ -11,18 +11,21 @@
 //! | 0x4 | insert | `PINS` | device checks pending; write 1 to acknowledge |
 //! | 0x8 | remove | `PREM` | eject requests pending; write 1 to acknowledge |
 //! | 0xC | eject  | `PEJ0` | `_EJ0` writes `1 << device` |
+//! | 0x10 | bus check | `PBCK` | devices that vanished (surprise removal); write 1 to acknowledge |
 //!
 //! The generated namespace:
 //!
 //! ```text
 //! \_SB.PCI0
-//!     OperationRegion (PHPR, SystemIO, port, 0x10), Field (PHPR, DWordAcc) { PSEL, PINS, PREM, PEJ0 }
+//!     OperationRegion (PHPR, SystemIO, port, 0x14), Field (PHPR, DWordAcc) { PSEL, PINS, PREM, PEJ0, PBCK }
 //!     Mutex (PHPM)                       // the select register is shared state
 //!     Method (PCEJ, 2) { PSEL = Arg0; PEJ0 = 1 << Arg1 }          // under PHPM
 //!     Method (PSCN) {                    // for every bus b:
-//!         PSEL = b; Local0 = PINS; Local1 = PREM; PINS = Local0; PREM = Local1   // under PHPM
+//!         PSEL = b; Local0 = PINS; Local1 = PREM; Local2 = PBCK    // under PHPM
+//!         PINS = Local0; PREM = Local1; PBCK = Local2                // acknowledge
 //!         If (Local0 & (1 << d)) { Notify (<slot d>, 1) }   // Device Check
 //!         If (Local1 & (1 << d)) { Notify (<slot d>, 3) }   // Eject Request
+//!         If (Local2) { Notify (<bus b's parent: PCI0 or RPnn>, 0) }   // Bus Check
 //!     }
 //!     Device (SLdd) { _ADR (dd << 16), _SUN, Method (_EJ0, 1) { PCEJ (b, dd) } }   // root bus
 //!     Device (RPnn) { _ADR, Device (SL00) { _ADR 0, _SUN, _EJ0 } }   // a root port's slot
@@ -32,6 +35,11 @@
 //! No slot has `_STA`: Linux's ACPI core only creates (and acpiphp only registers) slot
 //! devices that are present at boot, and a slot without `_STA` always is; acpiphp then tells an
 //! empty slot from an occupied one by reading the function's vendor ID, as it does on QEMU.
+//!
+//! A surprise removal needs the Bus Check on the slot's parent: on a slot device Linux's
+//! acpiphp only looks for new functions (`acpiphp_rescan_slot`), while a Bus Check on the
+//! bridge (`acpiphp_check_bridge`, reached for `PCI0` through the host bridge's
+//! `scan_dependent`) re-checks every slot and disables those whose vendor ID reads all-ones.
 
 use acpi_tables::aml::{
     self, Acquire, And, Arg, Device, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule,
@@ -50,9 +58,13 @@ pub const REG_INSERT: u16 = 0x4;
 pub const REG_REMOVE: u16 = 0x8;
 /// Offset of the eject register.
 pub const REG_EJECT: u16 = 0xC;
+/// Offset of the bus check register.
+pub const REG_BUS_CHECK: u16 = 0x10;
 /// Number of I/O ports of the register block.
-pub const PCI_HOTPLUG_PORTS: u16 = 0x10;
+pub const PCI_HOTPLUG_PORTS: u16 = 0x14;
 
+/// `Notify` value: Bus Check (ACPI 6.5 §5.6.6).
+pub const NOTIFY_BUS_CHECK: u8 = 0;
 /// `Notify` value: Device Check (ACPI 6.5 §5.6.6).
 pub const NOTIFY_DEVICE_CHECK: u8 = 1;
 /// `Notify` value: Eject Request (ACPI 6.5 §5.6.6).
@@ -211,6 +223,7 @@ impl PciHotplugConfig {
                 FieldEntry::Named(*b"PINS", 32),
                 FieldEntry::Named(*b"PREM", 32),
                 FieldEntry::Named(*b"PEJ0", 32),
+                FieldEntry::Named(*b"PBCK", 32),
             ],
         )
         .to_aml_bytes(sink);
@@ -244,14 +257,20 @@ impl PciHotplugConfig {
         let psel = Path::new("PSEL");
         let pins = Path::new("PINS");
         let prem = Path::new("PREM");
-        let (inserted, removed) = (Local(0), Local(1));
+        let pbck = Path::new("PBCK");
+        let (inserted, removed, vanished) = (Local(0), Local(1), Local(2));
         Acquire::new("PHPM".into(), 0xffff).to_aml_bytes(sink);
         Store::new(&psel, &sel).to_aml_bytes(sink);
         Store::new(&inserted, &pins).to_aml_bytes(sink);
         Store::new(&removed, &prem).to_aml_bytes(sink);
+        Store::new(&vanished, &pbck).to_aml_bytes(sink);
         Store::new(&pins, &inserted).to_aml_bytes(sink);
         Store::new(&prem, &removed).to_aml_bytes(sink);
+        Store::new(&pbck, &vanished).to_aml_bytes(sink);
         Release::new("PHPM".into()).to_aml_bytes(sink);
+        let parent = Path::new(&parent_path(&bus.parent));
+        let bus_check = Notify::new(&parent, &NOTIFY_BUS_CHECK);
+        If::new(&vanished, vec![&bus_check]).to_aml_bytes(sink);
         for slot in &bus.slots {
             let path = Path::new(&slot_path(&bus.parent, slot.device));
             let mask = 1u32 << slot.device;
@@ -290,14 +309,18 @@ fn slot_name(device: u8) -> String {
     format!("SL{device:02X}")
 }
 
+/// Absolute path of the object whose secondary bus holds the slots: the host bridge or a
+/// root port.
+fn parent_path(parent: &SlotParent) -> String {
+    match parent {
+        SlotParent::RootBus => "\\_SB_.PCI0".to_string(),
+        SlotParent::RootPort { index, .. } => format!("\\_SB_.PCI0.{}", port_name(*index)),
+    }
+}
+
 /// Absolute path of a slot device.
 fn slot_path(parent: &SlotParent, device: u8) -> String {
-    match parent {
-        SlotParent::RootBus => format!("\\_SB_.PCI0.{}", slot_name(device)),
-        SlotParent::RootPort { index, .. } => {
-            format!("\\_SB_.PCI0.{}.{}", port_name(*index), slot_name(device))
-        }
-    }
+    format!("{}.{}", parent_path(parent), slot_name(device))
 }
 
 fn slot_device(sel: u8, slot: &AcpiSlot, sink: &mut dyn AmlSink) {
@@ -360,6 +383,7 @@ mod tests {
         }
         assert!(find(&aml, b"RP01"));
         assert!(find(&aml, b"_EJ0") && find(&aml, b"_SUN") && find(&aml, b"PSCN"));
+        assert!(find(&aml, b"PBCK"));
         let ged = config().ged_aml();
         assert!(find(&ged, b"ACPI0013") && find(&ged, b"_EVT"));
     }

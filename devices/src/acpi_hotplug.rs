@@ -15,10 +15,16 @@
 //!    Request it unbinds and removes the function, then evaluates the slot's `_EJ0`, which writes
 //!    `1 << slot` to [`REG_EJECT`]. The controller tells its [`AcpiHotplugObserver`], and the VMM
 //!    removes the device and then calls [`AcpiHotplugController::remove`].
+//! 4. A device pulled out without asking the guest: the VMM takes it off the bus (its vendor
+//!    ID reads all-ones) and calls [`AcpiHotplugController::surprise_remove`], which latches a
+//!    bus check for the slot's bus. The `_EVT` method reads [`REG_BUS_CHECK`] and `Notify`s
+//!    the bus's parent object (the root port, or the host bridge for the root bus) with Bus
+//!    Check (0): acpiphp re-checks every slot of the bus and removes the functions that no
+//!    longer answer. (A Device or Bus Check on the slot itself only looks for new functions.)
 //!
 //! # Register block
 //!
-//! Sixteen consecutive I/O ports; four 32-bit registers, bit `n` of each standing for device
+//! Twenty consecutive I/O ports; five 32-bit registers, bit `n` of each standing for device
 //! number `n` of the selected bus. Only aligned 32-bit accesses are decoded (the AML declares the
 //! fields `DWordAcc`): any other access reads all-ones and its write is dropped.
 //!
@@ -28,6 +34,7 @@
 //! | 0x4 | [`REG_INSERT`] | RW1C | slots with a device check pending (a device was inserted) |
 //! | 0x8 | [`REG_REMOVE`] | RW1C | slots with an eject request pending |
 //! | 0xC | [`REG_EJECT`] | WO, reads 0 | the guest ejects the slots whose bits it writes; bits of empty slots are ignored |
+//! | 0x10 | [`REG_BUS_CHECK`] | RW1C | slots whose device vanished (surprise removal): the bus needs a Bus Check |
 //!
 //! Nothing here knows about KVM, PCI buses or the control socket; the VMM maps bus indexes to its
 //! buses and keeps the devices.
@@ -39,6 +46,7 @@ use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
 
 use crate::interrupt::InterruptLine;
+use crate::register_trace::{RegisterAccess, RegisterTracer};
 
 /// Offset of the bus select register.
 pub const REG_SELECT: u16 = 0x0;
@@ -48,8 +56,10 @@ pub const REG_INSERT: u16 = 0x4;
 pub const REG_REMOVE: u16 = 0x8;
 /// Offset of the eject register of the selected bus: write-only.
 pub const REG_EJECT: u16 = 0xC;
+/// Offset of the bus check register of the selected bus (slots whose device vanished): RW1C.
+pub const REG_BUS_CHECK: u16 = 0x10;
 /// Number of I/O ports the controller decodes.
-pub const ACPI_HOTPLUG_PORTS: u16 = 0x10;
+pub const ACPI_HOTPLUG_PORTS: u16 = 0x14;
 /// Device numbers per bus, one bit each in every register.
 pub const SLOTS_PER_BUS: u8 = 32;
 
@@ -108,6 +118,8 @@ pub struct AcpiBusState {
     pub remove: u32,
     /// Slots the guest has ejected and the VMM has not yet emptied.
     pub ejected: u32,
+    /// Slots whose device vanished (surprise removal), bus check not yet acknowledged.
+    pub vanished: u32,
     /// How often the guest's event method has read this bus's pending events.
     pub serviced: u64,
 }
@@ -118,7 +130,22 @@ pub struct AcpiHotplugController {
     select: u32,
     interrupt: Arc<dyn InterruptLine>,
     observer: Option<Arc<dyn AcpiHotplugObserver>>,
+    tracer: Option<Arc<dyn RegisterTracer>>,
     ignored_accesses: u64,
+}
+
+/// The name [`RegisterAccess::device`] carries for the controller's registers.
+pub const TRACE_DEVICE: &str = "acpi-hotplug";
+
+/// A register's name in traces.
+fn register_name(offset: u16) -> &'static str {
+    match offset {
+        REG_SELECT => "SELECT",
+        REG_INSERT => "INSERT",
+        REG_REMOVE => "REMOVE",
+        REG_EJECT => "EJECT",
+        _ => "BUS_CHECK",
+    }
 }
 
 impl fmt::Debug for AcpiHotplugController {
@@ -151,6 +178,7 @@ impl AcpiHotplugController {
             select: 0,
             interrupt,
             observer: None,
+            tracer: None,
             ignored_accesses: 0,
         }
     }
@@ -158,6 +186,37 @@ impl AcpiHotplugController {
     /// Sets who hears of the guest's ejects.
     pub fn set_observer(&mut self, observer: Option<Arc<dyn AcpiHotplugObserver>>) {
         self.observer = observer;
+    }
+
+    /// Sets (or clears) who hears of every guest access to the registers.
+    pub fn set_tracer(&mut self, tracer: Option<Arc<dyn RegisterTracer>>) {
+        self.tracer = tracer;
+    }
+
+    fn trace(&self, offset: u16, write: bool, value: u32) {
+        if let Some(tracer) = &self.tracer {
+            tracer.access(&RegisterAccess {
+                device: TRACE_DEVICE,
+                register: register_name(offset),
+                write,
+                value,
+                after: write.then(|| self.peek(offset)),
+            });
+        }
+    }
+
+    /// A register's value without the side effects of a guest read.
+    fn peek(&self, offset: u16) -> u32 {
+        let bus = u8::try_from(self.select)
+            .ok()
+            .and_then(|b| self.buses.get(usize::from(b)));
+        match (offset, bus) {
+            (REG_SELECT, _) => self.select,
+            (REG_INSERT, Some(b)) => b.insert,
+            (REG_REMOVE, Some(b)) => b.remove,
+            (REG_BUS_CHECK, Some(b)) => b.vanished,
+            _ => 0,
+        }
     }
 
     /// The state of bus `bus`.
@@ -228,8 +287,8 @@ impl AcpiHotplugController {
         Ok(())
     }
 
-    /// The VMM has removed the slot's device (after the guest ejected it, or by surprise):
-    /// the slot is empty and nothing is pending for it.
+    /// The VMM has removed the slot's device after the guest ejected it: the slot is empty
+    /// and nothing is pending for it.
     pub fn remove(&mut self, bus: u8, slot: u8) -> Result<(), AcpiHotplugError> {
         let state = self.slot_mut(bus, slot)?;
         if state.occupied & bit(slot) == 0 {
@@ -243,6 +302,17 @@ impl AcpiHotplugController {
         Ok(())
     }
 
+    /// The VMM pulled the slot's device out without asking the guest (it no longer answers on
+    /// the bus): the slot is empty, a pending device check or eject request is dropped, and a
+    /// bus check is latched for the slot's bus and the interrupt raised.
+    pub fn surprise_remove(&mut self, bus: u8, slot: u8) -> Result<(), AcpiHotplugError> {
+        self.remove(bus, slot)?;
+        let state = self.slot_mut(bus, slot)?;
+        state.vanished |= bit(slot);
+        self.raise();
+        Ok(())
+    }
+
     fn selected(&mut self) -> Option<(u8, &mut AcpiBusState)> {
         let index = u8::try_from(self.select).ok()?;
         self.buses
@@ -251,25 +321,16 @@ impl AcpiHotplugController {
     }
 
     fn read_register(&mut self, offset: u16) -> u32 {
-        match offset {
-            REG_SELECT => self.select,
-            REG_INSERT | REG_REMOVE => {
-                let Some((index, state)) = self.selected() else {
-                    return 0;
-                };
+        let value = self.peek(offset);
+        if matches!(offset, REG_INSERT | REG_REMOVE | REG_BUS_CHECK) {
+            if let Some((index, state)) = self.selected() {
                 state.serviced += 1;
-                let value = if offset == REG_INSERT {
-                    state.insert
-                } else {
-                    state.remove
-                };
                 if let Some(observer) = &self.observer {
                     observer.serviced(index);
                 }
-                value
             }
-            _ => 0,
         }
+        value
     }
 
     fn write_register(&mut self, offset: u16, value: u32) {
@@ -283,6 +344,11 @@ impl AcpiHotplugController {
             REG_REMOVE => {
                 if let Some((_, state)) = self.selected() {
                     state.remove &= !value;
+                }
+            }
+            REG_BUS_CHECK => {
+                if let Some((_, state)) = self.selected() {
+                    state.vanished &= !value;
                 }
             }
             REG_EJECT => {
@@ -321,7 +387,11 @@ impl AcpiHotplugController {
 impl MutDevicePio for AcpiHotplugController {
     fn pio_read(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         match self.decode(offset, data.len()) {
-            Some(reg) => data.copy_from_slice(&self.read_register(reg).to_le_bytes()),
+            Some(reg) => {
+                let value = self.read_register(reg);
+                data.copy_from_slice(&value.to_le_bytes());
+                self.trace(reg, false, value);
+            }
             None => data.fill(0xff),
         }
     }
@@ -330,7 +400,9 @@ impl MutDevicePio for AcpiHotplugController {
         if let Some(reg) = self.decode(offset, data.len()) {
             let mut bytes = [0u8; 4];
             bytes.copy_from_slice(data);
-            self.write_register(reg, u32::from_le_bytes(bytes));
+            let value = u32::from_le_bytes(bytes);
+            self.write_register(reg, value);
+            self.trace(reg, true, value);
         }
     }
 }
@@ -407,6 +479,71 @@ mod tests {
         // And the slot takes a new device.
         c.insert(0, 3).unwrap();
         assert_eq!(service(&mut c, 0), (1 << 3, 0));
+    }
+
+    #[test]
+    fn surprise_removal_latches_a_bus_check() {
+        let (mut c, irq, ejects) = controller();
+        c.cold_plug(1, 0).unwrap();
+        c.insert(0, 5).unwrap();
+        c.request_eject(1, 0).unwrap();
+        assert_eq!(irq.count(), 2);
+        c.surprise_remove(1, 0).unwrap();
+        c.surprise_remove(0, 5).unwrap();
+        assert_eq!(irq.count(), 4);
+        // The slots are empty and what was pending for them is gone with them.
+        for bus in [0, 1] {
+            let b = c.bus(bus).unwrap();
+            assert_eq!((b.occupied, b.insert, b.remove), (0, 0, 0), "bus {bus}");
+        }
+        assert_eq!(service(&mut c, 1), (0, 0));
+        wr(&mut c, REG_SELECT, 1);
+        assert_eq!(rd(&mut c, REG_BUS_CHECK), 1);
+        wr(&mut c, REG_BUS_CHECK, 1);
+        assert_eq!(rd(&mut c, REG_BUS_CHECK), 0);
+        wr(&mut c, REG_SELECT, 0);
+        assert_eq!(rd(&mut c, REG_BUS_CHECK), 1 << 5);
+        // Write-one-to-clear: a zero write keeps it, the guest cannot set bits.
+        wr(&mut c, REG_BUS_CHECK, 0);
+        wr(&mut c, REG_BUS_CHECK, 1 << 6);
+        assert_eq!(rd(&mut c, REG_BUS_CHECK), 1 << 5);
+        wr(&mut c, REG_BUS_CHECK, 1 << 5);
+        assert_eq!(rd(&mut c, REG_BUS_CHECK), 0);
+        // The eject of a vanished device is not reported; an empty slot cannot vanish again.
+        wr(&mut c, REG_EJECT, 1 << 5);
+        assert!(ejects.0.lock().unwrap().is_empty());
+        assert_eq!(
+            c.surprise_remove(0, 5),
+            Err(AcpiHotplugError::Empty { bus: 0, slot: 5 })
+        );
+        // The slot takes a new device.
+        c.insert(0, 5).unwrap();
+        assert_eq!(service(&mut c, 0), (1 << 5, 0));
+    }
+
+    #[test]
+    fn tracer_hears_every_register_access() {
+        use crate::register_trace::testing::Recorder;
+        let (mut c, _, _) = controller();
+        let tracer = Arc::new(Recorder::default());
+        c.set_tracer(Some(tracer.clone()));
+        c.insert(0, 3).unwrap();
+        service(&mut c, 0);
+        let d = || TRACE_DEVICE.to_string();
+        assert_eq!(
+            tracer.take(),
+            [
+                (d(), "SELECT", true, 0, Some(0)),
+                (d(), "INSERT", false, 1 << 3, None),
+                (d(), "REMOVE", false, 0, None),
+                (d(), "INSERT", true, 1 << 3, Some(0)),
+                (d(), "REMOVE", true, 0, Some(0)),
+            ]
+        );
+        // Accesses the controller does not decode are not register accesses.
+        let mut b = [0u8; 2];
+        c.pio_read(B, REG_INSERT, &mut b);
+        assert!(tracer.take().is_empty());
     }
 
     #[test]
