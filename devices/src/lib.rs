@@ -13,5 +13,6 @@ pub mod interrupt;
 pub mod osc_report;
 pub mod pci;
 pub mod power_control;
+pub mod register_trace;
 pub mod serial;
 pub mod virtio;

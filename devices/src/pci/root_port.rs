@@ -38,6 +38,11 @@
 //!
 //! The VMM's own operations ([`PcieRootPort::insert_card`] and friends) send the MSI themselves
 //! when one is due.
+//!
+//! # Tracing
+//!
+//! With a [`RegisterTracer`] set ([`PcieRootPort::set_tracer`]) every guest access touching Slot
+//! Control, Slot Status or Link Status is reported, one record per register touched.
 
 use std::collections::VecDeque;
 use std::io;
@@ -51,6 +56,7 @@ use super::configuration::{
 };
 use super::device::{ConfigWriteResult, PciDevice};
 use super::slot::{HotplugSlot, SlotCapabilities, SlotError, SlotEvent};
+use crate::register_trace::{RegisterAccess, RegisterTracer};
 use crate::virtio::MsiMessage;
 
 /// Vendor ID of the root port: Red Hat, Inc.
@@ -221,9 +227,17 @@ pub struct PcieRootPort {
     pm_cap: u16,
     msi: Arc<dyn MsiSink>,
     observer: Option<Arc<dyn SlotObserver>>,
+    tracer: Option<Arc<dyn RegisterTracer>>,
     events: VecDeque<SlotEvent>,
     dropped_events: u64,
 }
+
+/// The registers of the PCI Express capability a trace reports, by offset in it.
+const TRACED_REGISTERS: [(u16, &str); 3] = [
+    (PCI_EXP_SLTCTL, "SLTCTL"),
+    (PCI_EXP_SLTSTA, "SLTSTA"),
+    (PCI_EXP_LNKSTA, "LNKSTA"),
+];
 
 impl std::fmt::Debug for PcieRootPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -304,6 +318,7 @@ impl PcieRootPort {
             pm_cap,
             msi,
             observer: None,
+            tracer: None,
             events: VecDeque::new(),
             dropped_events: 0,
         };
@@ -421,6 +436,44 @@ impl PcieRootPort {
     /// Sets (or clears) the observer of slot events.
     pub fn set_observer(&mut self, observer: Option<Arc<dyn SlotObserver>>) {
         self.observer = observer;
+    }
+
+    /// Sets (or clears) who hears of the guest's accesses to the slot and link registers.
+    pub fn set_tracer(&mut self, tracer: Option<Arc<dyn RegisterTracer>>) {
+        self.tracer = tracer;
+    }
+
+    /// Reports the guest access of `len` bytes at `offset` to the tracer, one record per traced
+    /// register it touches; `written` is the data of a write.
+    fn trace(&self, offset: u16, len: usize, written: Option<&[u8]>) {
+        let Some(tracer) = &self.tracer else {
+            return;
+        };
+        let end = usize::from(offset) + len;
+        for (reg, name) in TRACED_REGISTERS {
+            let at = self.pcie_cap + reg;
+            if usize::from(at) + 2 <= usize::from(offset) || usize::from(at) >= end {
+                continue;
+            }
+            let now = u32::from(self.config.read_u16(at));
+            let access = match written {
+                None => RegisterAccess {
+                    device: &self.id,
+                    register: name,
+                    write: false,
+                    value: now,
+                    after: None,
+                },
+                Some(data) => RegisterAccess {
+                    device: &self.id,
+                    register: name,
+                    write: true,
+                    value: written_u16(at, offset, data).map_or(0, |(v, _)| u32::from(v)),
+                    after: Some(now),
+                },
+            };
+            tracer.access(&access);
+        }
     }
 
     /// The slot events since the last call, oldest first.
@@ -575,6 +628,7 @@ impl PciDevice for PcieRootPort {
 
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
         self.config.read(offset, data);
+        self.trace(offset, data.len(), None);
     }
 
     fn config_write(&mut self, offset: u16, data: &[u8]) -> ConfigWriteResult {
@@ -615,6 +669,7 @@ impl PciDevice for PcieRootPort {
         if !msi_was_enabled && self.msi_enabled() && self.slot.interrupt_asserted() {
             self.send_msi();
         }
+        self.trace(offset, data.len(), Some(data));
         reprograms.into()
     }
 }
@@ -773,6 +828,47 @@ mod tests {
 
     fn set_pic(g: &mut Guest, indicator: Indicator) {
         g.write_cmd(indicator.bits() << SLTCTL_PIC_SHIFT, SLTCTL_PIC);
+    }
+
+    #[test]
+    fn tracer_hears_slot_and_link_register_accesses() {
+        use crate::register_trace::testing::Recorder;
+        let mut g = Guest::new(RootPortOptions::default());
+        let tracer = Arc::new(Recorder::default());
+        g.port.set_tracer(Some(tracer.clone()));
+        // Accesses elsewhere are not traced.
+        g.read32(0);
+        g.write16(0x04, 0x0006);
+        assert!(tracer.take().is_empty());
+        g.port.insert_card().unwrap();
+        let status = g.cap_read16(PCI_EXP_SLTSTA);
+        assert_eq!(
+            tracer.take(),
+            [("rp1".to_string(), "SLTSTA", false, u32::from(status), None)]
+        );
+        // Write-1-to-clear: the record carries the value written and what is left.
+        g.cap_write16(PCI_EXP_SLTSTA, SLTSTA_PDC);
+        let after = u32::from(g.port.slot().slot_status());
+        assert_eq!(
+            tracer.take(),
+            [(
+                "rp1".to_string(),
+                "SLTSTA",
+                true,
+                u32::from(SLTSTA_PDC),
+                Some(after)
+            )]
+        );
+        // A dword read at Slot Control covers Slot Control and Slot Status.
+        let at = g.exp(PCI_EXP_SLTCTL);
+        g.read32(at);
+        let seen: Vec<_> = tracer.take().into_iter().map(|r| r.1).collect();
+        assert_eq!(seen, ["SLTCTL", "SLTSTA"]);
+        g.cap_read16(PCI_EXP_LNKSTA);
+        assert_eq!(tracer.take()[0].1, "LNKSTA");
+        g.port.set_tracer(None);
+        g.cap_read16(PCI_EXP_LNKSTA);
+        assert!(tracer.take().is_empty());
     }
 
     #[test]
