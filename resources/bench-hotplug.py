@@ -7,7 +7,9 @@ Usage: resources/bench-hotplug.py [--runs N] [--kernel-version 6.1] [--only hotp
 
 For each mode and VMM: boot the test guest once (with a control socket), then N times:
 blockdev-add, device_add of virtio-blk-pci, time until the guest's /init reports the new block
-device (BLOCK-ADD on the console); device_del, time until DEVICE_DELETED; blockdev-del.
+device (BLOCK-ADD on the console); device_del, time until DEVICE_DELETED; blockdev-del. Then, for
+hotplug-vmm only (QEMU has no surprise removal), N times: device_add, wait for the block device,
+x-surprise-remove, time until the guest's /init reports the block device gone (BLOCK-REMOVE).
 
 Modes, each side by side with the QEMU setup that hot-plugs the same way:
   native     a PCIe root port driven by the guest's pciehp. QEMU: q35 with a pcie-root-port and
@@ -40,7 +42,7 @@ def default_cmdline():
     return out[start:out.index("]", start)].strip('"')
 
 
-def measure(name, cmd, sock, images, runs, bus):
+def measure(name, cmd, sock, images, runs, bus, surprise):
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         con = Console(proc)
@@ -62,7 +64,22 @@ def measure(name, cmd, sock, images, runs, bus):
             dels.append(time.time() - t0)
             qmp.ok("blockdev-del", {"node-name": node})
             print(f"{name} run {i + 1}: add {adds[-1]:.2f}s, del {dels[-1]:.2f}s", file=sys.stderr, flush=True)
-        return adds, dels
+        pulls = []
+        for i in range(runs if surprise else 0):
+            node = f"pull{i}"
+            qmp.ok("blockdev-add", {"driver": "raw", "node-name": node,
+                                     "file": {"driver": "file", "filename": images[i % len(images)]}})
+            start = len(con.lines)
+            qmp.ok("device_add", {"driver": "virtio-blk-pci", "id": node, "drive": node, "bus": bus})
+            con.wait(lambda l: "BLOCK-ADD" in l, start, timeout=120)
+            start = len(con.lines)
+            t0 = time.time()
+            qmp.ok("x-surprise-remove", {"id": node, "bar-reads": "zero"})
+            con.wait(lambda l: "BLOCK-REMOVE" in l, start, timeout=120)
+            pulls.append(time.time() - t0)
+            qmp.ok("blockdev-del", {"node-name": node})
+            print(f"{name} surprise run {i + 1}: gone in {pulls[-1]:.2f}s", file=sys.stderr, flush=True)
+        return adds, dels, pulls
     finally:
         proc.kill()
         proc.wait()
@@ -117,14 +134,15 @@ def main():
             sock = os.path.join(tmp, f"ours-{mode}.sock")
             cmd = [VMM, "--kernel", kernel, "--initramfs", initrd, "--cmdline", cmdline, "--cpus", "1",
                    "--memory", args.memory, "--qmp", sock] + ours_args + args.vmm_arg
-            results["ours"] = measure(f"hotplug-vmm {mode}", cmd, sock, images, args.runs, ours_bus)
+            results["ours"] = measure(f"hotplug-vmm {mode}", cmd, sock, images, args.runs, ours_bus, True)
         if args.only in (None, "qemu"):
             sock = os.path.join(tmp, f"qemu-{mode}.sock")
             cmd = qemu_common + qemu_args + ["-qmp", f"unix:{sock},server=on,wait=off"]
-            results["qemu"] = measure(f"{qemu_name} {mode}", cmd, sock, images, args.runs, qemu_bus)
-        for i, what in enumerate(["device_add -> /dev/vdX in the guest", "device_del -> DEVICE_DELETED"]):
-            ours = statistics.median(results["ours"][i]) if "ours" in results else None
-            qemu = statistics.median(results["qemu"][i]) if "qemu" in results else None
+            results["qemu"] = measure(f"{qemu_name} {mode}", cmd, sock, images, args.runs, qemu_bus, False)
+        for i, what in enumerate(["device_add -> /dev/vdX in the guest", "device_del -> DEVICE_DELETED",
+                                  "x-surprise-remove -> /dev/vdX gone in the guest"]):
+            median = lambda who: statistics.median(results[who][i]) if results.get(who) and results[who][i] else None  # noqa: E731
+            ours, qemu = median("ours"), median("qemu")
             rows.append((f"{mode}: {what}", qemu_name, ours, qemu))
 
     print(f"\nhot-plug latency, Linux {args.kernel_version}, median of {args.runs} runs")

@@ -182,7 +182,8 @@ def main():
         f.write(b"hot-added from the host")
     sock = os.path.join(CACHE, "demo-qmp.sock")
     # Root port rp2 hot-plugged through ACPI (acpiphp), the others natively (pciehp).
-    cmd += ["--qmp", sock, "--root-port-hotplug", "rp2=acpi"]
+    trace = os.path.join(CACHE, "demo-trace.jsonl")
+    cmd += ["--qmp", sock, "--root-port-hotplug", "rp2=acpi", "--hotplug-trace", trace]
 
     print(f"demo: booting Linux {args.kernel_version} ({kernel}) with {args.cpus} vCPUs and a "
           f"64 MiB virtio-blk disk; about 80-120 s on PVM hosts (docs/guest-on-pvm.md) ...", flush=True)
@@ -230,8 +231,27 @@ def main():
     qmp.cmd("device_del", {"id": "hot-acpi"})
     qmp.wait_event("DEVICE_DELETED", "hot-acpi")
     print(f"demo: DEVICE_DELETED {time.time() - t:.1f}s after device_del (acpiphp ejects at once)")
-    qmp.cmd("blockdev-del", {"node-name": "hot"})
     show("ls /sys/block", con.run("ls /sys/block"))
+
+    print("\n\033[1m--- Surprise removal of a disk being read (rp1, pciehp) ---\033[0m", flush=True)
+    dev = hot_add(qmp, con, "hot-pull", "rp1")
+    con.run(f"(dd if=/dev/{dev} of=/dev/null bs=4k iflag=direct 2>/tmp/dd.err; echo \"dd exit $?\" >> /tmp/dd.err) &")
+    con.run("sleep 1")
+    start = len(con.lines)
+    t = time.time()
+    qmp.cmd("x-surprise-remove", {"id": "hot-pull", "bar-reads": "zero"})  # all-ones: Linux virtio-pci spins (README)
+    qmp.wait_event("DEVICE_DELETED", "hot-pull")
+    con.wait(lambda l: f"BLOCK-REMOVE {dev}" in l, start, timeout=120)
+    print(f"demo: the guest removed /dev/{dev} {time.time() - t:.1f}s after x-surprise-remove")
+    grep = r"dmesg | grep -E 'Slot\(1\)|I/O error' | tail -4"
+    show(f"cat /tmp/dd.err; {grep}",
+         [l.replace("K: ", "", 1) for l in con.run(f"sleep 1; cat /tmp/dd.err; {grep} | sed 's/^/K: /'")])
+    qmp.cmd("blockdev-del", {"node-name": "hot"})
+    timeline = subprocess.run([sys.executable, os.path.join(ROOT, "resources", "hotplug-timeline.py"), trace,
+                               "--no-queries", "--from", f"{t - t0 - 1:.1f}"],
+                              capture_output=True, text=True).stdout.splitlines()
+    show(f"resources/hotplug-timeline.py {trace} --no-queries  # the surprise removal, first lines",
+         timeline[:24])
 
     print("\n\033[1m$ poweroff -f\033[0m", flush=True)
     proc.stdin.write(b"poweroff -f\n")

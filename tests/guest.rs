@@ -8,7 +8,9 @@
 mod common;
 
 mod acpi_hotplug;
+mod backend;
 mod boot;
 mod hotplug;
 mod osc;
 mod qmp;
+mod surprise;

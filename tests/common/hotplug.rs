@@ -106,3 +106,80 @@ pub fn open_fds_and_threads(pid: u32) -> (usize, usize) {
         count(format!("/proc/{pid}/task")),
     )
 }
+
+/// How long the guest may take to notice a vanished device and remove it.
+pub const GONE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Direct readers started on `/dev/dev`: each reads the whole disk in 4 KiB `O_DIRECT` requests,
+/// over and over, until a read fails, then writes "READER i EXIT status" to /tmp/readers-dev
+/// (and dd's complaint to /tmp/dd-dev-i). One long dd per pass: starting a process takes about
+/// a second on PVM hosts, and a reader must be reading, not starting, when the disk goes.
+pub fn start_readers(g: &mut Guest, dev: &str, n: usize, want: usize) {
+    g.run(&format!(
+        "rm -f /tmp/readers-{dev}; for i in $(seq 1 {n}); do \
+         (while :; do dd if=/dev/{dev} of=/dev/null bs=4k iflag=direct \
+         2>/tmp/dd-{dev}-$i || {{ echo \"READER $i EXIT $?\" >> /tmp/readers-{dev}; break; }}; done) & \
+         done"
+    ));
+    // Reads are flowing, and on a slow disk several are waiting in the device, before the
+    // disk is pulled: `inflight` counts the requests the guest has issued and not seen
+    // completed.
+    let (out, status) = g.run_status(
+        &format!(
+            "for i in $(seq 1 60); do set -- $(cat /sys/block/{dev}/inflight); \
+             [ $1 -ge {want} ] && break; sleep 0.5; done; cat /sys/block/{dev}/inflight /sys/block/{dev}/stat"
+        ),
+        Duration::from_secs(120),
+    );
+    let inflight: u64 = out
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    eprintln!("readers of {dev}: {out}");
+    if status != 0 || inflight < want as u64 {
+        let state = g.run(&format!(
+            "ps; ls -l /dev/{dev}; cat /tmp/dd-{dev}-* /tmp/readers-{dev}; true"
+        ));
+        g.fail(&format!(
+            "readers of {dev} reading, {want} requests in flight: {out}\n{state}"
+        ));
+    }
+}
+
+/// A writer on an ext4 made and mounted from `/dev/dev` at /mnt/dev: appends 64 KiB blocks
+/// with fsync until one fails, then writes "WRITER EXIT status" to /tmp/writer-dev.
+pub fn start_ext4_writer(g: &mut Guest, dev: &str) {
+    g.run(&format!(
+        "/sbin/mke2fs -q -F -t ext4 /dev/{dev} && mkdir -p /mnt/{dev} && mount -t ext4 /dev/{dev} /mnt/{dev}"
+    ));
+    g.run(&format!(
+        "rm -f /tmp/writer-{dev}; (i=0; while :; do \
+         dd if=/dev/zero of=/mnt/{dev}/f$((i%8)) bs=64k count=4 conv=fsync 2>/tmp/wr-{dev} \
+         || {{ echo \"WRITER EXIT $?\" >> /tmp/writer-{dev}; break; }}; i=$((i+1)); done) &"
+    ));
+    g.run("sleep 1");
+    let files = g.run(&format!("ls /mnt/{dev}"));
+    assert!(files.contains("f0"), "the writer writes: {files}");
+}
+
+/// Waits for the guest's report that `dev` disappeared.
+pub fn wait_block_removed(g: &mut Guest, dev: &str) {
+    let d = dev.to_string();
+    g.wait_for_line(
+        move |l| block_event(l, "BLOCK-REMOVE").as_deref() == Some(d.as_str()),
+        GONE_TIMEOUT,
+    );
+}
+
+/// Waits until `path` in the guest has `lines` lines; returns its content.
+pub fn wait_lines(g: &mut Guest, path: &str, lines: usize) -> String {
+    let (out, status) = g.run_status(
+        &format!(
+            "for i in $(seq 1 300); do [ $(cat {path} 2>/dev/null | wc -l) -ge {lines} ] && break; sleep 0.2; done; cat {path}"
+        ),
+        Duration::from_secs(120),
+    );
+    assert_eq!(status, 0, "{path}: {out}");
+    out
+}

@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod fuse;
 pub mod hotplug;
 pub mod qmp;
 

@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use devices::virtio::InFlightPolicy;
+
+use crate::pci_devices::BarReads;
 
 /// Kernel parameters every guest gets unless `--cmdline` replaces them: the console, and the
 /// switches that keep a stock kernel off instructions KVM's emulator cannot run on PVM hosts
@@ -63,6 +66,37 @@ pub struct Cli {
     /// no answer); ACPI slots are unaffected.
     #[arg(long, value_name = "grant|deny", default_value = "grant", value_parser = parse_grant, action = clap::ArgAction::Set)]
     pub osc_native_hotplug: bool,
+
+    /// What x-surprise-remove does with the disk requests in flight unless the call says:
+    /// `fail` completes them with an I/O error before the device vanishes (the guest's driver
+    /// sees errors, then the device gone); `drop` leaves them uncompleted, as hardware pulled
+    /// from its slot does (Linux's virtio_blk then waits for them forever: the removal hangs).
+    #[arg(long, value_name = "fail|drop", default_value = "fail", value_parser = parse_in_flight)]
+    pub surprise_in_flight: InFlightPolicy,
+
+    /// What happens when a disk's backing file fails (host I/O errors: a network block device
+    /// whose server died, a FUSE file system whose daemon is gone): `report` answers the guest's
+    /// requests with I/O errors and sends X_BACKEND_ERROR; `surprise-remove` also pulls the disk
+    /// out of the guest as x-surprise-remove does (requests in flight failed).
+    #[arg(long = "backend-error", value_name = "report|surprise-remove", default_value = "report", value_parser = parse_backend_error, action = clap::ArgAction::Set)]
+    pub remove_on_backend_error: bool,
+
+    /// What the BARs of a disk pulled out by x-surprise-remove read afterwards, unless the call
+    /// says: `all-ones` as on hardware (Linux's virtio-pci then spins forever in its reset poll:
+    /// the guest's removal never completes and its hot-plug is stuck), or `zero` until the guest
+    /// maps something over them (the removal completes and the slot can be used again).
+    #[arg(long, value_name = "all-ones|zero", default_value = "all-ones", value_parser = parse_bar_reads)]
+    pub surprise_bar_reads: BarReads,
+
+    /// Seconds a device_del may go unanswered by the guest before the X_UNPLUG_STALLED event
+    /// with the slot's diagnosis (1..=3600).
+    #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub unplug_stall_timeout: u64,
+
+    /// Write a JSON line per guest access to hot-plug registers, per slot state change and per
+    /// control-socket request and event to FILE (resources/hotplug-timeline.py reads it).
+    #[arg(long, value_name = "FILE")]
+    pub hotplug_trace: Option<PathBuf>,
 
     /// A cold-plugged virtio-blk disk backed by a raw file: path=FILE[,id=ID][,readonly=on]
     /// [,bus=pcie.0|rpN]. The id is the disk's serial (/sys/block/vdX/serial); on bus rpN the
@@ -164,6 +198,22 @@ pub fn parse_root_port_hotplug(s: &str) -> Result<RootPortHotplug, String> {
         }
     }
     Ok(out)
+}
+
+fn parse_bar_reads(s: &str) -> Result<BarReads, String> {
+    s.parse()
+}
+
+fn parse_in_flight(s: &str) -> Result<InFlightPolicy, String> {
+    s.parse()
+}
+
+fn parse_backend_error(s: &str) -> Result<bool, String> {
+    match s {
+        "report" => Ok(false),
+        "surprise-remove" => Ok(true),
+        _ => Err(format!("'{s}' is not report or surprise-remove")),
+    }
 }
 
 fn parse_grant(s: &str) -> Result<bool, String> {

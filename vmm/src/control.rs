@@ -30,6 +30,33 @@ const COMMANDS: &[&str] = &["query-status", "quit", "query-pci", "query-block"];
 
 impl QmpHandler for MachineControl {
     fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        if !crate::trace::enabled() {
+            return self.run(command, args);
+        }
+        crate::trace::record(
+            "qmp-request",
+            json!({"command": command, "arguments": args}),
+        );
+        let result = self.run(command, args);
+        let outcome = match &result {
+            Ok(_) => json!({"command": command, "ok": true}),
+            Err(e) => json!({"command": command, "ok": false, "error": e.desc}),
+        };
+        crate::trace::record("qmp-reply", outcome);
+        result
+    }
+
+    fn commands(&self) -> Vec<String> {
+        COMMANDS
+            .iter()
+            .chain(Hotplug::COMMANDS)
+            .map(|c| c.to_string())
+            .collect()
+    }
+}
+
+impl MachineControl {
+    fn run(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
         if let Some(result) = self.hotplug.execute(command, args) {
             return result;
         }
@@ -59,13 +86,5 @@ impl QmpHandler for MachineControl {
             }
             _ => Err(QmpError::command_not_found(command)),
         }
-    }
-
-    fn commands(&self) -> Vec<String> {
-        COMMANDS
-            .iter()
-            .chain(Hotplug::COMMANDS)
-            .map(|c| c.to_string())
-            .collect()
     }
 }

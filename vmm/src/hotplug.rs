@@ -9,7 +9,13 @@
 //! the vCPU: it reports every slot transition as an `X_HOTPLUG_SLOT` event, removes the device
 //! once the guest has powered its slot off (only then is the backend released) and sends
 //! `DEVICE_DELETED`, and reports a removal the guest has not answered for
-//! [`STALL_AFTER`] with `X_UNPLUG_STALLED` and a diagnosis read from the slot's registers.
+//! [`HotplugOptions::stall_after`] with `X_UNPLUG_STALLED` and a diagnosis read from the slot's
+//! registers.
+//!
+//! `x-surprise-remove` pulls a device out without asking the guest: the requests in flight are
+//! failed or dropped ([`InFlightPolicy`]), the device vanishes, the slot reports it (presence
+//! and link lost on a native slot, a bus check on an ACPI one) and `DEVICE_DELETED` follows at
+//! once.
 //!
 //! One mutex serializes every hot-plug operation (commands and the worker), so a client never
 //! sees a half-added or half-removed device.
@@ -26,17 +32,43 @@ use acpi::host_bridge as osc;
 use devices::acpi_hotplug::{AcpiBusState, AcpiHotplugController, AcpiHotplugObserver};
 use devices::osc_report::OscEvaluation;
 use devices::pci::{Bdf, Indicator, PcieRootPort, SlotEvent, SlotObserver};
+use devices::virtio::InFlightPolicy;
 use serde_json::{json, Map, Value};
 
 use crate::pci_devices::{
-    root_bus_slot_number, AddDeviceError, DiskSpec, PciDevices, Placement, FIRST_ROOT_BUS_SLOT,
-    FIRST_ROOT_PORT_SLOT, ROOT_BUS_SELECT,
+    root_bus_slot_number, AddDeviceError, BarReads, DiskSpec, PciDevices, Placement,
+    FIRST_ROOT_BUS_SLOT, FIRST_ROOT_PORT_SLOT, ROOT_BUS_SELECT,
 };
 use crate::qmp::{arg_obj, arg_opt_bool, arg_opt_str, arg_str, check_args, QmpError, QmpEvents};
 
-/// How long a requested removal may go unanswered before `X_UNPLUG_STALLED` (Linux's pciehp
-/// takes its 5 s grace period plus the driver's teardown).
+/// How long a requested removal may go unanswered before `X_UNPLUG_STALLED`, unless
+/// configured (Linux's pciehp takes its 5 s grace period plus the driver's teardown).
 pub const STALL_AFTER: Duration = Duration::from_secs(15);
+
+/// Hot-plug settings from the command line.
+#[derive(Clone, Copy, Debug)]
+pub struct HotplugOptions {
+    /// How long a `device_del` may go unanswered before `X_UNPLUG_STALLED`.
+    pub stall_after: Duration,
+    /// What `x-surprise-remove` does with the requests in flight unless the call says.
+    pub in_flight: InFlightPolicy,
+    /// What a pulled device's BARs read unless the call says.
+    pub bar_reads: BarReads,
+    /// A disk whose backend fails is pulled out of the guest (as by `x-surprise-remove` with
+    /// [`InFlightPolicy::Fail`]) rather than left to answer every request with an I/O error.
+    pub remove_on_backend_error: bool,
+}
+
+impl Default for HotplugOptions {
+    fn default() -> Self {
+        HotplugOptions {
+            stall_after: STALL_AFTER,
+            in_flight: InFlightPolicy::default(),
+            bar_reads: BarReads::default(),
+            remove_on_backend_error: false,
+        }
+    }
+}
 /// A card whose slot the guest powered off is released at the guest's indicator-off command,
 /// or after this long without one.
 pub const RELEASE_AFTER: Duration = Duration::from_secs(3);
@@ -91,9 +123,18 @@ struct State {
     pending: BTreeMap<String, PendingUnplug>,
     /// Occupied slots the guest powered off, by port, until the card is released.
     powered_off: BTreeMap<String, Instant>,
+    /// Disks whose backend failure was reported (once per disk).
+    backend_failed: std::collections::BTreeSet<String>,
+    /// Hot-added disks' `x-backend-error` choice: pulled out when the backend fails.
+    backend_removes: BTreeMap<String, bool>,
+    /// Native ports whose powered card was pulled out and whose slot the guest has not powered
+    /// off since: its pciehp does that as it handles the removal, and that power-off is no
+    /// answer of the guest's about a card inserted meanwhile.
+    surprised: std::collections::BTreeSet<String>,
 }
 
 struct Inner {
+    options: HotplugOptions,
     pci: Arc<PciDevices>,
     events: QmpEvents,
     state: Mutex<State>,
@@ -103,6 +144,8 @@ enum Msg {
     Slot(String, SlotEvent),
     /// The guest ejected device `.1` of ACPI hot-plug bus `.0`.
     AcpiEject(u8, u8),
+    /// Disk `id`'s backend failed: (id, operation, error).
+    BackendError(String, String, String),
     Stop,
 }
 
@@ -111,7 +154,21 @@ struct Forwarder(Sender<Msg>);
 
 impl SlotObserver for Forwarder {
     fn slot_event(&self, port_id: &str, event: SlotEvent) {
+        let (change, value) = slot_change(event);
+        crate::trace::slot(port_id, change, value, None);
         let _ = self.0.send(Msg::Slot(port_id.to_string(), event));
+    }
+}
+
+/// How `X_HOTPLUG_SLOT` and the trace name a slot event: the change and its new value.
+fn slot_change(event: SlotEvent) -> (&'static str, Value) {
+    match event {
+        SlotEvent::PowerOn => ("power", json!("on")),
+        SlotEvent::PowerOff => ("power", json!("off")),
+        SlotEvent::PowerIndicator(i) => ("power-indicator", json!(i.to_string())),
+        SlotEvent::AttentionIndicator(i) => ("attention-indicator", json!(i.to_string())),
+        SlotEvent::Notifications(n) => ("armed", json!(n.armed())),
+        SlotEvent::LinkActive(up) => ("link", json!(if up { "up" } else { "down" })),
     }
 }
 
@@ -125,6 +182,12 @@ struct AcpiForwarder {
 
 impl AcpiHotplugObserver for AcpiForwarder {
     fn ejected(&self, bus: u8, slot: u8) {
+        crate::trace::slot(
+            &format!("acpi-bus-{bus}"),
+            "ejected-by-guest",
+            json!(format!("{slot:02x}.0")),
+            None,
+        );
         if bus == ROOT_BUS_SELECT {
             self.pci.hide_root_bus_device(slot);
         } else if slot == 0 {
@@ -143,8 +206,13 @@ pub struct Hotplug {
 
 impl Hotplug {
     /// Watches every root port of `pci` and reports to the clients of `events`.
-    pub fn start(pci: Arc<PciDevices>, events: QmpEvents) -> std::io::Result<Self> {
+    pub fn start(
+        pci: Arc<PciDevices>,
+        events: QmpEvents,
+        options: HotplugOptions,
+    ) -> std::io::Result<Self> {
         let inner = Arc::new(Inner {
+            options,
             pci,
             events,
             state: Mutex::new(State::default()),
@@ -161,6 +229,16 @@ impl Hotplug {
                 pci: inner.pci.clone(),
             })));
         }
+        let backend_tx = std::sync::Mutex::new(tx.clone());
+        inner.pci.backend_errors().set_target(Some(Box::new(
+            move |id: &str, op: &str, e: &std::io::Error| {
+                let _ = lock(&backend_tx).send(Msg::BackendError(
+                    id.to_string(),
+                    op.to_string(),
+                    e.to_string(),
+                ));
+            },
+        )));
         let worker = {
             let inner = inner.clone();
             std::thread::Builder::new()
@@ -169,6 +247,7 @@ impl Hotplug {
                     match rx.recv_timeout(Duration::from_millis(500)) {
                         Ok(Msg::Slot(port, event)) => inner.on_slot_event(&port, event),
                         Ok(Msg::AcpiEject(bus, slot)) => inner.on_acpi_eject(bus, slot),
+                        Ok(Msg::BackendError(id, op, e)) => inner.on_backend_error(&id, &op, &e),
                         Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                         Err(RecvTimeoutError::Timeout) => {}
                     }
@@ -194,6 +273,7 @@ impl Hotplug {
             "blockdev-del" => inner.blockdev_del(args),
             "device_add" => inner.device_add(args),
             "device_del" => inner.device_del(args),
+            "x-surprise-remove" => inner.surprise_remove(args),
             "x-query-hotplug" => check_args(args, &[]).map(|_| inner.query_hotplug()),
             _ => return None,
         })
@@ -205,6 +285,7 @@ impl Hotplug {
         "blockdev-del",
         "device_add",
         "device_del",
+        "x-surprise-remove",
         "x-query-hotplug",
     ];
 }
@@ -218,6 +299,7 @@ impl Hotplug {
         if let Some(acpi) = self.inner.pci.acpi_hotplug() {
             lock(acpi).set_observer(None);
         }
+        self.inner.pci.backend_errors().set_target(None);
         let _ = self.tx.send(Msg::Stop);
         if let Some(w) = lock(&self.worker).take() {
             let _ = w.join();
@@ -376,7 +458,10 @@ impl Inner {
     }
 
     fn device_add(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        check_args(args, &["driver", "id", "drive", "bus", "addr"])?;
+        check_args(
+            args,
+            &["driver", "id", "drive", "bus", "addr", "x-backend-error"],
+        )?;
         let driver = arg_str(args, "driver")?;
         if driver != VIRTIO_BLK_PCI {
             return Err(generic(format!(
@@ -390,11 +475,23 @@ impl Inner {
         let drive = arg_str(args, "drive")?;
         let bus = arg_opt_str(args, "bus")?;
         let addr = arg_opt_str(args, "addr")?;
+        let remove_on_backend_error = match arg_opt_str(args, "x-backend-error")? {
+            None => self.options.remove_on_backend_error,
+            Some("report") => false,
+            Some("surprise-remove") => true,
+            Some(other) => {
+                return Err(generic(format!(
+                    "Parameter 'x-backend-error' expects report or surprise-remove, not '{other}'"
+                )))
+            }
+        };
 
-        let state = self.state();
+        let mut state = self.state();
         if self.pci.placement(id).is_some() {
             return Err(generic(format!("Duplicate device ID '{id}'")));
         }
+        state.backend_failed.remove(id);
+        state.backend_removes.remove(id);
         let node = state.nodes.get(drive).ok_or_else(|| {
             generic(format!(
                 "Drive '{drive}' not found (add it with blockdev-add first)"
@@ -436,6 +533,7 @@ impl Inner {
                 self.port_placement(&port, addr)?
             }
         };
+        self.check_acpi_slot_settled(&placement)?;
         self.pci
             .plug_disk(disk, placement, true)
             .map_err(|e| match e {
@@ -444,8 +542,35 @@ impl Inner {
                 }
                 e => generic(e.to_string()),
             })?;
+        state
+            .backend_removes
+            .insert(id.to_string(), remove_on_backend_error);
         drop(state);
         Ok(json!({}))
+    }
+
+    /// Refuses an ACPI slot whose last device vanished (surprise removal) while the guest has
+    /// not read the bus check yet: a device inserted now would look to acpiphp like the one it
+    /// still has.
+    fn check_acpi_slot_settled(&self, placement: &Placement) -> Result<(), QmpError> {
+        let (select, device, bus) = match placement {
+            Placement::RootBus(bdf) => (Some(ROOT_BUS_SELECT), bdf.device(), ROOT_BUS),
+            Placement::Port { port, .. } => (
+                self.pci.root_port(port).and_then(|e| e.acpi_select),
+                0,
+                port.as_str(),
+            ),
+        };
+        let (Some(select), Some(acpi)) = (select, self.pci.acpi_hotplug()) else {
+            return Ok(());
+        };
+        let vanished = lock(acpi).bus(select).map_or(0, |b| b.vanished);
+        if vanished & 1 << device != 0 {
+            return Err(generic(format!(
+                "Slot {device:#x} of {bus}: the guest has not yet taken notice of the surprise removal of its last device; retry shortly"
+            )));
+        }
+        Ok(())
     }
 
     fn port_placement(&self, port: &str, addr: Option<&str>) -> Result<Placement, QmpError> {
@@ -465,14 +590,14 @@ impl Inner {
             .pci
             .acpi_hotplug()
             .ok_or_else(|| generic("Bus 'pcie.0' does not support hotplugging"))?;
-        let occupied = lock(acpi)
+        let busy = lock(acpi)
             .bus(ROOT_BUS_SELECT)
-            .map(|b| b.occupied)
+            .map(|b| b.occupied | b.vanished)
             .unwrap_or(u32::MAX);
         let device = match addr {
             Some(addr) => root_bus_addr(addr)?,
             None => (FIRST_ROOT_BUS_SLOT..FIRST_ROOT_PORT_SLOT)
-                .find(|d| occupied & 1 << d == 0 && self.pci.root_bus_occupant(*d).is_none())
+                .find(|d| busy & 1 << d == 0 && self.pci.root_bus_occupant(*d).is_none())
                 .ok_or_else(|| generic("No free slot on bus 'pcie.0' for the device"))?,
         };
         Ok(Bdf::new(0, device, 0).expect("device < 32"))
@@ -534,8 +659,113 @@ impl Inner {
             );
         }
         p.press_attention_button();
+        crate::trace::slot(&port, "attention-button", json!("pressed"), Some(id));
         log::info!("device_del {id}: attention button of {port} pressed");
         Ok(json!({}))
+    }
+
+    /// `x-surprise-remove {"id", "in-flight"?}`: the device is gone at once (see
+    /// [`PciDevices::surprise_remove`]); a removal the guest was asked for is forgotten, and
+    /// `DEVICE_DELETED` follows.
+    fn surprise_remove(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        check_args(args, &["id", "in-flight", "bar-reads"])?;
+        let id = arg_str(args, "id")?;
+        let in_flight = match arg_opt_str(args, "in-flight")? {
+            Some(p) => p
+                .parse::<InFlightPolicy>()
+                .map_err(|e| generic(format!("Parameter 'in-flight': {e}")))?,
+            None => self.options.in_flight,
+        };
+        let bar_reads = match arg_opt_str(args, "bar-reads")? {
+            Some(p) => p
+                .parse::<BarReads>()
+                .map_err(|e| generic(format!("Parameter 'bar-reads': {e}")))?,
+            None => self.options.bar_reads,
+        };
+        let mut state = self.state();
+        self.pull_out(&mut state, id, in_flight, bar_reads)
+    }
+
+    /// Pulls `id` out of its slot without asking the guest; `DEVICE_DELETED` follows.
+    fn pull_out(
+        &self,
+        state: &mut State,
+        id: &str,
+        in_flight: InFlightPolicy,
+        bar_reads: BarReads,
+    ) -> Result<Value, QmpError> {
+        let placement = self
+            .pci
+            .placement(id)
+            .ok_or_else(|| QmpError::device_not_found(id))?;
+        let bus = match &placement {
+            Placement::RootBus(bdf) => {
+                if self.pci.acpi_hotplug().is_none() {
+                    return Err(generic(format!(
+                        "Bus '{ROOT_BUS}' does not support hotplugging: '{id}' cannot be removed"
+                    )));
+                }
+                format!("{ROOT_BUS} slot {:#x}", bdf.device())
+            }
+            Placement::Port { port, .. } => {
+                state.powered_off.remove(port);
+                if let Some(entry) = self.pci.root_port(port) {
+                    let p = lock(&entry.port);
+                    if entry.acpi_select.is_none() && p.slot().is_powered() {
+                        state.surprised.insert(port.clone());
+                    }
+                }
+                port.clone()
+            }
+        };
+        state.pending.remove(id);
+        state.backend_failed.remove(id);
+        let outcome = self
+            .pci
+            .surprise_remove(id, in_flight, bar_reads)
+            .ok_or_else(|| QmpError::device_not_found(id))?;
+        log::info!("x-surprise-remove {id}: pulled out of {bus}: {outcome:?}");
+        self.events.emit(
+            "DEVICE_DELETED",
+            json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
+        );
+        Ok(json!({
+            "in-flight": in_flight.name(),
+            "bar-reads": bar_reads.name(),
+            "failed": outcome.failed,
+            "dropped": outcome.dropped,
+            "host-io-pending": outcome.host_io_pending,
+        }))
+    }
+
+    /// Disk `id`'s backing file failed `op` with `error`: reported once per disk with
+    /// `X_BACKEND_ERROR`; with [`HotplugOptions::remove_on_backend_error`] the disk is pulled
+    /// out of the guest.
+    fn on_backend_error(&self, id: &str, op: &str, error: &str) {
+        let mut state = self.state();
+        if self.pci.placement(id).is_none() || !state.backend_failed.insert(id.to_string()) {
+            return;
+        }
+        let remove = state
+            .backend_removes
+            .get(id)
+            .copied()
+            .unwrap_or(self.options.remove_on_backend_error);
+        self.events.emit(
+            "X_BACKEND_ERROR",
+            json!({
+                "device": id,
+                "operation": op,
+                "error": error,
+                "action": if remove { "surprise-remove" } else { "report" },
+            }),
+        );
+        if remove {
+            let bar_reads = self.options.bar_reads;
+            if let Err(e) = self.pull_out(&mut state, id, InFlightPolicy::Fail, bar_reads) {
+                log::warn!("{id}: backend failed, cannot pull it out: {}", e.desc);
+            }
+        }
     }
 
     /// `device_del` of a device in an ACPI slot (device `device` of `bus`, whose bus select is
@@ -584,6 +814,12 @@ impl Inner {
                 },
             );
         }
+        crate::trace::slot(
+            bus,
+            "eject-request",
+            json!(format!("{device:02x}.0")),
+            Some(id),
+        );
         log::info!("device_del {id}: ACPI eject request for device {device:#x} of {bus}");
         Ok(json!({}))
     }
@@ -761,19 +997,14 @@ impl Inner {
         };
         let slot_number = lock(&entry.port).slot().capabilities().physical_slot_number;
         let occupant = self.pci.port_occupant(port_id);
-        let (name, value) = match event {
-            SlotEvent::PowerOn => ("power", json!("on")),
-            SlotEvent::PowerOff => ("power", json!("off")),
-            SlotEvent::PowerIndicator(i) => ("power-indicator", json!(i.to_string())),
-            SlotEvent::AttentionIndicator(i) => ("attention-indicator", json!(i.to_string())),
-            SlotEvent::Notifications(n) => ("armed", json!(n.armed())),
-            SlotEvent::LinkActive(up) => ("link", json!(if up { "up" } else { "down" })),
-        };
+        let (name, value) = slot_change(event);
         self.events.emit(
             "X_HOTPLUG_SLOT",
             json!({"bus": port_id, "slot": slot_number, "change": name, "value": value, "device": occupant}),
         );
         match event {
+            // The guest's answer to a surprise removal, not to the card inserted since.
+            SlotEvent::PowerOff if state.surprised.remove(port_id) => {}
             SlotEvent::PowerOff if occupant.is_some() => {
                 state
                     .powered_off
@@ -863,7 +1094,7 @@ impl Inner {
         let pci = &self.pci;
         let mut stalled = Vec::new();
         for (id, p) in state.pending.iter_mut() {
-            if p.stall_reported || p.since.elapsed() < STALL_AFTER {
+            if p.stall_reported || p.since.elapsed() < self.options.stall_after {
                 continue;
             }
             p.stall_reported = true;
@@ -954,6 +1185,10 @@ fn acpi_slot_json(bus: &AcpiBusState, d: u8, occupant: Option<&str>, state: &Sta
         "insert-pending": bus.insert & 1 << d != 0,
         "eject-request-pending": bus.remove & 1 << d != 0,
         "ejected": bus.ejected & 1 << d != 0,
+        "bus-check-pending": bus.vanished & 1 << d != 0,
+        // acpiphp evaluates nothing of a slot's until an event: the guest has shown it drives
+        // the bus once its event method has read the bus's registers.
+        "armed": bus.serviced > 0,
         "events-serviced": bus.serviced,
         "pending": pending,
     })

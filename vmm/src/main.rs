@@ -10,6 +10,7 @@ mod layout;
 mod pci_devices;
 mod qmp;
 mod terminal;
+mod trace;
 mod vcpu;
 mod vm;
 

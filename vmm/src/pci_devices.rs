@@ -11,10 +11,11 @@ use devices::pci::{
     same_device, BarReprogram, BarReprogrammingHandler, BarSpace, Bdf, PciDevice, PciRoot,
     PcieRootPort, RootPortOptions, SharedPciDevice,
 };
-use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::block::{BackendErrorObserver, Block, BlockConfig};
 use devices::virtio::pci::VirtioPciDevice;
-use devices::virtio::GuestMemory;
+use devices::virtio::{GuestMemory, InFlightOutcome, InFlightPolicy};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use serde_json::json;
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
 use crate::config::HotplugMode;
@@ -73,6 +74,75 @@ struct VirtioFunction {
     bar0_range: Option<RangeInclusive>,
 }
 
+/// What the BARs of a device pulled out by surprise read from then on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BarReads {
+    /// All-ones, writes dropped: the device is gone, as on hardware (the cycle is not claimed).
+    #[default]
+    AllOnes,
+    /// Zero, writes dropped, until the guest maps another BAR over them. Linux's virtio-pci
+    /// (6.1, 6.12) polls a departing device's status until it reads zero and spins forever on
+    /// all-ones; with zero its removal completes.
+    Zero,
+}
+
+impl BarReads {
+    /// The name on the command line and the control socket.
+    pub fn name(self) -> &'static str {
+        match self {
+            BarReads::AllOnes => "all-ones",
+            BarReads::Zero => "zero",
+        }
+    }
+}
+
+impl std::str::FromStr for BarReads {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all-ones" => Ok(BarReads::AllOnes),
+            "zero" => Ok(BarReads::Zero),
+            _ => Err(format!("'{s}' is not all-ones or zero")),
+        }
+    }
+}
+
+/// Where the disks' backend failures go: set by whoever handles them (the hot-plug worker);
+/// failures before that, or after it is cleared, are only logged.
+#[derive(Default)]
+pub struct BackendErrorHub {
+    target: Mutex<Option<BackendErrorTarget>>,
+}
+
+/// A handler of backend failures: (disk id, operation, error).
+pub type BackendErrorTarget = Box<dyn Fn(&str, &str, &std::io::Error) + Send + Sync>;
+
+impl BackendErrorHub {
+    /// Sends every failure to `target` from now on (`None`: only log them).
+    pub fn set_target(&self, target: Option<BackendErrorTarget>) {
+        *lock(&self.target) = target;
+    }
+}
+
+/// One disk's link to the hub.
+struct DiskBackendErrors {
+    id: String,
+    hub: Arc<BackendErrorHub>,
+}
+
+impl BackendErrorObserver for DiskBackendErrors {
+    fn backend_error(&self, operation: &str, error: &std::io::Error) {
+        log::warn!(
+            "virtio-blk {}: backend {operation} failed: {error}",
+            self.id
+        );
+        if let Some(target) = lock(&self.hub.target).as_ref() {
+            target(&self.id, operation, error);
+        }
+    }
+}
+
 /// A root port of the machine: where it is and the device.
 pub struct RootPortEntry {
     pub bdf: Bdf,
@@ -98,6 +168,7 @@ pub struct PciDevices {
     /// What the guest's `_OSC` asked for and got.
     osc: Option<Arc<Mutex<OscReport>>>,
     queues_per_disk: u16,
+    backend_errors: Arc<BackendErrorHub>,
 }
 
 /// A failure to add a device.
@@ -200,6 +271,7 @@ impl PciDevices {
             acpi: None,
             osc: None,
             queues_per_disk,
+            backend_errors: Arc::default(),
         })
     }
 
@@ -208,6 +280,11 @@ impl PciDevices {
     pub fn with_acpi_hotplug(mut self, controller: Arc<Mutex<AcpiHotplugController>>) -> Self {
         self.acpi = Some(controller);
         self
+    }
+
+    /// Where the disks' backend failures go.
+    pub fn backend_errors(&self) -> &BackendErrorHub {
+        &self.backend_errors
     }
 
     /// Lets the control socket show what the guest's `_OSC` reported to `report`.
@@ -275,12 +352,11 @@ impl PciDevices {
             no_command_completed,
             native_hotplug: mode == HotplugMode::Native,
         };
-        Ok(Arc::new(Mutex::new(PcieRootPort::new(
-            id,
-            slot_number,
-            options,
-            Arc::new(KvmMsiSink(msi)),
-        ))))
+        let mut port = PcieRootPort::new(id, slot_number, options, Arc::new(KvmMsiSink(msi)));
+        if crate::trace::enabled() {
+            port.set_tracer(Some(Arc::new(crate::trace::TraceRegisters)));
+        }
+        Ok(Arc::new(Mutex::new(port)))
     }
 
     /// The root port `id`.
@@ -349,10 +425,14 @@ impl PciDevices {
         let mut config = BlockConfig::new(&disk.path, &id);
         config.readonly = disk.readonly;
         config.num_queues = self.queues_per_disk.max(1);
-        let block = match disk.file {
+        let mut block = match disk.file {
             Some(file) => Block::with_file(config, file)?,
             None => Block::new(config)?,
         };
+        block.set_backend_error_observer(Some(Arc::new(DiskBackendErrors {
+            id: id.clone(),
+            hub: self.backend_errors.clone(),
+        })));
         let vectors = VirtioPciDevice::msix_vector_count(&block);
         let msi = KvmMsiGroup::new(self.router.clone(), vectors)
             .map_err(|e| AddDeviceError::Interrupts(id.clone(), e))?;
@@ -448,6 +528,14 @@ impl PciDevices {
                         }
                     }
                 }
+                if hot {
+                    crate::trace::slot(
+                        "pcie.0",
+                        "card-inserted",
+                        json!(format!("{:02x}.0", bdf.device())),
+                        Some(id.as_str()),
+                    );
+                }
                 log::info!(
                     "{bdf}: virtio-blk {id} ({}) {}",
                     disk.path.display(),
@@ -485,6 +573,9 @@ impl PciDevices {
                     let _ = self.unplug(&id);
                     return Err(AddDeviceError::Bus(format!("{port}: {e}")));
                 }
+                if hot {
+                    crate::trace::slot(port, "card-inserted", json!("00.0"), Some(id.as_str()));
+                }
                 log::info!(
                     "{port}: virtio-blk {id} ({}) {}",
                     disk.path.display(),
@@ -499,13 +590,41 @@ impl PciDevices {
         Ok(())
     }
 
-    /// Takes disk `id` away: off the bus (its configuration space reads all-ones), BARs and
-    /// ioeventfds unmapped, I/O thread stopped, backend released, MSI routes freed. A card in a
-    /// root port's slot is taken out of the slot (presence changes, an interrupt if enabled).
-    /// Returns false if there is no disk `id`.
+    /// Takes disk `id` away after the guest let go of it: off the bus (its configuration
+    /// space reads all-ones), BARs and ioeventfds unmapped, I/O thread stopped, backend
+    /// released, MSI routes freed. A card in a root port's slot is taken out of the slot
+    /// (presence changes, an interrupt if enabled). Returns false if there is no disk `id`.
     pub fn unplug(&self, id: &str) -> bool {
-        let Some(mut f) = lock(&self.virtio).remove(id) else {
-            return false;
+        self.take_away(id, None, BarReads::AllOnes).is_some()
+    }
+
+    /// Pulls disk `id` out without asking the guest: the requests in flight are failed or
+    /// dropped as `in_flight` says (failed ones complete, with their interrupts, before the
+    /// device vanishes), then the device vanishes as in [`unplug`](Self::unplug) — config
+    /// space all-ones, BARs reading as `bar_reads` says, nothing more written to guest
+    /// memory — and the slot reports it:
+    /// presence and link lost on a native slot, a bus check latched on an ACPI one. The
+    /// backend is released once the host I/O in flight has finished. Returns what happened to
+    /// the requests in flight, or `None` if there is no disk `id`.
+    pub fn surprise_remove(
+        &self,
+        id: &str,
+        in_flight: InFlightPolicy,
+        bar_reads: BarReads,
+    ) -> Option<InFlightOutcome> {
+        self.take_away(id, Some(in_flight), bar_reads)
+    }
+
+    fn take_away(
+        &self,
+        id: &str,
+        surprise: Option<InFlightPolicy>,
+        bar_reads: BarReads,
+    ) -> Option<InFlightOutcome> {
+        let mut f = lock(&self.virtio).remove(id)?;
+        let outcome = match surprise {
+            Some(in_flight) => lock(&f.device).surprise_remove(in_flight),
+            None => InFlightOutcome::default(),
         };
         match &f.placement {
             Placement::RootBus(bdf) => {
@@ -515,33 +634,66 @@ impl PciDevices {
                 let _ = lock(&self.root).remove_downstream_device(*port_bdf, 0);
             }
         }
-        self.bars.unmap_device(&f.shared);
+        match bar_reads {
+            BarReads::AllOnes => {
+                self.bars.unmap_device(&f.shared);
+            }
+            BarReads::Zero => {
+                self.bars.vacate_device(&f.shared);
+            }
+        }
         self.move_ioeventfds(&mut f, None);
-        lock(&f.device).shutdown();
+        if surprise.is_none() {
+            lock(&f.device).shutdown();
+        }
         if let Some(range) = &f.bar0_range {
             let _ = lock(&self.mmio).free(range);
         }
-        match &f.placement {
+        let (select, device) = match &f.placement {
             Placement::Port { port, .. } => {
-                if let Some(entry) = self.root_ports.get(port) {
-                    let mut p = lock(&entry.port);
-                    if p.slot().is_present() {
-                        let _ = p.remove_card();
-                    }
-                    drop(p);
-                    if let (Some(select), Some(acpi)) = (entry.acpi_select, &self.acpi) {
-                        let _ = lock(acpi).remove(select, 0);
-                    }
+                let Some(entry) = self.root_ports.get(port) else {
+                    return Some(outcome);
+                };
+                let mut p = lock(&entry.port);
+                if p.slot().is_present() {
+                    let _ = p.surprise_remove();
                 }
+                (entry.acpi_select, 0)
             }
-            Placement::RootBus(bdf) => {
-                if let Some(acpi) = &self.acpi {
-                    let _ = lock(acpi).remove(ROOT_BUS_SELECT, bdf.device());
-                }
-            }
+            Placement::RootBus(bdf) => (Some(ROOT_BUS_SELECT), bdf.device()),
+        };
+        if let (Some(select), Some(acpi)) = (select, &self.acpi) {
+            let mut c = lock(acpi);
+            let _ = match surprise {
+                Some(_) => c.surprise_remove(select, device),
+                None => c.remove(select, device),
+            };
         }
-        log::info!("virtio-blk {id} removed, backend released");
-        true
+        let bus = match &f.placement {
+            Placement::Port { port, .. } => port.clone(),
+            Placement::RootBus(_) => "pcie.0".to_string(),
+        };
+        let what = match surprise {
+            Some(in_flight) => json!({
+                "surprise": true,
+                "in-flight": in_flight.name(),
+                "bar-reads": bar_reads.name(),
+                "failed": outcome.failed,
+                "dropped": outcome.dropped,
+                "host-io-pending": outcome.host_io_pending,
+            }),
+            None => json!({"surprise": false}),
+        };
+        crate::trace::slot(&bus, "card-removed", what, Some(id));
+        log::info!(
+            "virtio-blk {id} {}",
+            if surprise.is_some() {
+                "pulled out"
+            } else {
+                "removed, backend released"
+            }
+        );
+        Some(outcome)
     }
 
     fn move_ioeventfds(&self, f: &mut VirtioFunction, new: Option<u64>) {

@@ -32,7 +32,7 @@ use crate::boot;
 use crate::config::{Cli, HotplugMode, SerialMode};
 use crate::console::{ConsoleInput, EventFdNotifier};
 use crate::control::MachineControl;
-use crate::hotplug::Hotplug;
+use crate::hotplug::{Hotplug, HotplugOptions};
 use crate::interrupts::GsiRouter;
 use crate::layout::*;
 use crate::pci_devices::{
@@ -112,6 +112,8 @@ pub enum VmError {
     Acpi(String),
     #[error("cannot open serial output {0}: {1}")]
     SerialFile(String, io::Error),
+    #[error("cannot create hot-plug trace {0}: {1}")]
+    TraceFile(String, io::Error),
     #[error("device bus: {0}")]
     Bus(String),
     #[error("{0}: {1}")]
@@ -210,6 +212,10 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         }
     }
 
+    if let Some(path) = &cli.hotplug_trace {
+        crate::trace::open(path).map_err(|e| VmError::TraceFile(path.display().to_string(), e))?;
+    }
+
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm = Arc::new(
         kvm.create_vm()
@@ -304,6 +310,12 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         &masks,
         Arc::new(IrqfdLine(ged_irq)),
     )));
+    if crate::trace::enabled() {
+        acpi_hotplug
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_tracer(Some(Arc::new(crate::trace::TraceRegisters)));
+    }
     register_pio(
         &mut io_mgr,
         ACPI_HOTPLUG_PORT,
@@ -405,8 +417,17 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
     // socket, once the machine it controls exists.
     let events = crate::qmp::QmpEvents::default();
     let hotplug = Arc::new(
-        Hotplug::start(pci.clone(), events.clone())
-            .map_err(|e| VmError::Io("hotplug thread", e))?,
+        Hotplug::start(
+            pci.clone(),
+            events.clone(),
+            HotplugOptions {
+                stall_after: std::time::Duration::from_secs(cli.unplug_stall_timeout),
+                in_flight: cli.surprise_in_flight,
+                bar_reads: cli.surprise_bar_reads,
+                remove_on_backend_error: cli.remove_on_backend_error,
+            },
+        )
+        .map_err(|e| VmError::Io("hotplug thread", e))?,
     );
     let qmp = match &cli.qmp {
         Some(path) => Some(

@@ -56,6 +56,12 @@ impl QmpEvents {
     /// has negotiated capabilities. Never blocks on a client: one whose queue is full is
     /// disconnected.
     pub fn emit(&self, name: &str, data: Value) {
+        if crate::trace::enabled() {
+            crate::trace::record(
+                "qmp-event",
+                serde_json::json!({"event": name, "data": data}),
+            );
+        }
         let line: Line = to_line(&event_message(name, data, SystemTime::now())).into();
         log::debug!("qmp: event {}", String::from_utf8_lossy(&line).trim_end());
         self.lock().list.retain(|client| {

@@ -1,0 +1,398 @@
+//! Surprise removal (issue 6, SPEC.md §5–§6) on real guests: a disk pulled out of a native
+//! slot (root port, guest pciehp) while the guest reads it in a loop, and while it writes to an
+//! ext4 mounted from it; and out of ACPI slots (a root port in ACPI mode and the root bus, guest
+//! acpiphp).
+//!
+//! What must hold, from the guest's side: it removes the device (its block device goes away;
+//! on a native slot pciehp logs "Link Down"), the reading and writing processes end (those
+//! whose requests were failed with an I/O error, the block layer logging it) instead of hanging,
+//! the shell stays responsive, and the same slot takes a new disk right after, which the guest
+//! reads. From the VMM's: `x-surprise-remove` returns at once with what it did to the requests
+//! in flight, `DEVICE_DELETED` follows, the VMM keeps running, the trace records every step, and
+//! (on one kernel) 50 surprise cycles leave it with the file descriptors and threads it had.
+//!
+//! The runs pull with `--surprise-bar-reads zero`: with BARs reading all-ones, as on hardware,
+//! Linux's virtio-pci (`vp_reset`, 6.1 and 6.12 alike) polls the departed device's status until
+//! it reads zero, forever — the disk goes, but the function never leaves the guest's bus and
+//! the guest's hot-plug is stuck for good. `pin_virtio_reset_spin` shows that, last.
+
+use crate::common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::fuse::FuseDisk;
+use common::hotplug::*;
+use common::qmp::QmpClient;
+use common::{BootOptions, Guest, TempDir};
+use serde_json::{json, Value};
+
+/// Pulls `id` out with `in_flight` and `bar_reads` (the VMM's defaults if `None`) and checks
+/// the reply and the event.
+fn pull(
+    g: &Guest,
+    q: &mut QmpClient,
+    id: &str,
+    in_flight: Option<&str>,
+    bar_reads: Option<&str>,
+) -> Value {
+    let mut args = json!({"id": id});
+    if let Some(p) = in_flight {
+        args["in-flight"] = json!(p);
+    }
+    if let Some(b) = bar_reads {
+        args["bar-reads"] = json!(b);
+    }
+    let reply = q.ok("x-surprise-remove", args);
+    if q.wait_event("DEVICE_DELETED", Some(id), Duration::from_secs(5))
+        .is_none()
+    {
+        g.fail(&format!(
+            "no DEVICE_DELETED right after x-surprise-remove of {id}"
+        ));
+    }
+    assert_eq!(reply["host-io-pending"], false, "{reply}");
+    reply
+}
+
+/// What one scenario pulls the disk from under.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Load {
+    Readers,
+    Ext4Writer,
+    /// Nothing: the guest only has the disk.
+    Idle,
+}
+
+/// Hot-adds a disk on `bus`, puts `load` on it, pulls it out (policy `fail`), and checks the
+/// guest's side; then the slot takes a fresh disk that the guest reads. Returns the guest's
+/// kernel log lines of the removal.
+fn scenario(
+    g: &mut Guest,
+    q: &mut QmpClient,
+    dir: &TempDir,
+    bus: &str,
+    load: Load,
+    tag: &str,
+) -> String {
+    let node = format!("{tag}-n");
+    // Readers read a slow disk (every read takes 100 ms on the host), so that requests are
+    // always waiting in the virtqueue when it goes: guest-side costs dwarf a page-cache read
+    // otherwise, and the pull would rarely find a request in flight.
+    let _slow = match load {
+        Load::Readers => {
+            let disk = FuseDisk::start(dir, &node, 100);
+            blockdev_add(q, &node, &disk.file());
+            Some(disk)
+        }
+        Load::Ext4Writer | Load::Idle => {
+            blockdev_add(q, &node, &make_disk(dir, &node));
+            None
+        }
+    };
+    let id = format!("{tag}-d");
+    let dev = hot_add(g, q, &id, &node, bus);
+    g.run("dmesg -c > /dev/null");
+    match load {
+        Load::Readers => start_readers(g, &dev, 3, 2),
+        Load::Ext4Writer => start_ext4_writer(g, &dev),
+        Load::Idle => {}
+    }
+
+    let reply = pull(g, q, &id, None, None);
+    eprintln!("{bus} ({load:?}): x-surprise-remove: {reply}");
+    assert_eq!(reply["in-flight"], "fail", "{reply}");
+    assert_eq!(reply["dropped"], 0, "{reply}");
+    let failed = reply["failed"].as_u64().unwrap();
+    wait_block_removed(g, &dev);
+
+    // The processes ended with an I/O error instead of hanging.
+    match load {
+        Load::Readers => {
+            let ends = wait_lines(g, &format!("/tmp/readers-{dev}"), 3);
+            let errors = g.run(&format!("cat /tmp/dd-{dev}-*"));
+            let kernel = g.run("dmesg | tail -30 | sed 's/^/K: /'");
+            eprintln!("{bus}: readers ended: {ends}\n{errors}\n{reply}\n{kernel}");
+            assert_eq!(ends.matches("EXIT 1").count(), 3, "{bus}: readers: {ends}");
+            // A reader whose request was failed says so; one that was between requests when
+            // the disk went finds it gone ("can't open" on its next pass).
+            let eio =
+                errors.matches("I/O error").count() + errors.matches("Input/output error").count();
+            assert!(eio as u64 <= failed, "{bus}: {errors} {reply}");
+            if failed > 0 {
+                assert!(eio >= 1, "{bus}: dd's errors: {errors}");
+                assert!(
+                    kernel.contains(&format!("I/O error, dev {dev}")),
+                    "{bus}: the block layer reports the failed requests:\n{kernel}"
+                );
+            }
+        }
+        Load::Ext4Writer => {
+            let end = wait_lines(g, &format!("/tmp/writer-{dev}"), 1);
+            assert!(end.contains("WRITER EXIT 1"), "{bus}: writer: {end}");
+            // The file system is dead; a lazy unmount lets it go.
+            g.run(&format!("umount -l /mnt/{dev}"));
+        }
+        Load::Idle => assert_eq!(failed, 0, "{reply}"),
+    }
+    let dmesg = g.run("dmesg | sed 's/^/K: /'");
+    eprintln!("{bus} ({load:?}): guest kernel log of the removal:\n{dmesg}");
+    assert!(
+        !guest_disks(g).iter().any(|(_, s)| *s == id),
+        "{bus}: {id} gone from /sys/block"
+    );
+    assert_eq!(g.run("echo alive"), "alive");
+
+    // The VMM's records: the slot is empty, the node is free.
+    let slots = q.ok("x-query-hotplug", json!({}));
+    let s = slot(&slots, bus);
+    assert_eq!(s["occupant"], Value::Null, "{s}");
+    assert_eq!(s["presence"], false, "{s}");
+    if s["mode"] == "native" {
+        assert_eq!(s["link"], false, "{s}");
+    }
+    q.ok("blockdev-del", json!({"node-name": node}));
+
+    // The same slot takes a new disk right away.
+    let node2 = format!("{tag}-n2");
+    blockdev_add(q, &node2, &make_disk(dir, &node2));
+    let id2 = format!("{tag}-d2");
+    let dev2 = hot_add(g, q, &id2, &node2, bus);
+    pull(g, q, &id2, None, None);
+    wait_block_removed(g, &dev2);
+    q.ok("blockdev-del", json!({"node-name": node2}));
+    dmesg
+}
+
+fn surprise(version: &str, cycles: usize) {
+    let dir = TempDir::new(&format!("surprise-{version}"));
+    let sock = dir.path("qmp.sock");
+    let trace = dir.path("trace.jsonl");
+    let mut opts = BootOptions::new(version);
+    opts.extra_args.extend([
+        "--qmp".to_string(),
+        sock.display().to_string(),
+        "--root-ports".to_string(),
+        "3".to_string(),
+        "--root-port-hotplug".to_string(),
+        "rp1=acpi".to_string(),
+        "--hotplug-trace".to_string(),
+        trace.display().to_string(),
+        // Lets Linux's virtio-pci finish the removal, so that the slot takes a new disk (see
+        // pin_virtio_reset_spin for what all-ones BARs do).
+        "--surprise-bar-reads".to_string(),
+        "zero".to_string(),
+    ]);
+    let (mut g, _) = Guest::boot(&opts);
+    let mut q = QmpClient::negotiated(&sock);
+
+    // ---- Bad input: an error each, nothing changes. ----
+    for (args, needle) in [
+        (json!({}), "id"),
+        (json!({"id": "nope"}), "nope"),
+        (json!({"id": "nope", "in-flight": "later"}), "in-flight"),
+        (json!({"id": 5}), "id"),
+        (json!({"id": "nope", "bogus": 1}), "bogus"),
+    ] {
+        let e = q.err("x-surprise-remove", args.clone());
+        assert!(e.contains(needle), "{args}: {e}");
+    }
+
+    // ---- Native slot (pciehp): readers, then an ext4 writer. ----
+    let native = scenario(&mut g, &mut q, &dir, "rp0", Load::Readers, "nr")
+        + &scenario(&mut g, &mut q, &dir, "rp0", Load::Ext4Writer, "nw");
+    assert!(
+        native.contains("Slot(0): Link Down") || native.contains("Slot(0): Card not present"),
+        "pciehp saw the card go:\n{native}"
+    );
+    // ---- ACPI slots (acpiphp): a root port in ACPI mode, and the root bus. ----
+    // Without I/O running: acpiphp removes the device only after the Generic Event Device's
+    // method ran and its workqueue got to the bus check, and a request the guest issues
+    // between the pull and that moment waits forever (virtio_blk's del_gendisk then hangs),
+    // so I/O under an ACPI-slot pull is left out here (see README).
+    scenario(&mut g, &mut q, &dir, "rp1", Load::Idle, "ai");
+    scenario(&mut g, &mut q, &dir, "pcie.0", Load::Idle, "bi");
+
+    // ---- Cycles leak nothing. ----
+    if cycles > 0 {
+        let node = "cyc";
+        blockdev_add(&mut q, node, &make_disk(&dir, node));
+        let before = open_fds_and_threads(g.pid());
+        for i in 0..cycles {
+            let id = format!("c{i}");
+            let bus = if i % 2 == 0 { "rp0" } else { "pcie.0" };
+            q.ok(
+                "device_add",
+                json!({"driver": "virtio-blk-pci", "id": id, "drive": node, "bus": bus}),
+            );
+            let line = g.wait_for_line(|l| block_event(l, "BLOCK-ADD").is_some(), ADD_TIMEOUT);
+            let dev = block_event(&line, "BLOCK-ADD").unwrap();
+            pull(&g, &mut q, &id, None, None);
+            wait_block_removed(&mut g, &dev);
+        }
+        let after = open_fds_and_threads(g.pid());
+        assert_eq!(
+            before, after,
+            "(open fds, threads) before and after {cycles} surprise cycles"
+        );
+        q.ok("blockdev-del", json!({"node-name": node}));
+    }
+
+    // ---- The trace has every step. ----
+    check_trace(&std::fs::read_to_string(&trace).unwrap());
+
+    pin_virtio_reset_spin(version, &mut g, &mut q, &dir);
+    // The guest's shell and the VMM go on.
+    assert_eq!(g.run("echo alive"), "alive");
+    q.ok("query-status", json!({}));
+    let slots = q.ok("x-query-hotplug", json!({}));
+    assert_eq!(slot(&slots, "rp2")["presence"], false, "{slots}");
+    let stderr = g.stderr_text();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Names of the guest's tasks in uninterruptible sleep (D state).
+fn d_state_tasks(g: &mut Guest) -> Vec<String> {
+    // One grep over every status file: a process per task would take minutes on PVM hosts.
+    let out = g.run("grep -H -E '^(Name|State):' /proc/[0-9]*/status 2>/dev/null; true");
+    let mut names = std::collections::BTreeMap::new();
+    let mut stuck = Vec::new();
+    for line in out.lines() {
+        let Some((file, rest)) = line.split_once(":") else {
+            continue;
+        };
+        if let Some(name) = rest.strip_prefix("Name:") {
+            names.insert(file.to_string(), name.trim().to_string());
+        } else if rest.starts_with("State:") && rest.contains("D (") {
+            stuck.push(file.to_string());
+        }
+    }
+    stuck.iter().filter_map(|f| names.get(f).cloned()).collect()
+}
+
+/// Hardware-faithful BARs: Linux's virtio-pci spins in `vp_reset` after the disk is gone.
+fn pin_virtio_reset_spin(version: &str, g: &mut Guest, q: &mut QmpClient, dir: &TempDir) {
+    let node = "vr-n";
+    let slow = FuseDisk::start(dir, node, 100);
+    blockdev_add(q, node, &slow.file());
+    let dev = hot_add(g, q, "vr-d", node, "rp2");
+    let pci = g.run(&format!(
+        "basename $(readlink -f /sys/block/{dev}/device/..)"
+    ));
+    start_readers(g, &dev, 2, 1);
+    let reply = pull(g, q, "vr-d", Some("fail"), Some("all-ones"));
+    assert_eq!(reply["bar-reads"], "all-ones", "{reply}");
+    // The block layer lets go (readers fail, the disk goes) ...
+    wait_block_removed(g, &dev);
+    let ends = wait_lines(g, &format!("/tmp/readers-{dev}"), 2);
+    assert_eq!(ends.matches("EXIT 1").count(), 2, "readers: {ends}");
+    // ... then virtio_pci_remove -> vp_reset polls device_status, which reads 0xff, forever:
+    // pciehp's thread for rp2 sleeps in D state and the function never leaves the bus.
+    g.run("sleep 5");
+    let stuck = d_state_tasks(g);
+    eprintln!("{version}: tasks in D state after pulling with all-ones BARs: {stuck:?}");
+    assert!(
+        stuck.iter().any(|t| t.contains("pciehp")),
+        "pciehp's thread spins in vp_reset: {stuck:?}"
+    );
+    let devices = g.run("ls /sys/bus/pci/devices");
+    assert!(
+        devices.contains(pci.trim()),
+        "{pci} still on the guest's bus: {devices}"
+    );
+}
+
+/// The trace of the run holds, in order, a surprise removal's request, the slot change with
+/// what happened to the requests in flight, the event, the guest's reads of Slot Status and its
+/// ACPI methods' accesses to the controller.
+fn check_trace(text: &str) {
+    let records: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let find = |from: usize, pred: &dyn Fn(&Value) -> bool| -> usize {
+        from + records[from..]
+            .iter()
+            .position(pred)
+            .unwrap_or_else(|| panic!("trace lacks a record after #{from}"))
+    };
+    let request = find(0, &|r| {
+        r["kind"] == "qmp-request"
+            && r["command"] == "x-surprise-remove"
+            && r["arguments"]["id"] == "nr-d"
+    });
+    let removed = find(request, &|r| {
+        r["kind"] == "slot" && r["change"] == "card-removed" && r["device"] == "nr-d"
+    });
+    assert_eq!(
+        records[removed]["value"]["surprise"], true,
+        "{}",
+        records[removed]
+    );
+    let event = find(removed, &|r| {
+        r["kind"] == "qmp-event" && r["event"] == "DEVICE_DELETED"
+    });
+    let status_read = find(event, &|r| {
+        r["kind"] == "guest-read" && r["device"] == "rp0" && r["register"] == "SLTSTA"
+    });
+    find(status_read, &|r| {
+        r["kind"] == "guest-write" && r["device"] == "rp0" && r["register"] == "SLTSTA"
+    });
+    // The ACPI side: the bus check the guest read and acknowledged.
+    find(0, &|r| {
+        r["kind"] == "guest-read" && r["register"] == "BUS_CHECK" && r["value"] != "0x0000"
+    });
+    let mut times = records.iter().map(|r| r["t"].as_f64().unwrap());
+    let mut last = times.next().unwrap();
+    for t in times {
+        assert!(t >= last, "trace times are monotonic");
+        last = t;
+    }
+    // The timeline script reads it.
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../resources/hotplug-timeline.py");
+    let tmp = std::env::temp_dir().join(format!("trace-{}.jsonl", std::process::id()));
+    std::fs::write(&tmp, text).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&tmp)
+        .arg("--no-queries")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&tmp);
+    let timeline = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "-> x-surprise-remove",
+        "slot: card-removed",
+        "guest reads  SLTSTA",
+        "PDC",
+        "DLLSC",
+    ] {
+        assert!(
+            timeline.contains(needle),
+            "timeline lacks {needle:?}:\n{timeline}"
+        );
+    }
+}
+
+/// Surprise cycles for the leak check: 50, or `HOTPLUG_VMM_HOTPLUG_CYCLES`.
+fn cycles() -> usize {
+    std::env::var("HOTPLUG_VMM_HOTPLUG_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
+}
+
+#[test]
+fn surprise_removal_linux_6_1() {
+    surprise("6.1", 0);
+}
+
+#[test]
+fn surprise_removal_linux_6_12() {
+    surprise("6.12", cycles());
+}
