@@ -330,14 +330,6 @@ fn acpi_hotplug(version: &str, cycles: usize) {
     assert_eq!(status.code(), Some(0));
 }
 
-/// Add/remove cycles for the leak check: 50, or `HOTPLUG_VMM_HOTPLUG_CYCLES`.
-fn cycles() -> usize {
-    std::env::var("HOTPLUG_VMM_HOTPLUG_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50)
-}
-
 #[test]
 fn acpi_hotplug_linux_6_1() {
     acpi_hotplug("6.1", cycles());

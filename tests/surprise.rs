@@ -379,14 +379,6 @@ fn check_trace(text: &str) {
     }
 }
 
-/// Surprise cycles for the leak check: 50, or `HOTPLUG_VMM_HOTPLUG_CYCLES`.
-fn cycles() -> usize {
-    std::env::var("HOTPLUG_VMM_HOTPLUG_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50)
-}
-
 #[test]
 fn surprise_removal_linux_6_1() {
     surprise("6.1", 0);

@@ -99,6 +99,14 @@ pub fn slot<'a>(slots: &'a Value, bus: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("{bus} not in {slots}"))
 }
 
+/// Cycles for a leak check: 50, or `HOTPLUG_VMM_HOTPLUG_CYCLES`.
+pub fn cycles() -> usize {
+    std::env::var("HOTPLUG_VMM_HOTPLUG_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
+}
+
 pub fn open_fds_and_threads(pid: u32) -> (usize, usize) {
     let count = |d: String| std::fs::read_dir(d).unwrap().count();
     (
