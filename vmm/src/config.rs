@@ -208,7 +208,9 @@ fn parse_in_flight(s: &str) -> Result<InFlightPolicy, String> {
     s.parse()
 }
 
-fn parse_backend_error(s: &str) -> Result<bool, String> {
+/// `report` (false) or `surprise-remove` (true): `--backend-error` and device_add's
+/// `x-backend-error`.
+pub fn parse_backend_error(s: &str) -> Result<bool, String> {
     match s {
         "report" => Ok(false),
         "surprise-remove" => Ok(true),

@@ -35,6 +35,7 @@ use devices::pci::{Bdf, Indicator, PcieRootPort, SlotEvent, SlotObserver};
 use devices::virtio::InFlightPolicy;
 use serde_json::{json, Map, Value};
 
+use crate::config::parse_backend_error;
 use crate::pci_devices::{
     root_bus_slot_number, AddDeviceError, BarReads, DiskSpec, PciDevices, Placement,
     FIRST_ROOT_BUS_SLOT, FIRST_ROOT_PORT_SLOT, ROOT_BUS_SELECT,
@@ -229,10 +230,10 @@ impl Hotplug {
                 pci: inner.pci.clone(),
             })));
         }
-        let backend_tx = std::sync::Mutex::new(tx.clone());
+        let backend_tx = tx.clone();
         inner.pci.backend_errors().set_target(Some(Box::new(
             move |id: &str, op: &str, e: &std::io::Error| {
-                let _ = lock(&backend_tx).send(Msg::BackendError(
+                let _ = backend_tx.send(Msg::BackendError(
                     id.to_string(),
                     op.to_string(),
                     e.to_string(),
@@ -317,6 +318,19 @@ fn generic(desc: impl Into<String>) -> QmpError {
     QmpError::generic(desc)
 }
 
+/// Optional string argument `name`, parsed (`FromStr` errors become the command's error).
+fn arg_opt_parsed<T: std::str::FromStr<Err = String>>(
+    args: &Map<String, Value>,
+    name: &str,
+) -> Result<Option<T>, QmpError> {
+    arg_opt_str(args, name)?
+        .map(|v| {
+            v.parse()
+                .map_err(|e| generic(format!("Parameter '{name}': {e}")))
+        })
+        .transpose()
+}
+
 /// Parses QEMU's `addr` ("5", "0x5", "05.0"): device and function numbers, in hex.
 fn parse_addr(addr: &str) -> Result<(u8, u8), QmpError> {
     let (dev, func) = addr.split_once('.').unwrap_or((addr, "0"));
@@ -359,6 +373,14 @@ fn root_bus_addr(addr: &str) -> Result<u8, QmpError> {
 impl Inner {
     fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
+    }
+
+    /// QEMU's `DEVICE_DELETED` for device `id`.
+    fn device_deleted(&self, id: &str) {
+        self.events.emit(
+            "DEVICE_DELETED",
+            json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
+        );
     }
 
     fn blockdev_add(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
@@ -476,14 +498,9 @@ impl Inner {
         let bus = arg_opt_str(args, "bus")?;
         let addr = arg_opt_str(args, "addr")?;
         let remove_on_backend_error = match arg_opt_str(args, "x-backend-error")? {
+            Some(action) => parse_backend_error(action)
+                .map_err(|e| generic(format!("Parameter 'x-backend-error': {e}")))?,
             None => self.options.remove_on_backend_error,
-            Some("report") => false,
-            Some("surprise-remove") => true,
-            Some(other) => {
-                return Err(generic(format!(
-                    "Parameter 'x-backend-error' expects report or surprise-remove, not '{other}'"
-                )))
-            }
         };
 
         let mut state = self.state();
@@ -553,19 +570,17 @@ impl Inner {
     /// not read the bus check yet: a device inserted now would look to acpiphp like the one it
     /// still has.
     fn check_acpi_slot_settled(&self, placement: &Placement) -> Result<(), QmpError> {
-        let (select, device, bus) = match placement {
-            Placement::RootBus(bdf) => (Some(ROOT_BUS_SELECT), bdf.device(), ROOT_BUS),
-            Placement::Port { port, .. } => (
-                self.pci.root_port(port).and_then(|e| e.acpi_select),
-                0,
-                port.as_str(),
-            ),
-        };
-        let (Some(select), Some(acpi)) = (select, self.pci.acpi_hotplug()) else {
+        let (Some((select, device)), Some(acpi)) =
+            (self.pci.acpi_slot(placement), self.pci.acpi_hotplug())
+        else {
             return Ok(());
         };
         let vanished = lock(acpi).bus(select).map_or(0, |b| b.vanished);
         if vanished & 1 << device != 0 {
+            let bus = match placement {
+                Placement::RootBus(_) => ROOT_BUS,
+                Placement::Port { port, .. } => port.as_str(),
+            };
             return Err(generic(format!(
                 "Slot {device:#x} of {bus}: the guest has not yet taken notice of the surprise removal of its last device; retry shortly"
             )));
@@ -670,18 +685,8 @@ impl Inner {
     fn surprise_remove(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         check_args(args, &["id", "in-flight", "bar-reads"])?;
         let id = arg_str(args, "id")?;
-        let in_flight = match arg_opt_str(args, "in-flight")? {
-            Some(p) => p
-                .parse::<InFlightPolicy>()
-                .map_err(|e| generic(format!("Parameter 'in-flight': {e}")))?,
-            None => self.options.in_flight,
-        };
-        let bar_reads = match arg_opt_str(args, "bar-reads")? {
-            Some(p) => p
-                .parse::<BarReads>()
-                .map_err(|e| generic(format!("Parameter 'bar-reads': {e}")))?,
-            None => self.options.bar_reads,
-        };
+        let in_flight = arg_opt_parsed(args, "in-flight")?.unwrap_or(self.options.in_flight);
+        let bar_reads = arg_opt_parsed(args, "bar-reads")?.unwrap_or(self.options.bar_reads);
         let mut state = self.state();
         self.pull_out(&mut state, id, in_flight, bar_reads)
     }
@@ -725,10 +730,7 @@ impl Inner {
             .surprise_remove(id, in_flight, bar_reads)
             .ok_or_else(|| QmpError::device_not_found(id))?;
         log::info!("x-surprise-remove {id}: pulled out of {bus}: {outcome:?}");
-        self.events.emit(
-            "DEVICE_DELETED",
-            json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
-        );
+        self.device_deleted(id);
         Ok(json!({
             "in-flight": in_flight.name(),
             "bar-reads": bar_reads.name(),
@@ -859,10 +861,7 @@ impl Inner {
                 "{bus_name}: guest ejected device {device:#x}; {id} removed{}",
                 if requested { "" } else { " (guest-initiated)" }
             );
-            self.events.emit(
-                "DEVICE_DELETED",
-                json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
-            );
+            self.device_deleted(&id);
         }
     }
 
@@ -1048,10 +1047,7 @@ impl Inner {
                 "{port_id}: guest powered the slot off; {id} removed{}",
                 if requested { "" } else { " (guest-initiated)" }
             );
-            self.events.emit(
-                "DEVICE_DELETED",
-                json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
-            );
+            self.device_deleted(&id);
         }
     }
 

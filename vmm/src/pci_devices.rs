@@ -323,6 +323,15 @@ impl PciDevices {
         }
     }
 
+    /// The ACPI hot-plug slot at `placement`, as (bus select, device number): a slot of the
+    /// root bus, or the slot of a root port in ACPI mode; `None` for a native port.
+    pub fn acpi_slot(&self, placement: &Placement) -> Option<(u8, u8)> {
+        match placement {
+            Placement::RootBus(bdf) => Some((ROOT_BUS_SELECT, bdf.device())),
+            Placement::Port { port, .. } => Some((self.root_ports.get(port)?.acpi_select?, 0)),
+        }
+    }
+
     /// The ACPI-mode root port with ACPI hot-plug bus select `select`: its id and entry.
     pub fn port_by_select(&self, select: u8) -> Option<(&String, &RootPortEntry)> {
         self.root_ports
@@ -649,20 +658,15 @@ impl PciDevices {
         if let Some(range) = &f.bar0_range {
             let _ = lock(&self.mmio).free(range);
         }
-        let (select, device) = match &f.placement {
-            Placement::Port { port, .. } => {
-                let Some(entry) = self.root_ports.get(port) else {
-                    return Some(outcome);
-                };
+        if let Placement::Port { port, .. } = &f.placement {
+            if let Some(entry) = self.root_ports.get(port) {
                 let mut p = lock(&entry.port);
                 if p.slot().is_present() {
                     let _ = p.surprise_remove();
                 }
-                (entry.acpi_select, 0)
             }
-            Placement::RootBus(bdf) => (Some(ROOT_BUS_SELECT), bdf.device()),
-        };
-        if let (Some(select), Some(acpi)) = (select, &self.acpi) {
+        }
+        if let (Some((select, device)), Some(acpi)) = (self.acpi_slot(&f.placement), &self.acpi) {
             let mut c = lock(acpi);
             let _ = match surprise {
                 Some(_) => c.surprise_remove(select, device),
