@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """A disk image whose host side can fail: serves FILE as MOUNTPOINT/disk.img over FUSE.
 
-    fuse-disk.py [--read-delay-ms N] FILE MOUNTPOINT
+    fuse-disk.py [--read-delay-ms N] [--gate PATH] FILE MOUNTPOINT
 
 For trying what a VMM and its guest do when a disk's backend goes away, the way a network block
 device does when its server dies:
@@ -14,6 +14,11 @@ device does when its server dies:
 --read-delay-ms makes every read take that long: a slow disk (network storage under load), on
 which the guest always has requests waiting in the virtqueue — what a surprise removal's
 in-flight policy acts on.
+
+--gate PATH holds every read while PATH exists (checked every 10 ms): create it, and the guest's
+requests pile up in the virtqueue, the one being served blocked in the host's read; remove it,
+and they flow again. Tests use it to have a known number of requests in flight when a disk is
+pulled, however slow the guest is.
 
 Runs in the foreground, single-threaded; unmount with `fusermount -u MOUNTPOINT` or
 `umount -l MOUNTPOINT`. Needs FUSE (/dev/fuse) and Debian's python3-fusepy.
@@ -36,9 +41,10 @@ NAME = "/disk.img"
 
 
 class OneFile(Operations):
-    def __init__(self, path, read_delay):
+    def __init__(self, path, read_delay, gate):
         self.fd = os.open(path, os.O_RDWR)
         self.read_delay = read_delay
+        self.gate = gate
         self.failing = False
         signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "failing", True))
         signal.signal(signal.SIGUSR2, lambda *_: setattr(self, "failing", False))
@@ -65,8 +71,11 @@ class OneFile(Operations):
 
     def read(self, path, size, offset, fh):
         self._check()
+        while self.gate and os.path.exists(self.gate):
+            time.sleep(0.01)
         if self.read_delay:
             time.sleep(self.read_delay)
+        self._check()
         return os.pread(self.fd, size, offset)
 
     def write(self, path, data, offset, fh):
@@ -88,12 +97,13 @@ class OneFile(Operations):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--read-delay-ms", type=float, default=0.0)
+    ap.add_argument("--gate", help="reads wait while this path exists")
     ap.add_argument("file")
     ap.add_argument("mountpoint")
     args = ap.parse_args()
     # direct_io: every access reaches the daemon (none is served from the page cache).
-    FUSE(OneFile(args.file, args.read_delay_ms / 1000.0), args.mountpoint, foreground=True,
-         nothreads=True, direct_io=True)
+    disk = OneFile(args.file, args.read_delay_ms / 1000.0, args.gate)
+    FUSE(disk, args.mountpoint, foreground=True, nothreads=True, direct_io=True)
 
 
 if __name__ == "__main__":

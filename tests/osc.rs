@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use common::hotplug::*;
 use common::qmp::QmpClient;
+use common::surprise::pin_drop_hang;
 use common::{BootOptions, Guest, TempDir};
 use serde_json::{json, Value};
 
@@ -213,7 +214,14 @@ fn pciehp_unbound(version: &str, cause: Cause) {
     }
     let stderr = g.stderr_text();
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(g.poweroff().code(), Some(0));
+    if cause == Cause::Denied {
+        // On this guest's root bus (acpiphp), last as it leaves the guest's hot-plug stuck:
+        // what the `drop` in-flight policy does to Linux 6.12 (tests/backend.rs pins it on 6.1
+        // through pciehp).
+        pin_drop_hang(version, &mut g, &mut q, &dir, "pcie.0", "kacpi_hotplug");
+    } else {
+        assert_eq!(g.poweroff().code(), Some(0));
+    }
 }
 
 #[test]

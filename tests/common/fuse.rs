@@ -1,5 +1,6 @@
 //! Disk images served over FUSE by resources/fuse-disk.py: a backend that can die (kill the
-//! daemon) or be slow (a read delay, so that the guest always has requests in flight).
+//! daemon), be slow (a read delay) or hold its reads (a gate), so that the guest has requests
+//! in flight when something happens to the disk.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -11,6 +12,7 @@ use super::TempDir;
 /// An image served over FUSE at `mount`/disk.img by resources/fuse-disk.py.
 pub struct FuseDisk {
     mount: PathBuf,
+    gate: PathBuf,
     daemon: Child,
 }
 
@@ -20,16 +22,23 @@ impl FuseDisk {
         let image = make_disk(dir, name);
         let mount = dir.path(&format!("{name}-mnt"));
         std::fs::create_dir_all(&mount).unwrap();
+        let gate = dir.path(&format!("{name}-gate"));
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../resources/fuse-disk.py");
         let daemon = Command::new("/usr/bin/python3")
             .arg(&script)
             .arg(format!("--read-delay-ms={read_delay_ms}"))
+            .arg("--gate")
+            .arg(&gate)
             .arg(&image)
             .arg(&mount)
             .stdin(Stdio::null())
             .spawn()
             .expect("start resources/fuse-disk.py");
-        let disk = FuseDisk { mount, daemon };
+        let disk = FuseDisk {
+            mount,
+            gate,
+            daemon,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !disk.file().exists() {
             assert!(
@@ -44,6 +53,26 @@ impl FuseDisk {
 
     pub fn file(&self) -> PathBuf {
         self.mount.join("disk.img")
+    }
+
+    /// From now on reads wait (the one being served blocks in the host's read, the guest's
+    /// next ones wait in the virtqueue) until [`FuseDisk::release_reads`].
+    pub fn hold_reads(&self) {
+        std::fs::write(&self.gate, b"").unwrap();
+    }
+
+    pub fn release_reads(&self) {
+        let _ = std::fs::remove_file(&self.gate);
+    }
+
+    /// Releases the held reads `delay` from now, from another thread: for releasing them
+    /// while the test thread waits on something that needs them released.
+    pub fn release_reads_after(&self, delay: Duration) -> std::thread::JoinHandle<()> {
+        let gate = self.gate.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let _ = std::fs::remove_file(gate);
+        })
     }
 
     /// The server dies: every access to the file fails from now on.

@@ -129,9 +129,9 @@ pub fn start_readers(g: &mut Guest, dev: &str, n: usize, want: usize) {
          2>/tmp/dd-{dev}-$i || {{ echo \"READER $i EXIT $?\" >> /tmp/readers-{dev}; break; }}; done) & \
          done"
     ));
-    // Reads are flowing, and on a slow disk several are waiting in the device, before the
-    // disk is pulled: `inflight` counts the requests the guest has issued and not seen
-    // completed.
+    // `want` requests are in the device (held there by the caller, or waiting on a slow disk):
+    // `inflight` counts the requests the driver has started and not seen completed (not those
+    // still queued in the block layer, which `stat` counts too).
     let (out, status) = g.run_status(
         &format!(
             "for i in $(seq 1 60); do set -- $(cat /sys/block/{dev}/inflight); \

@@ -12,6 +12,7 @@
 pub mod fuse;
 pub mod hotplug;
 pub mod qmp;
+pub mod surprise;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};

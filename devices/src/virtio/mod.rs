@@ -99,12 +99,15 @@ pub trait VirtioInterrupt: Send + Sync {
 /// requests the driver had made available and the device had not completed.
 ///
 /// Either way the request the device is serving at that moment finishes its host I/O first
-/// (a `pread` cannot be taken back); the backend is released once it has.
+/// (a `pread` cannot be taken back) and then shares the others' fate; the backend is released
+/// once it has.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum InFlightPolicy {
     /// Complete every one of them with the device type's I/O error (virtio-blk:
-    /// `VIRTIO_BLK_S_IOERR`) and raise the queue interrupts, then vanish: the driver sees the
-    /// errors before it sees the device gone, so nothing of its is left waiting on the device.
+    /// `VIRTIO_BLK_S_IOERR`) — the one being served too, whatever its host I/O did — and raise
+    /// the queue interrupts, then vanish: the driver sees the errors before it sees the device
+    /// gone, so nothing of its is left waiting on the device, and no process that had a request
+    /// in it goes on to issue another as though the disk were still there.
     #[default]
     Fail,
     /// Vanish with them, as hardware pulled from its slot does: no completion is ever

@@ -27,6 +27,19 @@ const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
 const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
+/// What becomes of a request whose host I/O has finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// Its status and used length are written as the I/O went.
+    Publish,
+    /// It fails with `VIRTIO_BLK_S_IOERR` whatever the I/O did: the device was pulled out
+    /// meanwhile ([`InFlightPolicy::Fail`](crate::virtio::InFlightPolicy::Fail)).
+    Fail,
+    /// Nothing more is written for it: the device was reset, or pulled out with
+    /// [`InFlightPolicy::Drop`](crate::virtio::InFlightPolicy::Drop).
+    Discard,
+}
+
 /// Outcome of a request: bytes written to device-writable data buffers, or a non-OK status.
 type Outcome = Result<u32, u8>;
 
@@ -82,6 +95,18 @@ impl RequestProcessor {
     /// status byte (then nothing at all was written). On a failed request the used length
     /// counts the status byte only.
     pub fn process(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+        self.process_then(chain, || Completion::Publish)
+            .unwrap_or(0)
+    }
+
+    /// [`process`](Self::process), asking `then` once the host I/O is done what becomes of
+    /// the request, since the device may have been pulled out or reset meanwhile: `None` when
+    /// it is to be discarded (no status byte written).
+    pub fn process_then(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        then: impl FnOnce() -> Completion,
+    ) -> Option<u32> {
         let mem: &GuestMemoryMmap = chain.memory();
         self.layout.parse(chain.clone());
         let Some(status_addr) = self.layout.status() else {
@@ -91,13 +116,20 @@ impl RequestProcessor {
                 self.layout.chain_fault()
             );
             self.stats.add(Counter::MalformedChains, 1);
-            return 0;
+            return Some(0);
         };
         let (status, written) = match self.execute(mem) {
             Ok(written) => (S_OK, written),
             Err(status) => (status, 0),
         };
-        self.complete(mem, status_addr, status, written)
+        match then() {
+            Completion::Publish => Some(self.complete(mem, status_addr, status, written)),
+            Completion::Fail => {
+                self.stats.add(Counter::FailedOnRemoval, 1);
+                Some(self.complete(mem, status_addr, S_IOERR, 0))
+            }
+            Completion::Discard => None,
+        }
     }
 
     /// Completes the request in `chain` with `VIRTIO_BLK_S_IOERR` without doing it: the device
@@ -379,6 +411,32 @@ mod tests {
             guest_bytes(&mem, DATA + 0x1000, 1024),
             expected(4 * 512, 1024)
         );
+    }
+
+    #[test]
+    fn a_pull_during_the_host_io_decides_the_completion() {
+        let mem = guest_memory();
+        let tmp = image();
+        let (mut p, stats) = processor(&tmp, false, 8);
+        put_header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+        let descs = [desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)];
+        // Pulled with policy fail while reading: the read happened, the request fails.
+        fill(&mem, STATUS, 1, 0xee);
+        let used = with_chain(&mem, &descs, |c| p.process_then(c, || Completion::Fail));
+        assert_eq!((used, status(&mem, STATUS)), (Some(1), S_IOERR));
+        let snap = stats.snapshot();
+        assert_eq!(
+            (snap.reads, snap.failed_on_removal, snap.io_errors),
+            (1, 1, 1)
+        );
+        // Reset, or pulled with policy drop: nothing is written for it.
+        fill(&mem, STATUS, 1, 0xee);
+        let used = with_chain(&mem, &descs, |c| p.process_then(c, || Completion::Discard));
+        assert_eq!((used, status(&mem, STATUS)), (None, 0xee));
+        // Still plugged: published as done.
+        let used = with_chain(&mem, &descs, |c| p.process_then(c, || Completion::Publish));
+        assert_eq!((used, status(&mem, STATUS)), (Some(513), S_OK));
+        assert_eq!(stats.snapshot().failed_on_removal, 1);
     }
 
     #[test]

@@ -44,7 +44,7 @@ use config_space::{ConfigSpace, ConfigValues};
 use worker::{Worker, WorkerContext};
 
 pub use disk::{Disk, SECTOR_SIZE};
-pub use executor::RequestProcessor;
+pub use executor::{Completion, RequestProcessor};
 pub use stats::{BlockStats, BlockStatsSnapshot};
 
 /// Virtio device ID of a block device (§5.2.1).

@@ -13,8 +13,8 @@
 //! DEVICE_NEEDS_RESET (§2.1.2) and raises a configuration-change interrupt.
 //!
 //! The thread stops in one of three ways ([`Mode`]): on a reset, publishing nothing more; on
-//! a surprise removal with [`InFlightPolicy::Fail`], first completing every available chain
-//! with `VIRTIO_BLK_S_IOERR`; on one with [`InFlightPolicy::Drop`], publishing nothing more
+//! a surprise removal with [`InFlightPolicy::Fail`], first completing every request it holds
+//! with `VIRTIO_BLK_S_IOERR` (the one whose host I/O was running too, whatever that I/O did); on one with [`InFlightPolicy::Drop`], publishing nothing more
 //! and counting the chains it leaves behind.
 
 use std::io;
@@ -30,7 +30,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::executor::RequestProcessor;
+use super::executor::{Completion, RequestProcessor};
 use crate::virtio::{
     ActiveQueue, GuestMemory, InFlightPolicy, VirtioInterrupt, VirtioInterruptType,
 };
@@ -309,18 +309,23 @@ fn drain(
         while let Some(chain) = queue.iter(mem)?.next() {
             let head = chain.head_index();
             let len = match Mode::load(mode) {
-                Mode::Run => processor.process(chain),
-                Mode::Fail => processor.fail(chain),
+                // A pull or reset that comes while the host I/O runs decides its completion.
+                Mode::Run => processor.process_then(chain, || match Mode::load(mode) {
+                    Mode::Run => Completion::Publish,
+                    Mode::Fail => Completion::Fail,
+                    Mode::Reset | Mode::Drop => Completion::Discard,
+                }),
+                Mode::Fail => Some(processor.fail(chain)),
                 Mode::Reset | Mode::Drop => return Ok(false),
             };
-            match Mode::load(mode) {
-                Mode::Reset => return Ok(false),
-                Mode::Drop => {
+            let len = match (Mode::load(mode), len) {
+                (Mode::Reset, _) => return Ok(false),
+                (Mode::Drop, _) | (_, None) => {
                     processor.count_dropped(1);
                     return Ok(false);
                 }
-                Mode::Run | Mode::Fail => {}
-            }
+                (Mode::Run | Mode::Fail, Some(len)) => len,
+            };
             queue.add_used(mem, head, len)?;
             used_any = true;
         }
