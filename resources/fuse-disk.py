@@ -15,10 +15,10 @@ device does when its server dies:
 which the guest always has requests waiting in the virtqueue — what a surprise removal's
 in-flight policy acts on.
 
---gate PATH holds every read while PATH exists (checked every 10 ms): create it, and the guest's
-requests pile up in the virtqueue, the one being served blocked in the host's read; remove it,
-and they flow again. Tests use it to have a known number of requests in flight when a disk is
-pulled, however slow the guest is.
+--gate PATH holds every read, write and fsync while PATH exists (checked every 10 ms): create
+it, and the guest's requests pile up in the virtqueue, the one being served blocked in the
+host's I/O; remove it, and they flow again. Tests use it to have a known number of requests in
+flight when a disk is pulled, however slow the guest is.
 
 Runs in the foreground, single-threaded; unmount with `fusermount -u MOUNTPOINT` or
 `umount -l MOUNTPOINT`. Needs FUSE (/dev/fuse) and Debian's python3-fusepy.
@@ -69,16 +69,21 @@ class OneFile(Operations):
             raise FuseOSError(errno.ENOENT)
         return 0
 
-    def read(self, path, size, offset, fh):
-        self._check()
+    def _wait_gate(self):
         while self.gate and os.path.exists(self.gate):
             time.sleep(0.01)
+
+    def read(self, path, size, offset, fh):
+        self._check()
+        self._wait_gate()
         if self.read_delay:
             time.sleep(self.read_delay)
         self._check()
         return os.pread(self.fd, size, offset)
 
     def write(self, path, data, offset, fh):
+        self._check()
+        self._wait_gate()
         self._check()
         return os.pwrite(self.fd, data, offset)
 
@@ -90,6 +95,8 @@ class OneFile(Operations):
 
     def fsync(self, path, datasync, fh):
         self._check()
+        self._wait_gate()
+        self._check()
         os.fsync(self.fd)
         return 0
 
@@ -97,7 +104,7 @@ class OneFile(Operations):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--read-delay-ms", type=float, default=0.0)
-    ap.add_argument("--gate", help="reads wait while this path exists")
+    ap.add_argument("--gate", help="reads, writes and fsyncs wait while this path exists")
     ap.add_argument("file")
     ap.add_argument("mountpoint")
     args = ap.parse_args()

@@ -95,7 +95,7 @@ fn backend_failure(version: &str) {
     check_disk(&mut g, &dev, "fb-d", "fb");
     // Both readers have a request in the device, one blocked in the host's read, when the
     // server dies.
-    b.hold_reads();
+    b.hold();
     start_readers(&mut g, &dev, 2, 2);
     b.kill();
     let event = q

@@ -1,5 +1,5 @@
 //! Disk images served over FUSE by resources/fuse-disk.py: a backend that can die (kill the
-//! daemon), be slow (a read delay) or hold its reads (a gate), so that the guest has requests
+//! daemon), be slow (a read delay) or hold its I/O (a gate), so that the guest has requests
 //! in flight when something happens to the disk.
 
 use std::path::PathBuf;
@@ -55,19 +55,15 @@ impl FuseDisk {
         self.mount.join("disk.img")
     }
 
-    /// From now on reads wait (the one being served blocks in the host's read, the guest's
-    /// next ones wait in the virtqueue) until [`FuseDisk::release_reads`].
-    pub fn hold_reads(&self) {
+    /// From now on reads, writes and fsyncs wait (the request being served blocks in the
+    /// host's I/O, the guest's next ones wait in the virtqueue) until [`FuseDisk::release`].
+    pub fn hold(&self) {
         std::fs::write(&self.gate, b"").unwrap();
     }
 
-    pub fn release_reads(&self) {
-        let _ = std::fs::remove_file(&self.gate);
-    }
-
-    /// Releases the held reads `delay` from now, from another thread: for releasing them
-    /// while the test thread waits on something that needs them released.
-    pub fn release_reads_after(&self, delay: Duration) -> std::thread::JoinHandle<()> {
+    /// Releases the held I/O `delay` from now, from another thread: for releasing it while
+    /// the test thread waits on something that needs it released.
+    pub fn release_after(&self, delay: Duration) -> std::thread::JoinHandle<()> {
         let gate = self.gate.clone();
         std::thread::spawn(move || {
             std::thread::sleep(delay);

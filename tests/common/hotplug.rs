@@ -129,37 +129,56 @@ pub fn start_readers(g: &mut Guest, dev: &str, n: usize, want: usize) {
          2>/tmp/dd-{dev}-$i || {{ echo \"READER $i EXIT $?\" >> /tmp/readers-{dev}; break; }}; done) & \
          done"
     ));
-    // `want` requests are in the device (held there by the caller, or waiting on a slow disk):
-    // `inflight` counts the requests the driver has started and not seen completed (not those
-    // still queued in the block layer, which `stat` counts too).
+    wait_in_flight(g, dev, Direction::Read, want);
+}
+
+/// Which column of /sys/block/dev/inflight.
+#[derive(Clone, Copy, Debug)]
+pub enum Direction {
+    Read = 0,
+    Write = 1,
+}
+
+/// Waits until the guest's driver has at least `want` requests of `dir` in the device (held
+/// there by the caller, or waiting on a slow disk): `inflight` counts the requests the driver
+/// has started and not seen completed (not those still queued in the block layer, which `stat`
+/// counts too).
+pub fn wait_in_flight(g: &mut Guest, dev: &str, dir: Direction, want: usize) {
+    let field = dir as usize + 1;
     let (out, status) = g.run_status(
         &format!(
             "for i in $(seq 1 60); do set -- $(cat /sys/block/{dev}/inflight); \
-             [ $1 -ge {want} ] && break; sleep 0.5; done; cat /sys/block/{dev}/inflight /sys/block/{dev}/stat"
+             [ ${field} -ge {want} ] && break; sleep 0.5; done; cat /sys/block/{dev}/inflight /sys/block/{dev}/stat"
         ),
         Duration::from_secs(120),
     );
     let inflight: u64 = out
         .split_whitespace()
-        .next()
+        .nth(dir as usize)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    eprintln!("readers of {dev}: {out}");
+    eprintln!("{dev}: in flight ({dir:?}): {out}");
     if status != 0 || inflight < want as u64 {
         let state = g.run(&format!(
-            "ps; ls -l /dev/{dev}; cat /tmp/dd-{dev}-* /tmp/readers-{dev}; true"
+            "ps; ls -l /dev/{dev}; cat /tmp/dd-{dev}-* /tmp/readers-{dev} /tmp/wr-{dev}; true"
         ));
         g.fail(&format!(
-            "readers of {dev} reading, {want} requests in flight: {out}\n{state}"
+            "{want} {dir:?} requests in flight on {dev}: {out}\n{state}"
         ));
     }
 }
 
 /// A writer on an ext4 made and mounted from `/dev/dev` at /mnt/dev: appends 64 KiB blocks
 /// with fsync until one fails, then writes "WRITER EXIT status" to /tmp/writer-dev.
+///
+/// The file system does no I/O of its own accord: its inode tables and journal are initialised
+/// by mke2fs (no lazy-init thread writing later) and the journal commits on the writer's fsync
+/// only (`commit=600`), so that every request is the writer's, and a test that holds them knows
+/// none comes after.
 pub fn start_ext4_writer(g: &mut Guest, dev: &str) {
     g.run(&format!(
-        "/sbin/mke2fs -q -F -t ext4 /dev/{dev} && mkdir -p /mnt/{dev} && mount -t ext4 /dev/{dev} /mnt/{dev}"
+        "/sbin/mke2fs -q -F -t ext4 -E lazy_itable_init=0,lazy_journal_init=0 /dev/{dev} \
+         && mkdir -p /mnt/{dev} && mount -t ext4 -o commit=600 /dev/{dev} /mnt/{dev}"
     ));
     g.run(&format!(
         "rm -f /tmp/writer-{dev}; (i=0; while :; do \

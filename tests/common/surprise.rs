@@ -37,22 +37,20 @@ pub fn pull(
     reply
 }
 
-/// [`pull`] with the reads of `held` (if any) held: they are released 200 ms after the request
-/// is sent, while the VMM waits for the host read in progress (up to 500 ms), so that the
-/// requests behind it meet the in-flight policy, not the disk.
+/// [`pull`] with the I/O of `held` held: it is released 200 ms after the request is sent,
+/// while the VMM waits for the host I/O in progress (up to 500 ms), so that the request being
+/// served and those behind it meet the in-flight policy, not the disk.
 pub fn pull_releasing(
     g: &Guest,
     q: &mut QmpClient,
-    held: Option<&FuseDisk>,
+    held: &FuseDisk,
     id: &str,
     in_flight: Option<&str>,
     bar_reads: Option<&str>,
 ) -> Value {
-    let release = held.map(|d| d.release_reads_after(Duration::from_millis(200)));
+    let release = held.release_after(Duration::from_millis(200));
     let reply = pull(g, q, id, in_flight, bar_reads);
-    if let Some(r) = release {
-        r.join().unwrap();
-    }
+    release.join().unwrap();
     reply
 }
 
@@ -100,9 +98,9 @@ pub fn pin_drop_hang(
     let pci = g.run(&format!(
         "basename $(readlink -f /sys/block/{dev}/device/..)"
     ));
-    held.hold_reads();
+    held.hold();
     start_readers(g, &dev, 2, 2);
-    let reply = pull_releasing(g, q, Some(&held), "dh-d", Some("drop"), Some("zero"));
+    let reply = pull_releasing(g, q, &held, "dh-d", Some("drop"), Some("zero"));
     // The one whose host read was running finished it, and was dropped all the same.
     assert_eq!(
         (&reply["dropped"], &reply["failed"]),
