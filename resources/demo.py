@@ -235,7 +235,9 @@ def main():
 
     print("\n\033[1m--- Surprise removal of a disk being read (rp1, pciehp) ---\033[0m", flush=True)
     dev = hot_add(qmp, con, "hot-pull", "rp1")
-    con.run(f"(dd if=/dev/{dev} of=/dev/null bs=4k iflag=direct 2>/tmp/dd.err; echo \"dd exit $?\" >> /tmp/dd.err) &")
+    # A reader that reads the disk over and over until a read fails (one pass takes well under a second).
+    con.run(f"(while :; do dd if=/dev/{dev} of=/dev/null bs=4k iflag=direct 2>/tmp/dd.err "
+            f"|| {{ echo \"dd exit $?\" >> /tmp/dd.err; break; }}; done) &")
     con.run("sleep 1")
     start = len(con.lines)
     t = time.time()
