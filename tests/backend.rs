@@ -38,7 +38,7 @@ fn backend_failure(version: &str) {
     let mut q = QmpClient::negotiated(&sock);
 
     // ---- Default: the guest gets I/O errors, the VMM reports and stays up. ----
-    let mut a = FuseDisk::start(&dir, "fa", 0);
+    let mut a = FuseDisk::start(&dir, "fa");
     blockdev_add(&mut q, "fa", &a.file());
     let dev = hot_add(&mut g, &mut q, "fa-d", "fa", "rp0");
     a.kill();
@@ -83,7 +83,7 @@ fn backend_failure(version: &str) {
                "x-backend-error": "explode"}),
     );
     assert!(e.contains("x-backend-error"), "{e}");
-    let mut b = FuseDisk::start(&dir, "fb", 0);
+    let mut b = FuseDisk::start(&dir, "fb");
     blockdev_add(&mut q, "fb", &b.file());
     q.ok(
         "device_add",

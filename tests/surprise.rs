@@ -51,7 +51,7 @@ fn scenario(
     // so that the pull finds each reader's request, or the writer's fsync, in the device:
     // on a PVM host a guest spends far longer between two requests than the host takes to
     // serve one, and a pull would rarely find one in flight otherwise.
-    let held = FuseDisk::start(dir, &node, 0);
+    let held = FuseDisk::start(dir, &node);
     blockdev_add(q, &node, &held.file());
     let id = format!("{tag}-d");
     let dev = hot_add(g, q, &id, &node, bus);
@@ -220,16 +220,7 @@ fn surprise(version: &str, cycles: usize) {
 
 /// Hardware-faithful BARs: Linux's virtio-pci spins in `vp_reset` after the disk is gone.
 fn pin_virtio_reset_spin(version: &str, g: &mut Guest, q: &mut QmpClient, dir: &TempDir) {
-    let node = "vr-n";
-    let held = FuseDisk::start(dir, node, 0);
-    blockdev_add(q, node, &held.file());
-    let dev = hot_add(g, q, "vr-d", node, "rp2");
-    let pci = g.run(&format!(
-        "basename $(readlink -f /sys/block/{dev}/device/..)"
-    ));
-    held.hold();
-    start_readers(g, &dev, 2, 2);
-    let reply = pull_releasing(g, q, &held, "vr-d", Some("fail"), Some("all-ones"));
+    let (dev, pci, reply) = pull_under_two_readers(g, q, dir, "vr", "rp2", "fail", "all-ones");
     assert_eq!(reply["failed"], 2, "{reply}");
     assert_eq!(reply["bar-reads"], "all-ones", "{reply}");
     // The block layer lets go (readers fail, the disk goes) ...

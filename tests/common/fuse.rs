@@ -1,6 +1,6 @@
 //! Disk images served over FUSE by resources/fuse-disk.py: a backend that can die (kill the
-//! daemon), be slow (a read delay) or hold its I/O (a gate), so that the guest has requests
-//! in flight when something happens to the disk.
+//! daemon) or hold its I/O (a gate), so that the guest has requests in flight when something
+//! happens to the disk.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -17,8 +17,8 @@ pub struct FuseDisk {
 }
 
 impl FuseDisk {
-    /// Serves a fresh disk with `name`'s signature; every read takes `read_delay_ms`.
-    pub fn start(dir: &TempDir, name: &str, read_delay_ms: u32) -> FuseDisk {
+    /// Serves a fresh disk with `name`'s signature.
+    pub fn start(dir: &TempDir, name: &str) -> FuseDisk {
         let image = make_disk(dir, name);
         let mount = dir.path(&format!("{name}-mnt"));
         std::fs::create_dir_all(&mount).unwrap();
@@ -26,7 +26,6 @@ impl FuseDisk {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../resources/fuse-disk.py");
         let daemon = Command::new("/usr/bin/python3")
             .arg(&script)
-            .arg(format!("--read-delay-ms={read_delay_ms}"))
             .arg("--gate")
             .arg(&gate)
             .arg(&image)
@@ -56,7 +55,7 @@ impl FuseDisk {
     }
 
     /// From now on reads, writes and fsyncs wait (the request being served blocks in the
-    /// host's I/O, the guest's next ones wait in the virtqueue) until [`FuseDisk::release`].
+    /// host's I/O, the guest's next ones wait in the virtqueue) until they are released ([`FuseDisk::release_after`]).
     pub fn hold(&self) {
         std::fs::write(&self.gate, b"").unwrap();
     }

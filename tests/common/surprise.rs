@@ -54,6 +54,31 @@ pub fn pull_releasing(
     reply
 }
 
+/// A fresh disk hot-added to `bus` as `{tag}-d` (node `{tag}-n`, served over FUSE), read by two
+/// readers whose requests are held in the device, pulled out with `in_flight` and `bar_reads`.
+/// Returns the guest's block device, its PCI function and the reply.
+pub fn pull_under_two_readers(
+    g: &mut Guest,
+    q: &mut QmpClient,
+    dir: &TempDir,
+    tag: &str,
+    bus: &str,
+    in_flight: &str,
+    bar_reads: &str,
+) -> (String, String, Value) {
+    let (node, id) = (format!("{tag}-n"), format!("{tag}-d"));
+    let held = FuseDisk::start(dir, &node);
+    blockdev_add(q, &node, &held.file());
+    let dev = hot_add(g, q, &id, &node, bus);
+    let pci = g.run(&format!(
+        "basename $(readlink -f /sys/block/{dev}/device/..)"
+    ));
+    held.hold();
+    start_readers(g, &dev, 2, 2);
+    let reply = pull_releasing(g, q, &held, &id, Some(in_flight), Some(bar_reads));
+    (dev, pci, reply)
+}
+
 /// Names of the guest's tasks in uninterruptible sleep (D state).
 pub fn d_state_tasks(g: &mut Guest) -> Vec<String> {
     // One grep over every status file: a process per task would take minutes on PVM hosts.
@@ -82,7 +107,7 @@ pub fn d_state_tasks(g: &mut Guest) -> Vec<String> {
 /// this (the removal holds the PCI rescan lock), so a test calls it last. The VMM's side: the
 /// reply counts the two requests as dropped, and it goes on serving its control socket.
 /// `remover` names the guest task that runs the removal ("pciehp" for a native slot,
-/// "kworker" for an ACPI one).
+/// "kacpi_hotplug", acpiphp's workqueue, for an ACPI one).
 pub fn pin_drop_hang(
     version: &str,
     g: &mut Guest,
@@ -91,16 +116,7 @@ pub fn pin_drop_hang(
     bus: &str,
     remover: &str,
 ) {
-    let node = "dh-n";
-    let held = FuseDisk::start(dir, node, 0);
-    blockdev_add(q, node, &held.file());
-    let dev = hot_add(g, q, "dh-d", node, bus);
-    let pci = g.run(&format!(
-        "basename $(readlink -f /sys/block/{dev}/device/..)"
-    ));
-    held.hold();
-    start_readers(g, &dev, 2, 2);
-    let reply = pull_releasing(g, q, &held, "dh-d", Some("drop"), Some("zero"));
+    let (dev, pci, reply) = pull_under_two_readers(g, q, dir, "dh", bus, "drop", "zero");
     // The one whose host read was running finished it, and was dropped all the same.
     assert_eq!(
         (&reply["dropped"], &reply["failed"]),

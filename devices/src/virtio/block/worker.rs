@@ -14,8 +14,9 @@
 //!
 //! The thread stops in one of three ways ([`Mode`]): on a reset, publishing nothing more; on
 //! a surprise removal with [`InFlightPolicy::Fail`], first completing every request it holds
-//! with `VIRTIO_BLK_S_IOERR` (the one whose host I/O was running too, whatever that I/O did); on one with [`InFlightPolicy::Drop`], publishing nothing more
-//! and counting the chains it leaves behind.
+//! with `VIRTIO_BLK_S_IOERR` (the one whose host I/O was running too, whatever that I/O did);
+//! on one with [`InFlightPolicy::Drop`], publishing nothing more and counting the chains it
+//! leaves behind.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
