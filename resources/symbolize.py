@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Adds kernel symbols to the RIPs in hotplug-vmm's stderr (vCPU samples, fatal exits).
+"""Adds kernel symbols to the RIPs in hotplug-vmm's stderr (vCPU samples, fatal exits), and to
+the kernel text addresses a sample found on the guest's stack (a guessed call chain).
 
 Usage: HOTPLUG_VMM_SAMPLE_MS=1000 hotplug-vmm ... 2>err.log; resources/symbolize.py vmlinux < err.log
 """
@@ -22,4 +23,9 @@ def name(addr):
 
 
 for line in sys.stdin:
-    print(re.sub(r"RIP (0x[0-9a-f]+)", lambda m: f"RIP {m.group(1)} <{name(int(m.group(1), 16))}>", line), end="")
+    line = re.sub(r"RIP (0x[0-9a-f]+)", lambda m: f"RIP {m.group(1)} <{name(int(m.group(1), 16))}>", line)
+    # A sample's stack words: kernel text addresses found on the stack, a guessed call chain.
+    head, sep, stack = line.partition("; stack: ")
+    if sep:
+        line = head + sep + " ".join(f"<{name(int(w, 16))}>" for w in stack.split()) + "\n"
+    print(line, end="")

@@ -142,7 +142,12 @@ impl Vcpu {
                 Ok(exit) => handle_exit(exit, &self.io),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     if self.sample {
-                        log::warn!("vCPU {} sample: {}", self.id, self.describe_state());
+                        log::warn!(
+                            "vCPU {} sample: {}; stack: {}",
+                            self.id,
+                            self.describe_state(),
+                            self.stack_text_words()
+                        );
                     }
                     Outcome::Continue
                 }
@@ -208,6 +213,45 @@ impl Vcpu {
 
     fn describe_state(&self) -> String {
         self.describe_state_with(None)
+    }
+
+    /// The words on the top of the guest's kernel stack that look like kernel text addresses, as
+    /// hex: a guessed call chain for sampling profiles (`resources/symbolize.py` names them).
+    fn stack_text_words(&self) -> String {
+        /// How much of the stack to scan, and where x86_64 Linux maps its kernel image.
+        const SCAN_BYTES: u64 = 1024;
+        const KERNEL_TEXT: std::ops::Range<u64> = 0xffff_ffff_8000_0000..0xffff_ffff_c000_0000;
+        let Ok(regs) = self.fd.get_regs() else {
+            return "unavailable".into();
+        };
+        let mut words = Vec::new();
+        let mut addr = regs.rsp & !7;
+        let end = addr.saturating_add(SCAN_BYTES);
+        while addr < end {
+            // One translation per guest page: the stack may cross into an unmapped one.
+            let page_end = ((addr | 0xfff) + 1).min(end);
+            let Some(phys) = self
+                .fd
+                .translate_gva(addr)
+                .ok()
+                .filter(|t| t.valid != 0)
+                .map(|t| t.physical_address)
+            else {
+                break;
+            };
+            let mut buf = vec![0u8; (page_end - addr) as usize];
+            if self.mem.read_slice(&mut buf, GuestAddress(phys)).is_err() {
+                break;
+            }
+            words.extend(
+                buf.chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                    .filter(|w| KERNEL_TEXT.contains(w))
+                    .map(|w| format!("{w:#x}")),
+            );
+            addr = page_end;
+        }
+        words.join(" ")
     }
 
     /// "RIP 0x... (CS base ...), instruction bytes: ..." from the vCPU's registers and memory.
