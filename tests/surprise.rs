@@ -51,7 +51,11 @@ fn scenario(
     // so that the pull finds each reader's request, or the writer's fsync, in the device:
     // on a PVM host a guest spends far longer between two requests than the host takes to
     // serve one, and a pull would rarely find one in flight otherwise.
-    let held = FuseDisk::start(dir, &node);
+    let image = make_disk(dir, &node);
+    if load == Load::Ext4Writer {
+        format_ext4(&image);
+    }
+    let held = FuseDisk::serve(dir, &node, &image);
     blockdev_add(q, &node, &held.file());
     let id = format!("{tag}-d");
     let dev = hot_add(g, q, &id, &node, bus);
@@ -236,7 +240,7 @@ fn pin_virtio_reset_spin(version: &str, g: &mut Guest, q: &mut QmpClient, dir: &
         stuck.iter().any(|t| t.contains("pciehp")),
         "pciehp's thread spins in vp_reset: {stuck:?}"
     );
-    let devices = g.run("ls /sys/bus/pci/devices");
+    let devices = g.run("echo /sys/bus/pci/devices/*");
     assert!(
         devices.contains(pci.trim()),
         "{pci} still on the guest's bus: {devices}"

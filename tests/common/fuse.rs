@@ -2,7 +2,7 @@
 //! daemon) or hold its I/O (a gate), so that the guest has requests in flight when something
 //! happens to the disk.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,11 @@ pub struct FuseDisk {
 impl FuseDisk {
     /// Serves a fresh disk with `name`'s signature.
     pub fn start(dir: &TempDir, name: &str) -> FuseDisk {
-        let image = make_disk(dir, name);
+        FuseDisk::serve(dir, name, &make_disk(dir, name))
+    }
+
+    /// Serves the disk image `image` under `name`.
+    pub fn serve(dir: &TempDir, name: &str, image: &Path) -> FuseDisk {
         let mount = dir.path(&format!("{name}-mnt"));
         std::fs::create_dir_all(&mount).unwrap();
         let gate = dir.path(&format!("{name}-gate"));
@@ -28,7 +32,7 @@ impl FuseDisk {
             .arg(&script)
             .arg("--gate")
             .arg(&gate)
-            .arg(&image)
+            .arg(image)
             .arg(&mount)
             .stdin(Stdio::null())
             .spawn()

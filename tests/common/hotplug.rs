@@ -168,17 +168,52 @@ pub fn wait_in_flight(g: &mut Guest, dev: &str, dir: Direction, want: usize) {
     }
 }
 
-/// A writer on an ext4 made and mounted from `/dev/dev` at /mnt/dev: appends 64 KiB blocks
-/// with fsync until one fails, then writes "WRITER EXIT status" to /tmp/writer-dev.
+/// Makes an ext4 file system in the image at `path`, on the host (the test guest carries no
+/// mke2fs: every byte of its initramfs costs boot time). Its inode tables and journal are
+/// initialised here, so the guest's ext4 has no lazy-init work to do, and nothing is discarded
+/// (a test can then see the guest's discards as holes in the file). The first 1 KiB, where
+/// [`make_disk`] put the disk's signature, is kept (ext4 leaves it to boot loaders; mke2fs
+/// zeroes it).
+pub fn format_ext4(path: &Path) {
+    use std::io::{Read, Seek, Write};
+    let mut boot_block = [0u8; 1024];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut boot_block))
+        .unwrap();
+    let out = std::process::Command::new("mke2fs")
+        .args([
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0,nodiscard",
+        ])
+        .arg(path)
+        .output()
+        .expect("mke2fs (e2fsprogs) on the host");
+    assert!(
+        out.status.success(),
+        "mke2fs {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.rewind().unwrap();
+    f.write_all(&boot_block).unwrap();
+}
+
+/// A writer on the ext4 of `/dev/dev` (made by [`format_ext4`]), mounted at /mnt/dev: appends
+/// 64 KiB blocks with fsync until one fails, then writes "WRITER EXIT status" to
+/// /tmp/writer-dev.
 ///
-/// The file system does no I/O of its own accord: its inode tables and journal are initialised
+/// The file system does no I/O of its own accord: its inode tables and journal were initialised
 /// by mke2fs (no lazy-init thread writing later) and the journal commits on the writer's fsync
 /// only (`commit=600`), so that every request is the writer's, and a test that holds them knows
 /// none comes after.
 pub fn start_ext4_writer(g: &mut Guest, dev: &str) {
     g.run(&format!(
-        "/sbin/mke2fs -q -F -t ext4 -E lazy_itable_init=0,lazy_journal_init=0 /dev/{dev} \
-         && mkdir -p /mnt/{dev} && mount -t ext4 -o commit=600 /dev/{dev} /mnt/{dev}"
+        "mkdir -p /mnt/{dev} && mount -t ext4 -o commit=600 /dev/{dev} /mnt/{dev}"
     ));
     g.run(&format!(
         "rm -f /tmp/writer-{dev}; (i=0; while :; do \
