@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! 0x0000_0000 ..              RAM (boot structures in the first MiB, kernel at 1 MiB / 16 MiB)
+//! 0x0009_FC00 .. 0x000A_0000  MP table (and more for many vCPUs), reserved in the E820 map
 //! 0x000E_0000 .. 0x0010_0000  ACPI tables (RSDP first), reserved in the E820 map
 //! ..           0xC000_0000    end of low RAM (RAM beyond 3 GiB continues at 4 GiB)
 //! 0xC000_0000 .. 0xE000_0000  32-bit PCI MMIO window (BARs, bridge windows)
@@ -37,6 +38,9 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 /// End of the conventional-memory RAM the E820 map reports below 1 MiB (EBDA starts here).
 pub const EBDA_START: u64 = 0x9fc00;
+/// MP floating pointer and configuration table: the start of the last KiB of base memory, the
+/// second place Linux looks (`vmm/src/mptable.rs`).
+pub const MPTABLE_START: u64 = EBDA_START;
 /// ACPI tables: RSDP at the start of the BIOS read-only area, so the legacy scan finds it too.
 pub const ACPI_START: u64 = 0xe0000;
 /// End of the first MiB.

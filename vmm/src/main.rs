@@ -7,6 +7,7 @@ mod control;
 mod hotplug;
 mod interrupts;
 mod layout;
+mod mptable;
 mod pci_devices;
 mod qmp;
 mod terminal;

@@ -110,6 +110,8 @@ pub enum VmError {
     Vcpu(#[from] crate::vcpu::VcpuSetupError),
     #[error("ACPI tables: {0}")]
     Acpi(String),
+    #[error("cannot write the MP table: {0}")]
+    MpTable(String),
     #[error("cannot open serial output {0}: {1}")]
     SerialFile(String, io::Error),
     #[error("cannot create hot-plug trace {0}: {1}")]
@@ -403,6 +405,19 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         mem.write_slice(&blob, GuestAddress(addr))
             .map_err(|e| VmError::Acpi(format!("writing at {addr:#x}: {e}")))?;
     }
+
+    // MP table: ignored by Linux next to the MADT, but it ends Linux's slow scan of the BIOS area.
+    let mp = crate::mptable::build(
+        &crate::mptable::MpConfig {
+            cpus: cli.cpus,
+            ioapic_id: acpi_cfg.ioapic_id,
+            ioapic_addr: IOAPIC_START as u32,
+            lapic_addr: LAPIC_START as u32,
+        },
+        MPTABLE_START as u32,
+    );
+    mem.write_slice(&mp, GuestAddress(MPTABLE_START))
+        .map_err(|e| VmError::MpTable(e.to_string()))?;
 
     let entry = boot::load_guest(
         &mem,
