@@ -175,6 +175,11 @@ pub fn wait_in_flight(g: &mut Guest, dev: &str, dir: Direction, want: usize) {
 /// [`make_disk`] put the disk's signature, is kept (ext4 leaves it to boot loaders; mke2fs
 /// zeroes it).
 pub fn format_ext4(path: &Path) {
+    format_ext4_with(path, None)
+}
+
+/// [`format_ext4`], with the file system holding a copy of directory `contents` (mke2fs -d).
+pub fn format_ext4_with(path: &Path, contents: Option<&Path>) {
     use std::io::{Read, Seek, Write};
     let mut boot_block = [0u8; 1024];
     std::fs::File::open(path)
@@ -189,6 +194,7 @@ pub fn format_ext4(path: &Path) {
             "-E",
             "lazy_itable_init=0,lazy_journal_init=0,nodiscard",
         ])
+        .args(contents.iter().flat_map(|d| [Path::new("-d"), d]))
         .arg(path)
         .output()
         .expect("mke2fs (e2fsprogs) on the host");

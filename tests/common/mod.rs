@@ -447,6 +447,27 @@ pub fn make_mbr_disk(path: &Path, size_mib: u64, partitions_mib: &[u64]) -> Vec<
 }
 
 /// A scratch directory for one test, removed when dropped.
+/// Builds `resources/guest/NAME.c` as a static glibc program into `dir` (for tools that ride on a
+/// test disk rather than in the initramfs) and returns its path.
+pub fn build_guest_tool(name: &str, dir: &Path) -> PathBuf {
+    let src =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../resources/guest/{name}.c"));
+    let out = dir.join(name);
+    let res = Command::new("gcc")
+        .args(["-O2", "-static", "-s", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .expect("gcc on the host");
+    assert!(
+        res.status.success(),
+        "gcc {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&res.stderr)
+    );
+    out
+}
+
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {

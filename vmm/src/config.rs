@@ -10,10 +10,18 @@ use crate::pci_devices::BarReads;
 /// Kernel parameters every guest gets unless `--cmdline` replaces them: the console, and the
 /// switches that keep a stock kernel off instructions KVM's emulator cannot run on PVM hosts
 /// (docs/guest-on-pvm.md explains each one).
+///
+/// The last one is for user space: with `noxsave` the guest kernel switches only the x87/SSE
+/// state between tasks, while user space still sees the host's CPUID and XCR0, so two processes
+/// using AVX or AVX-512 registers corrupt each other. The kernel hands `GLIBC_TUNABLES=...` to
+/// /init as an environment variable, and glibc in every process then picks its SSE2 string
+/// functions instead of the AVX2/EVEX ones (`resources/guest/strstress.c` checks it).
 pub const DEFAULT_CMDLINE: &str = concat!(
     "console=ttyS0 quiet ",
     "noxsave clearcpuid=smap,smep,popcnt,cx16,fsgsbase,rdpid,pcid,invpcid,rdrand,rdseed,movbe,",
-    "erms,fsrm,clflushopt,clwb,avx,avx2,bmi1,bmi2 nopti mitigations=off rodata=off norandmaps"
+    "erms,fsrm,clflushopt,clwb,avx,avx2,bmi1,bmi2 nopti mitigations=off rodata=off norandmaps ",
+    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,",
+    "-AVX512CD,-AVX_Fast_Unaligned_Load"
 );
 
 /// hotplug-vmm: a minimal x86_64 VMM on KVM for PCI Express hotplug research.
