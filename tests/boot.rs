@@ -330,26 +330,13 @@ fn kernel_boot_with(version: &str, cpus: u8, opts: BootOptions) {
         "fstrim's discards reached the host file: {fs_blocks_before} -> {fs_blocks_after} bytes allocated"
     );
     // The host finds the filesystem clean and the file intact.
-    let fsck = std::process::Command::new("e2fsck")
-        .args(["-fn"])
-        .arg(&fs)
-        .output()
-        .expect("e2fsck (e2fsprogs) on the host");
-    assert!(
-        fsck.status.success(),
-        "e2fsck -fn: {}{}",
-        String::from_utf8_lossy(&fsck.stdout),
-        String::from_utf8_lossy(&fsck.stderr)
+    common::host_run(std::process::Command::new("e2fsck").arg("-fn").arg(&fs));
+    let greeting = common::host_run(
+        std::process::Command::new("debugfs")
+            .args(["-R", "cat /greeting"])
+            .arg(&fs),
     );
-    let cat = std::process::Command::new("debugfs")
-        .args(["-R", "cat /greeting"])
-        .arg(&fs)
-        .output()
-        .expect("debugfs (e2fsprogs) on the host");
-    assert_eq!(
-        String::from_utf8_lossy(&cat.stdout),
-        "hello from the guest\n"
-    );
+    assert_eq!(greeting, "hello from the guest\n");
 }
 
 #[test]

@@ -185,24 +185,18 @@ pub fn format_ext4_with(path: &Path, contents: Option<&Path>) {
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut boot_block))
         .unwrap();
-    let out = std::process::Command::new("mke2fs")
-        .args([
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
-            "-E",
-            "lazy_itable_init=0,lazy_journal_init=0,nodiscard",
-        ])
-        .args(contents.iter().flat_map(|d| [Path::new("-d"), d]))
-        .arg(path)
-        .output()
-        .expect("mke2fs (e2fsprogs) on the host");
-    assert!(
-        out.status.success(),
-        "mke2fs {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
+    super::host_run(
+        std::process::Command::new("mke2fs")
+            .args([
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=0,nodiscard",
+            ])
+            .args(contents.iter().flat_map(|d| [Path::new("-d"), d]))
+            .arg(path),
     );
     let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     f.rewind().unwrap();

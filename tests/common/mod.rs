@@ -447,23 +447,34 @@ pub fn make_mbr_disk(path: &Path, size_mib: u64, partitions_mib: &[u64]) -> Vec<
 }
 
 /// A scratch directory for one test, removed when dropped.
+/// Runs a host tool to completion and returns its stdout; fails the test, with the tool's
+/// output, when it cannot start or exits non-zero.
+pub fn host_run(cmd: &mut Command) -> String {
+    let what = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run it on the host: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// Builds `resources/guest/NAME.c` as a static glibc program into `dir` (for tools that ride on a
 /// test disk rather than in the initramfs) and returns its path.
 pub fn build_guest_tool(name: &str, dir: &Path) -> PathBuf {
     let src =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../resources/guest/{name}.c"));
     let out = dir.join(name);
-    let res = Command::new("gcc")
-        .args(["-O2", "-static", "-s", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .output()
-        .expect("gcc on the host");
-    assert!(
-        res.status.success(),
-        "gcc {}: {}",
-        src.display(),
-        String::from_utf8_lossy(&res.stderr)
+    host_run(
+        Command::new("gcc")
+            .args(["-O2", "-static", "-s", "-o"])
+            .arg(&out)
+            .arg(&src),
     );
     out
 }
