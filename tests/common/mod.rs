@@ -446,7 +446,6 @@ pub fn make_mbr_disk(path: &Path, size_mib: u64, partitions_mib: &[u64]) -> Vec<
     img
 }
 
-/// A scratch directory for one test, removed when dropped.
 /// Runs a host tool to completion and returns its stdout; fails the test, with the tool's
 /// output, when it cannot start or exits non-zero.
 pub fn host_run(cmd: &mut Command) -> String {
@@ -479,6 +478,7 @@ pub fn build_guest_tool(name: &str, dir: &Path) -> PathBuf {
     out
 }
 
+/// A scratch directory for one test, removed when dropped.
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
