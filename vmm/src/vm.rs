@@ -409,10 +409,10 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
     // MP table: ignored by Linux next to the MADT, but it ends Linux's slow scan of the BIOS area.
     let mp = crate::mptable::build(
         &crate::mptable::MpConfig {
-            cpus: cli.cpus,
+            cpus: acpi_cfg.cpus,
             ioapic_id: acpi_cfg.ioapic_id,
-            ioapic_addr: IOAPIC_START as u32,
-            lapic_addr: LAPIC_START as u32,
+            ioapic_addr: acpi_cfg.ioapic_addr,
+            lapic_addr: acpi_cfg.lapic_addr,
         },
         MPTABLE_START as u32,
     );
