@@ -139,11 +139,69 @@ fn scenario(
     dmesg
 }
 
+/// A disk pulled out (policy `fail`) from under a reader that nothing holds, as in the demo.
+/// (Run with `RUST_LOG=info` to see, in the output, how many requests the device failed after
+/// the pull: in the demo's runs, one each time.)
+/// Its requests spend most of their time in the guest's block stack, not in the device, so the
+/// pull rarely finds one in the device; the reader's next request is submitted after the pull,
+/// before the guest's driver learns of it (on a native slot, when pciehp's thread gets to
+/// virtio-pci's removal). The device fails such requests until the driver resets it. Were
+/// they left alone, virtio_blk's `del_gendisk` would wait for them forever: the reader and
+/// the removal in D state, the function on the guest's bus, the guest's hot-plug stuck.
+fn free_reader(g: &mut Guest, q: &mut QmpClient, dir: &TempDir, bus: &str, tag: &str) {
+    let (node, id) = (format!("{tag}-n"), format!("{tag}-d"));
+    blockdev_add(q, &node, &make_disk(dir, &node));
+    let dev = hot_add(g, q, &id, &node, bus);
+    let pci = g.run(&format!(
+        "basename $(readlink -f /sys/block/{dev}/device/..)"
+    ));
+    start_readers(g, &dev, 1, 0);
+    // Reading steadily: some reads done.
+    g.run(&format!(
+        "for i in $(seq 1 60); do set -- $(cat /sys/block/{dev}/stat); [ $1 -ge 10 ] && break; sleep 0.5; done"
+    ));
+    let reply = pull(g, q, &id, None, None);
+    eprintln!("{bus}: free reader: x-surprise-remove: {reply}");
+    assert_eq!(reply["in-flight"], "fail", "{reply}");
+    wait_block_removed(g, &dev);
+    let end = wait_lines(g, &format!("/tmp/readers-{dev}"), 1);
+    let error = g.run(&format!("cat /tmp/dd-{dev}-1"));
+    assert!(end.contains("EXIT 1"), "{bus}: reader: {end} {error}");
+    // virtio_blk's removal got every request back, virtio-pci reset the device, and the
+    // function left the guest's bus.
+    let (devices, _) = g.run_status(
+        &format!(
+            "for i in $(seq 1 120); do [ -e /sys/bus/pci/devices/{pci} ] || break; sleep 0.5; done;              echo /sys/bus/pci/devices/*"
+        ),
+        std::time::Duration::from_secs(120),
+    );
+    let stuck = d_state_tasks(g);
+    assert!(
+        !devices.contains(pci.trim()) && stuck.is_empty(),
+        "{bus}: {pci} still on the guest's bus ({devices}), tasks in D state: {stuck:?}
+{}",
+        g.run("dmesg | tail -20")
+    );
+    // The driver's reset reached the device: the VMM let go of it.
+    wait_pulled_released(g, q, std::time::Duration::from_secs(10));
+    q.ok("blockdev-del", json!({"node-name": node}));
+    // With RUST_LOG=info: how many requests came after the pull.
+    if let Some(l) = g
+        .stderr_text()
+        .lines()
+        .rfind(|l| l.contains("after the pull"))
+    {
+        eprintln!("{bus}: VMM: {l}");
+    }
+}
+
 fn surprise(version: &str, cycles: usize) {
     let dir = TempDir::new(&format!("surprise-{version}"));
     let sock = dir.path("qmp.sock");
     let trace = dir.path("trace.jsonl");
-    let mut opts = BootOptions::new(version);
+    // Two vCPUs, as in the demo: a reader goes on submitting requests on one while the guest
+    // handles the slot's event on the other (see free_reader).
+    let mut opts = BootOptions::new(version).cpus(2);
     opts.extra_args.extend([
         "--qmp".to_string(),
         sock.display().to_string(),
@@ -183,11 +241,15 @@ fn surprise(version: &str, cycles: usize) {
     // ---- ACPI slots (acpiphp): a root port in ACPI mode, and the root bus. ----
     scenario(&mut g, &mut q, &dir, "rp1", Load::Readers, "ar");
     scenario(&mut g, &mut q, &dir, "pcie.0", Load::Ext4Writer, "bw");
+    // ---- A reader nothing holds, native and ACPI. ----
+    free_reader(&mut g, &mut q, &dir, "rp0", "nf");
+    free_reader(&mut g, &mut q, &dir, "rp1", "af");
 
     // ---- Cycles leak nothing. ----
     if cycles > 0 {
         let node = "cyc";
         blockdev_add(&mut q, node, &make_disk(&dir, node));
+        wait_pulled_released(&g, &mut q, std::time::Duration::from_secs(10));
         let before = open_fds_and_threads(g.pid());
         for i in 0..cycles {
             let id = format!("c{i}");
@@ -201,6 +263,7 @@ fn surprise(version: &str, cycles: usize) {
             pull(&g, &mut q, &id, None, None);
             wait_block_removed(&mut g, &dev);
         }
+        wait_pulled_released(&g, &mut q, std::time::Duration::from_secs(30));
         let after = open_fds_and_threads(g.pid());
         assert_eq!(
             before, after,
@@ -283,6 +346,15 @@ fn check_trace(text: &str) {
     find(status_read, &|r| {
         r["kind"] == "guest-write" && r["device"] == "rp0" && r["register"] == "SLTSTA"
     });
+    // The free reader's disk went on failing requests until its driver reset it.
+    let released = find(0, &|r| {
+        r["kind"] == "slot" && r["change"] == "pulled-device-released" && r["device"] == "nf-d"
+    });
+    assert_eq!(
+        records[released]["value"]["by"], "driver-reset",
+        "{}",
+        records[released]
+    );
     // The ACPI side: the bus check the guest read and acknowledged.
     find(0, &|r| {
         r["kind"] == "guest-read" && r["register"] == "BUS_CHECK" && r["value"] != "0x0000"

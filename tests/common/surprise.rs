@@ -37,6 +37,26 @@ pub fn pull(
     reply
 }
 
+/// Waits until the VMM has let go of every disk pulled out by surprise (x-query-hotplug's
+/// `pulled` is empty): each driver has reset its device, so none fails requests any more and
+/// their ioeventfds and interrupt routes are gone. Returns the last reply.
+pub fn wait_pulled_released(g: &Guest, q: &mut QmpClient, timeout: Duration) -> Value {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let reply = q.ok("x-query-hotplug", json!({}));
+        if reply["pulled"].as_array().is_some_and(|p| p.is_empty()) {
+            return reply;
+        }
+        if std::time::Instant::now() > deadline {
+            g.fail(&format!(
+                "pulled-out disks not released after {timeout:?}: {}",
+                reply["pulled"]
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// [`pull`] with the I/O of `held` held: it is released 200 ms after the request is sent,
 /// while the VMM waits for the host I/O in progress (up to 500 ms), so that the request being
 /// served and those behind it meet the in-flight policy, not the disk.

@@ -253,6 +253,7 @@ impl Hotplug {
                         Err(RecvTimeoutError::Timeout) => {}
                     }
                     inner.check_stalls();
+                    inner.pci.release_reset_pulled();
                 })?
         };
         Ok(Hotplug {
@@ -941,6 +942,14 @@ impl Inner {
     }
 
     fn query_hotplug(&self) -> Value {
+        // Disks pulled out by surprise whose driver has not reset them yet: they fail every
+        // request it submits until then.
+        let pulled: Vec<Value> = self
+            .pci
+            .pulled_failing()
+            .into_iter()
+            .map(|(id, bus)| json!({"id": id, "bus": bus}))
+            .collect();
         let state = self.state();
         let acpi = self.pci.acpi_hotplug();
         let mut slots: Vec<Value> = self
@@ -956,7 +965,7 @@ impl Inner {
         if let Some(acpi) = acpi {
             slots.extend(self.acpi_slots_json(&lock(acpi), &state));
         }
-        json!({"osc": self.osc_json(), "slots": slots})
+        json!({"osc": self.osc_json(), "slots": slots, "pulled": pulled})
     }
 
     /// What the guest's `_OSC` asked for and was granted: the last evaluation and the last

@@ -9,10 +9,10 @@ use devices::acpi_hotplug::AcpiHotplugController;
 use devices::osc_report::OscReport;
 use devices::pci::{
     same_device, BarReprogram, BarReprogrammingHandler, BarSpace, Bdf, PciDevice, PciRoot,
-    PcieRootPort, RootPortOptions, SharedPciDevice,
+    PcieRootPort, RootPortOptions, SharedPciDevice, VacatedWrites,
 };
 use devices::virtio::block::{BackendErrorObserver, Block, BlockConfig};
-use devices::virtio::pci::VirtioPciDevice;
+use devices::virtio::pci::{VirtioPciDevice, BAR0_SIZE};
 use devices::virtio::{GuestMemory, InFlightOutcome, InFlightPolicy};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use serde_json::json;
@@ -161,6 +161,9 @@ pub struct PciDevices {
     mmio: Mutex<AddressAllocator>,
     /// Disks by id.
     virtio: Mutex<BTreeMap<String, VirtioFunction>>,
+    /// Disks pulled out by surprise that go on failing their driver's requests until it
+    /// resets them (in-flight policy `fail`); see [`surprise_remove`](Self::surprise_remove).
+    pulled: Mutex<Vec<VirtioFunction>>,
     /// Root ports by id; hot-add and removal go through their slots.
     root_ports: BTreeMap<String, RootPortEntry>,
     /// The ACPI hot-plug controller of the root bus's slots and the ACPI-mode ports'.
@@ -267,6 +270,7 @@ impl PciDevices {
             router,
             mmio: Mutex::new(mmio),
             virtio: Mutex::new(BTreeMap::new()),
+            pulled: Mutex::new(Vec::new()),
             root_ports: ports,
             acpi: None,
             osc: None,
@@ -413,6 +417,8 @@ impl PciDevices {
         if lock(&self.virtio).contains_key(&id) {
             return Err(AddDeviceError::DuplicateId(id));
         }
+        // A card pulled out of this slot whose driver has not reset it yet: its time is up.
+        self.release_pulled(|f| f.placement == placement);
         if let Placement::Port { port, .. } = &placement {
             let entry = self
                 .root_ports
@@ -610,11 +616,19 @@ impl PciDevices {
     /// Pulls disk `id` out without asking the guest: the requests in flight are failed or
     /// dropped as `in_flight` says (failed ones complete, with their interrupts, before the
     /// device vanishes), then the device vanishes as in [`unplug`](Self::unplug) — config
-    /// space all-ones, BARs reading as `bar_reads` says, nothing more written to guest
-    /// memory — and the slot reports it:
+    /// space all-ones, BARs reading as `bar_reads` says — and the slot reports it:
     /// presence and link lost on a native slot, a bus check latched on an ACPI one. The
-    /// backend is released once the host I/O in flight has finished. Returns what happened to
-    /// the requests in flight, or `None` if there is no disk `id`.
+    /// backend is released once the host I/O in flight has finished.
+    ///
+    /// With `fail` the device goes on failing every request its driver submits, with the
+    /// interrupt, until the driver resets it (its write of 0 to `device_status` still reaches
+    /// the device through the vacated BAR): the driver learns of the removal only when the
+    /// guest handles the slot's event, and a request it submits meanwhile would otherwise
+    /// never complete. The device's notification ioeventfds and MSI routes stay until then;
+    /// [`release_pulled`](Self::release_pulled) lets them go. With `drop`, or once the
+    /// driver's reset came, nothing more is written to guest memory.
+    ///
+    /// Returns what happened to the requests in flight, or `None` if there is no disk `id`.
     pub fn surprise_remove(
         &self,
         id: &str,
@@ -643,20 +657,24 @@ impl PciDevices {
                 let _ = lock(&self.root).remove_downstream_device(*port_bdf, 0);
             }
         }
+        let writes = if outcome.failing {
+            VacatedWrites::ToDevice
+        } else {
+            VacatedWrites::Dropped
+        };
         match bar_reads {
             BarReads::AllOnes => {
                 self.bars.unmap_device(&f.shared);
             }
             BarReads::Zero => {
-                self.bars.vacate_device(&f.shared);
+                self.bars.vacate_device(&f.shared, writes);
             }
         }
-        self.move_ioeventfds(&mut f, None);
         if surprise.is_none() {
             lock(&f.device).shutdown();
         }
-        if let Some(range) = &f.bar0_range {
-            let _ = lock(&self.mmio).free(range);
+        if !outcome.failing {
+            self.release_resources(&mut f);
         }
         if let Placement::Port { port, .. } = &f.placement {
             if let Some(entry) = self.root_ports.get(port) {
@@ -673,10 +691,7 @@ impl PciDevices {
                 None => c.remove(select, device),
             };
         }
-        let bus = match &f.placement {
-            Placement::Port { port, .. } => port.clone(),
-            Placement::RootBus(_) => "pcie.0".to_string(),
-        };
+        let bus = placement_bus(&f.placement);
         let what = match surprise {
             Some(in_flight) => json!({
                 "surprise": true,
@@ -691,13 +706,83 @@ impl PciDevices {
         crate::trace::slot(&bus, "card-removed", what, Some(id));
         log::info!(
             "virtio-blk {id} {}",
-            if surprise.is_some() {
-                "pulled out"
-            } else {
-                "removed, backend released"
+            match surprise {
+                Some(_) if outcome.failing =>
+                    "pulled out; it fails its driver's requests until the driver resets it",
+                Some(_) => "pulled out",
+                None => "removed, backend released",
             }
         );
+        if outcome.failing {
+            lock(&self.pulled).push(f);
+        }
         Some(outcome)
+    }
+
+    /// Lets go of what the VMM keeps of a function it took away: notification ioeventfds, the
+    /// MMIO it assigned. (Its MSI routes go with the function.)
+    fn release_resources(&self, f: &mut VirtioFunction) {
+        self.move_ioeventfds(f, None);
+        if let Some(range) = f.bar0_range.take() {
+            let _ = lock(&self.mmio).free(&range);
+        }
+    }
+
+    /// Lets go of the disks pulled out by surprise whose driver has reset them, and of those
+    /// for which `end` holds (whose driver has not: they stop failing requests). Their
+    /// ioeventfds, MSI routes and MMIO are released, and the trace records
+    /// `pulled-device-released`. The hot-plug worker sweeps twice a second; a hot-add into
+    /// the same slot, a BAR mapped over one, and the VMM's exit end them.
+    fn release_pulled(&self, end: impl Fn(&VirtioFunction) -> bool) {
+        let done: Vec<VirtioFunction> = {
+            let mut pulled = lock(&self.pulled);
+            let (done, keep) = std::mem::take(&mut *pulled)
+                .into_iter()
+                .partition(|f| !lock(&f.device).is_failing() || end(f));
+            *pulled = keep;
+            done
+        };
+        for mut f in done {
+            let (id, by) = {
+                let mut dev = lock(&f.device);
+                let by = if dev.is_failing() {
+                    dev.reset();
+                    "vmm"
+                } else {
+                    "driver-reset"
+                };
+                (dev.id().to_string(), by)
+            };
+            // The vacated BARs no longer pass writes to the device, so it can go.
+            self.bars.vacate_device(&f.shared, VacatedWrites::Dropped);
+            self.release_resources(&mut f);
+            crate::trace::slot(
+                &placement_bus(&f.placement),
+                "pulled-device-released",
+                json!({ "by": by }),
+                Some(&id),
+            );
+            log::info!("virtio-blk {id}: pulled-out device released ({by})");
+        }
+    }
+
+    /// Lets go of the disks pulled out by surprise whose driver has reset them.
+    pub fn release_reset_pulled(&self) {
+        self.release_pulled(|_| false);
+    }
+
+    /// The disks pulled out by surprise that still fail their driver's requests: (id, bus).
+    pub fn pulled_failing(&self) -> Vec<(String, String)> {
+        self.release_reset_pulled();
+        lock(&self.pulled)
+            .iter()
+            .map(|f| {
+                (
+                    lock(&f.device).id().to_string(),
+                    placement_bus(&f.placement),
+                )
+            })
+            .collect()
     }
 
     fn move_ioeventfds(&self, f: &mut VirtioFunction, new: Option<u64>) {
@@ -816,11 +901,22 @@ impl PciDevices {
         for id in ids {
             self.unplug(&id);
         }
+        self.release_pulled(|_| true);
     }
 }
 
 impl BarReprogrammingHandler for PciDevices {
     fn reprogram_bars(&self, bdf: Bdf, device: &SharedPciDevice, changes: &[BarReprogram]) {
+        // A BAR mapped over a pulled-out device's evicts it; its ioeventfds must go first.
+        for c in changes.iter().filter(|c| !c.kind.is_io()) {
+            if let Some(new) = c.new {
+                self.release_pulled(|f| {
+                    f.bar0.is_some_and(|b| {
+                        b < new.saturating_add(c.size) && new < b.saturating_add(BAR0_SIZE)
+                    })
+                });
+            }
+        }
         let mut virtio = lock(&self.virtio);
         // A device unplugged meanwhile stays unmapped.
         let Some(f) = virtio.values_mut().find(|f| same_device(&f.shared, device)) else {
@@ -832,6 +928,14 @@ impl BarReprogrammingHandler for PciDevices {
                 self.move_ioeventfds(f, c.new);
             }
         }
+    }
+}
+
+/// The bus a disk sits on, as the control socket names it.
+fn placement_bus(placement: &Placement) -> String {
+    match placement {
+        Placement::Port { port, .. } => port.clone(),
+        Placement::RootBus(_) => "pcie.0".to_string(),
     }
 }
 

@@ -21,8 +21,44 @@ use super::device::{same_device, PciBarIo, SharedPciDevice};
 struct Mapping {
     size: u64,
     bdf: Bdf,
-    /// `None`: a vacated BAR (see [`BarSpace::vacate_device`]).
-    region: Option<PciBarIo>,
+    target: Target,
+}
+
+/// What a mapping dispatches to.
+#[derive(Clone)]
+enum Target {
+    /// The BAR of a device on the bus.
+    Live(PciBarIo),
+    /// A vacated BAR (see [`BarSpace::vacate_device`]): reads zero; writes go to the device
+    /// if it is given, are dropped otherwise.
+    Vacated(Option<PciBarIo>),
+}
+
+impl Target {
+    /// The device that `self` reaches, if any.
+    fn device(&self) -> Option<&PciBarIo> {
+        match self {
+            Target::Live(r) | Target::Vacated(Some(r)) => Some(r),
+            Target::Vacated(None) => None,
+        }
+    }
+
+    fn is_live(&self) -> bool {
+        matches!(self, Target::Live(_))
+    }
+}
+
+/// What the vacated BARs of a device pulled out do with writes
+/// ([`BarSpace::vacate_device`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VacatedWrites {
+    /// Dropped, as reads are answered: without the device.
+    Dropped,
+    /// Passed to the device, which knows it is gone: for a device that still has something
+    /// to learn from its driver (a virtio device that goes on failing requests until the
+    /// driver resets it). The mapping holds the device until it is vacated again with
+    /// [`VacatedWrites::Dropped`], unmapped with [`BarSpace::unmap_device`], or evicted.
+    ToDevice,
 }
 
 #[derive(Default)]
@@ -41,8 +77,8 @@ struct Maps {
 /// several ranges, memory and I/O): it works with absolute addresses, `base + offset`.
 ///
 /// A VMM that pulls a device out may leave its BARs *vacated* rather than unmapped
-/// ([`BarSpace::vacate_device`]): they read zero and drop writes until a later mapping
-/// overlaps them, which evicts them. Some guest drivers poll a register of a device they are
+/// ([`BarSpace::vacate_device`]): they read zero and drop writes (or pass them to the device,
+/// see [`VacatedWrites`]) until a later mapping overlaps them, which evicts them. Some guest drivers poll a register of a device they are
 /// letting go of until it reads zero (Linux's virtio-pci reset does), and spin forever on the
 /// all-ones of a device that is really gone.
 #[derive(Default)]
@@ -90,7 +126,7 @@ impl BarSpace {
             if start + m.size <= address {
                 break;
             }
-            if m.region.is_some() {
+            if m.target.is_live() {
                 return false;
             }
             vacated.push(start);
@@ -103,27 +139,32 @@ impl BarSpace {
             Mapping {
                 size,
                 bdf,
-                region: Some(PciBarIo::new(device.clone(), index)),
+                target: Target::Live(PciBarIo::new(device.clone(), index)),
             },
         );
         true
     }
 
-    /// Vacates every mapping of `device`: from now on they read zero and drop writes, without
-    /// reaching the device, until a later [`map`](Self::map) overlaps them. Returns how many
-    /// mappings were vacated.
-    pub fn vacate_device(&self, device: &SharedPciDevice) -> usize {
+    /// Vacates every mapping of `device` (live or vacated): from now on they read zero, without
+    /// reaching the device, and writes are dropped or passed to it as `writes` says, until a
+    /// later [`map`](Self::map) overlaps them. Returns how many mappings were vacated.
+    pub fn vacate_device(&self, device: &SharedPciDevice, writes: VacatedWrites) -> usize {
         let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
         let maps = &mut *maps;
         let mut n = 0;
         for m in maps.memory.values_mut().chain(maps.io.values_mut()) {
-            if m.region
-                .as_ref()
-                .is_some_and(|r| same_device(r.device(), device))
-            {
-                m.region = None;
-                n += 1;
-            }
+            let Some(region) = m
+                .target
+                .device()
+                .filter(|r| same_device(r.device(), device))
+            else {
+                continue;
+            };
+            m.target = Target::Vacated(match writes {
+                VacatedWrites::Dropped => None,
+                VacatedWrites::ToDevice => Some(region.clone()),
+            });
+            n += 1;
         }
         n
     }
@@ -133,7 +174,11 @@ impl BarSpace {
         let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
         let map = Self::map_of(&mut maps, kind);
         match map.get(&address) {
-            Some(m) if m.bdf == bdf && m.region.as_ref().is_some_and(|r| r.bar() == index) => {
+            Some(Mapping {
+                bdf: b,
+                target: Target::Live(r),
+                ..
+            }) if *b == bdf && r.bar() == index => {
                 map.remove(&address);
                 true
             }
@@ -149,13 +194,14 @@ impl BarSpace {
     }
 
     /// Removes every mapping of `device`, wherever the guest put it and whatever bus number it
-    /// had (e.g. when the device is unplugged). Returns how many mappings went.
+    /// had (e.g. when the device is unplugged), vacated ones that pass it writes included.
+    /// Returns how many mappings went.
     pub fn unmap_device(&self, device: &SharedPciDevice) -> usize {
         let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
         let before = maps.memory.len() + maps.io.len();
         let other = |m: &Mapping| {
-            !m.region
-                .as_ref()
+            !m.target
+                .device()
                 .is_some_and(|r| same_device(r.device(), device))
         };
         maps.memory.retain(|_, m| other(m));
@@ -174,21 +220,20 @@ impl BarSpace {
         self.len() == 0
     }
 
-    /// The BAR under `[address, address + len)` (`None` inside if vacated) and the offset of
-    /// `address` into it.
-    fn find(&self, io: bool, address: u64, len: usize) -> Option<(Option<PciBarIo>, u64)> {
+    /// The mapping under `[address, address + len)` and the offset of `address` into it.
+    fn find(&self, io: bool, address: u64, len: usize) -> Option<(Target, u64)> {
         let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
         let map = if io { &maps.io } else { &maps.memory };
         let (&start, m) = map.range(..=address).next_back()?;
         let offset = address - start;
         let end = offset.checked_add(len as u64)?;
-        (end <= m.size).then(|| (m.region.clone(), offset))
+        (end <= m.size).then(|| (m.target.clone(), offset))
     }
 
     fn read(&self, io: bool, address: Option<u64>, data: &mut [u8]) {
         match address.and_then(|a| self.find(io, a, data.len())) {
-            Some((None, _)) => data.fill(0),
-            Some((Some(region), offset)) => {
+            Some((Target::Vacated(_), _)) => data.fill(0),
+            Some((Target::Live(region), offset)) => {
                 if io {
                     region.pio_read(PioAddress(0), offset as u16, data)
                 } else {
@@ -200,7 +245,9 @@ impl BarSpace {
     }
 
     fn write(&self, io: bool, address: Option<u64>, data: &[u8]) {
-        if let Some((Some(region), offset)) = address.and_then(|a| self.find(io, a, data.len())) {
+        if let Some((Target::Live(region) | Target::Vacated(Some(region)), offset)) =
+            address.and_then(|a| self.find(io, a, data.len()))
+        {
             if io {
                 region.pio_write(PioAddress(0), offset as u16, data)
             } else {
@@ -329,7 +376,7 @@ mod tests {
         assert!(space.map(bdf(1), &dev, MEM, 0, 0x10000, 0x1000));
         assert!(space.map(bdf(1), &dev, MEM, 2, 0x11000, 0x1000));
         assert!(space.map(bdf(2), &other, MEM, 0, 0x20000, 0x1000));
-        assert_eq!(space.vacate_device(&dev), 2);
+        assert_eq!(space.vacate_device(&dev, VacatedWrites::Dropped), 2);
         let mut b = [0xaau8; 4];
         space.mmio_read(MmioAddress(0), 0x10010, &mut b);
         assert_eq!(b, [0; 4], "vacated: zero");
@@ -348,8 +395,39 @@ mod tests {
         assert_eq!(b, [0xff; 4], "the vacated BAR's uncovered part went too");
         assert!(!space.map(bdf(3), &new, MEM, 0, 0x20800, 0x1000));
         // Unmapping a device leaves no vacated BAR behind.
-        assert_eq!(space.vacate_device(&other), 1);
+        assert_eq!(space.vacate_device(&other, VacatedWrites::Dropped), 1);
         assert_eq!(space.unmap_device(&other), 0);
+    }
+
+    #[test]
+    fn vacated_bars_may_pass_writes_to_the_device() {
+        let space = BarSpace::new();
+        let (p, dev) = probe();
+        assert!(space.map(bdf(1), &dev, MEM, 0, 0x10000, 0x1000));
+        assert_eq!(space.vacate_device(&dev, VacatedWrites::ToDevice), 1);
+        let mut b = [0xaau8; 4];
+        space.mmio_read(MmioAddress(0), 0x10010, &mut b);
+        assert_eq!(b, [0; 4], "reads never reach the device");
+        space.mmio_write(MmioAddress(0), 0x10010, &[1, 2]);
+        assert_eq!(p.lock().unwrap().writes.len(), 1, "writes do");
+        // Vacated again, dropping writes: the mapping lets go of the device.
+        assert_eq!(Arc::strong_count(&dev), 3, "probe, dev, the mapping");
+        assert_eq!(space.vacate_device(&dev, VacatedWrites::Dropped), 1);
+        assert_eq!(Arc::strong_count(&dev), 2);
+        space.mmio_write(MmioAddress(0), 0x10010, &[1, 2]);
+        assert_eq!(p.lock().unwrap().writes.len(), 1);
+        // unmap_device takes a forwarding mapping away, and only its own.
+        assert_eq!(space.vacate_device(&dev, VacatedWrites::ToDevice), 0);
+        assert!(space.map(bdf(1), &dev, MEM, 0, 0x20000, 0x1000));
+        assert_eq!(space.vacate_device(&dev, VacatedWrites::ToDevice), 1);
+        assert_eq!(space.unmap_device(&dev), 1);
+        assert_eq!(space.len(), 1);
+        // A forwarding mapping gives way to a new one like any vacated BAR.
+        assert!(space.map(bdf(1), &dev, MEM, 0, 0x20000, 0x1000));
+        assert_eq!(space.vacate_device(&dev, VacatedWrites::ToDevice), 1);
+        let (_, new) = probe();
+        assert!(space.map(bdf(2), &new, MEM, 0, 0x20000, 0x1000));
+        assert_eq!(Arc::strong_count(&dev), 2);
     }
 
     #[test]

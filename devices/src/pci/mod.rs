@@ -60,7 +60,7 @@ pub mod host_bridge;
 pub mod root_port;
 pub mod slot;
 
-pub use bar_space::BarSpace;
+pub use bar_space::{BarSpace, VacatedWrites};
 pub use bus::{
     BarReprogrammingHandler, Bdf, PciBusError, PciConfigIo, PciConfigMmio, PciRoot,
     PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_COUNT,

@@ -105,8 +105,11 @@ pub trait VirtioInterrupt: Send + Sync {
 pub enum InFlightPolicy {
     /// Complete every one of them with the device type's I/O error (virtio-blk:
     /// `VIRTIO_BLK_S_IOERR`) — the one being served too, whatever its host I/O did — and raise
-    /// the queue interrupts, then vanish: the driver sees the errors before it sees the device
-    /// gone, so nothing of its is left waiting on the device, and no process that had a request
+    /// the queue interrupts; then go on failing, the same way, every request the driver makes
+    /// available until it resets the device. The driver does not learn at once that the
+    /// device is gone and may submit more meanwhile (Linux's virtio_blk does until its removal
+    /// breaks the virtqueues, and then waits for every request it submitted); failing them
+    /// leaves nothing of the driver's waiting on the device, and no process that had a request
     /// in it goes on to issue another as though the disk were still there.
     #[default]
     Fail,
@@ -149,6 +152,10 @@ pub struct InFlightOutcome {
     /// The host I/O of the request being served had not finished when the removal returned:
     /// the device's thread finishes it alone, then releases the backend.
     pub host_io_pending: bool,
+    /// The device goes on failing every request the driver makes available until the driver
+    /// resets it ([`InFlightPolicy::Fail`]): the transport keeps the queues' notifications and
+    /// the interrupt vectors connected until then.
+    pub failing: bool,
 }
 
 /// A queue the driver enabled, ready for the device: the `virtio-queue` state (sizes and ring
@@ -225,8 +232,10 @@ pub trait VirtioDevice: Send {
     /// The device is pulled out without the driver's knowledge (surprise removal): stop
     /// serving the queues, dealing with the requests in flight as `in_flight` says, and release
     /// the backend once the host I/O in flight has finished. Returns promptly even if that
-    /// host I/O hangs; after it returns the device publishes nothing to guest memory. The
-    /// device is never activated again. The default is [`shutdown`](Self::shutdown).
+    /// host I/O hangs. Unless the outcome says the device goes on
+    /// [`failing`](InFlightOutcome::failing) requests until its `reset`, it publishes nothing
+    /// to guest memory once this returns. The device is never activated again. The default is
+    /// [`shutdown`](Self::shutdown).
     fn surprise_remove(&mut self, in_flight: InFlightPolicy) -> InFlightOutcome {
         let _ = in_flight;
         self.shutdown();

@@ -446,6 +446,10 @@ pub struct VirtioPciDevice {
     notify: Vec<Arc<EventFd>>,
     /// `activate` was called since the last reset (whether or not it succeeded).
     activated: bool,
+    /// Pulled out by surprise ([`surprise_remove`](Self::surprise_remove)): the function is
+    /// gone for the guest; a BAR access that still reaches it reads zero, and of the writes
+    /// only the driver's reset has an effect.
+    pulled: bool,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -456,6 +460,7 @@ impl std::fmt::Debug for VirtioPciDevice {
             .field("status", &self.status)
             .field("queues", &self.queues)
             .field("activated", &self.activated)
+            .field("pulled", &self.pulled)
             .finish_non_exhaustive()
     }
 }
@@ -622,6 +627,7 @@ impl VirtioPciDevice {
             queues,
             notify,
             activated: false,
+            pulled: false,
         })
     }
 
@@ -699,15 +705,29 @@ impl VirtioPciDevice {
     }
 
     /// The device is pulled out without the driver's knowledge:
-    /// [`VirtioDevice::surprise_remove`] with `in_flight` (with [`InFlightPolicy::Fail`] the
-    /// device's last interrupts go out through the vectors the driver assigned, before they are
-    /// forgotten), then the transport forgets everything as on a reset. The VMM takes the
-    /// function off the bus and unmaps its BARs right after.
+    /// [`VirtioDevice::surprise_remove`] with `in_flight`. The VMM takes the function off the
+    /// bus right after. If the device goes on [`failing`](InFlightOutcome::failing) the
+    /// driver's requests ([`InFlightPolicy::Fail`]), the transport keeps the queues and the
+    /// vectors the driver assigned until the driver resets the device — through a BAR write
+    /// that still reaches the transport (see [`is_failing`](Self::is_failing)) or
+    /// [`reset`](Self::reset) — so that the device's completions keep reaching the driver
+    /// meanwhile; the VMM keeps the queues' notification events (ioeventfds) connected until
+    /// then. Otherwise the transport forgets everything at once, as on a reset.
     pub fn surprise_remove(&mut self, in_flight: InFlightPolicy) -> InFlightOutcome {
         let outcome = self.device.surprise_remove(in_flight);
-        self.activated = false;
-        self.reset();
+        self.pulled = true;
+        if !outcome.failing {
+            self.activated = false;
+            self.reset();
+        }
         outcome
+    }
+
+    /// Whether the device, pulled out by surprise, still fails every request the driver makes
+    /// available: until the driver writes 0 to `device_status` (Linux's virtio-pci does once
+    /// its block driver has let go, before it frees the rings) or [`reset`](Self::reset).
+    pub fn is_failing(&self) -> bool {
+        self.pulled && self.activated
     }
 
     /// Resets the device as a driver write of 0 to `device_status` does (§2.4, §4.1.4.3.1): the
@@ -1073,6 +1093,10 @@ impl PciDevice for VirtioPciDevice {
             data.fill(0xff);
             return;
         }
+        if self.pulled {
+            data.fill(0);
+            return;
+        }
         data.fill(0);
         match offset {
             o if o < ISR_CFG_OFFSET => self.common_read(o - COMMON_CFG_OFFSET, data),
@@ -1095,6 +1119,26 @@ impl PciDevice for VirtioPciDevice {
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         if bar != VIRTIO_BAR || offset >= BAR0_SIZE {
+            return;
+        }
+        if self.pulled {
+            // Gone: only the driver's reset (and the notifications of a device that is still
+            // failing requests) means anything.
+            match offset {
+                o if o == COMMON_CFG_OFFSET + COMMON_DEVICE_STATUS && data == [0] => {
+                    if self.is_failing() {
+                        log::info!(
+                            "virtio-pci {}: the driver reset the pulled-out device; it fails no more requests",
+                            self.device.id()
+                        );
+                    }
+                    self.reset();
+                }
+                o if (NOTIFY_CFG_OFFSET..MSIX_TABLE_OFFSET).contains(&o) && self.is_failing() => {
+                    self.notify_write(o - NOTIFY_CFG_OFFSET, data)
+                }
+                _ => {}
+            }
             return;
         }
         match offset {
@@ -1239,6 +1283,19 @@ mod tests {
         fn shutdown(&mut self) {
             self.log.lock().unwrap().shutdowns += 1;
             self.reset();
+        }
+        /// Like a virtio-blk device: with `Fail` it goes on failing requests until reset.
+        fn surprise_remove(&mut self, in_flight: InFlightPolicy) -> InFlightOutcome {
+            match in_flight {
+                InFlightPolicy::Fail => InFlightOutcome {
+                    failing: true,
+                    ..InFlightOutcome::default()
+                },
+                InFlightPolicy::Drop => {
+                    self.shutdown();
+                    InFlightOutcome::default()
+                }
+            }
         }
     }
 
@@ -1645,6 +1702,61 @@ mod tests {
         assert_eq!(h.log.lock().unwrap().shutdowns, 1);
         assert_eq!(h.log.lock().unwrap().resets, 3, "shutdown's own reset only");
         assert_eq!(h.status(), 0);
+        assert!(!h.dev.is_activated());
+    }
+
+    #[test]
+    fn pulled_out_failing_until_the_driver_resets() {
+        let mut h = harness();
+        h.set_msix_control(MSIX_CONTROL_ENABLE);
+        h.program_vector(1, 0x41);
+        h.negotiate(VERSION_1);
+        h.setup_queue(0, 256, 0x1_0000, 1);
+        h.driver_ok();
+        let fds = h.dev.ioeventfds(BAR0_ADDRESS);
+        let interrupt = h.interrupt();
+
+        let outcome = h.dev.surprise_remove(InFlightPolicy::Fail);
+        assert!(outcome.failing && h.dev.is_failing());
+        assert_eq!(h.log.lock().unwrap().resets, 0, "the device goes on");
+        // The completions of the requests it fails still reach the driver's vector.
+        h.group.take();
+        interrupt.trigger(VirtioInterruptType::Queue(0)).unwrap();
+        assert_eq!(h.group.take(), vec![MsiEvent::Trigger(1)]);
+        // Gone for the guest: its BAR reads zero; the driver's writes change nothing, but a
+        // notification still reaches the device.
+        assert_eq!(h.status(), 0);
+        assert_eq!(h.read(MSIX_TABLE_OFFSET + 16 + 8, 4), 0);
+        h.write(COMMON_QUEUE_SELECT, 2, 1);
+        h.set_status(status::FAILED);
+        h.write(MSIX_TABLE_OFFSET + 16 + 8, 4, 0x99);
+        h.write(NOTIFY_CFG_OFFSET, 2, 0);
+        assert_eq!(fds[0].2.read().unwrap(), 1);
+        assert!(h.dev.is_failing());
+        assert_eq!(h.log.lock().unwrap().resets, 0);
+        // The driver's reset ends it: the device is reset, the vectors forgotten.
+        h.set_status(0);
+        assert!(!h.dev.is_failing());
+        assert_eq!(h.log.lock().unwrap().resets, 1);
+        interrupt.trigger(VirtioInterruptType::Queue(0)).unwrap();
+        assert!(h.group.take().is_empty());
+        h.write(NOTIFY_CFG_OFFSET, 2, 0);
+        assert!(fds[0].2.read().is_err(), "no notification after the reset");
+        // It stays gone: a new initialisation does nothing.
+        h.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        h.write(COMMON_QUEUE_ENABLE, 2, 1);
+        h.driver_ok();
+        assert_eq!(h.log.lock().unwrap().activations.len(), 1);
+        assert!(!h.dev.is_activated());
+
+        // With Drop the transport forgets everything at once.
+        let mut h = harness();
+        h.negotiate(VERSION_1);
+        h.setup_queue(0, 256, 0x1_0000, 1);
+        h.driver_ok();
+        let outcome = h.dev.surprise_remove(InFlightPolicy::Drop);
+        assert!(!outcome.failing && !h.dev.is_failing());
+        assert_eq!(h.log.lock().unwrap().shutdowns, 1);
         assert!(!h.dev.is_activated());
     }
 

@@ -47,7 +47,8 @@ type Outcome = Result<u32, u8>;
 /// processor per I/O thread; nothing is allocated per request.
 #[derive(Debug)]
 pub struct RequestProcessor {
-    disk: Arc<Disk>,
+    /// `None` once the device was pulled out (see [`release_backend`](Self::release_backend)).
+    disk: Option<Arc<Disk>>,
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     features: u64,
     layout: ChainLayout,
@@ -71,7 +72,7 @@ impl RequestProcessor {
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         RequestProcessor {
-            disk,
+            disk: Some(disk),
             serial: id,
             features,
             layout: ChainLayout::new(seg_max as usize),
@@ -160,6 +161,23 @@ impl RequestProcessor {
         S_IOERR
     }
 
+    /// Lets go of the backing file (the device was pulled out and serves nothing more): every
+    /// request [`process`](Self::process)ed from now on fails with `VIRTIO_BLK_S_IOERR`;
+    /// [`fail`](Self::fail) works as before. The file is closed once no one else holds it.
+    pub fn release_backend(&mut self) {
+        self.disk = None;
+    }
+
+    /// Requests failed because the device was pulled out, so far.
+    pub fn failed_on_removal(&self) -> u64 {
+        self.stats.snapshot().failed_on_removal
+    }
+
+    /// The backing file, or `VIRTIO_BLK_S_IOERR` once it was released.
+    fn disk(&self) -> Result<&Disk, u8> {
+        self.disk.as_deref().ok_or(S_IOERR)
+    }
+
     /// Counts `n` requests left uncompleted because the device was pulled out
     /// ([`InFlightPolicy::Drop`](crate::virtio::InFlightPolicy::Drop)).
     pub fn count_dropped(&self, n: u64) {
@@ -203,7 +221,9 @@ impl RequestProcessor {
             }
             RequestType::Flush => {
                 self.stats.add(Counter::Flushes, 1);
-                self.disk.flush().map_err(|e| self.host_error("flush", e))?;
+                self.disk()?
+                    .flush()
+                    .map_err(|e| self.host_error("flush", e))?;
                 Ok(0)
             }
             RequestType::GetId => {
@@ -231,9 +251,9 @@ impl RequestProcessor {
         if self.layout.readable_len() != 0 || !len.is_multiple_of(SECTOR_SIZE) {
             return Err(S_IOERR);
         }
-        let mut offset = self.disk.byte_range(sector, len).ok_or(S_IOERR)?;
+        let mut offset = self.disk()?.byte_range(sector, len).ok_or(S_IOERR)?;
         for seg in self.layout.writable() {
-            self.disk
+            self.disk()?
                 .read_to_guest(mem, seg.addr, seg.len as usize, offset)
                 .map_err(|e| self.host_error("read", e))?;
             offset += u64::from(seg.len);
@@ -246,15 +266,15 @@ impl RequestProcessor {
     /// VIRTIO_BLK_T_OUT: all data device-readable, whole sectors, inside a writable disk.
     fn write(&self, mem: &GuestMemoryMmap, sector: u64) -> Outcome {
         let len = self.layout.readable_len();
-        if self.disk.readonly()
+        if self.disk()?.readonly()
             || self.layout.writable_len() != 0
             || !len.is_multiple_of(SECTOR_SIZE)
         {
             return Err(S_IOERR);
         }
-        let mut offset = self.disk.byte_range(sector, len).ok_or(S_IOERR)?;
+        let mut offset = self.disk()?.byte_range(sector, len).ok_or(S_IOERR)?;
         for seg in self.layout.readable() {
-            self.disk
+            self.disk()?
                 .write_from_guest(mem, seg.addr, seg.len as usize, offset)
                 .map_err(|e| self.host_error("write", e))?;
             offset += u64::from(seg.len);
@@ -280,7 +300,7 @@ impl RequestProcessor {
         } else {
             (VIRTIO_BLK_F_DISCARD, MAX_DISCARD_SEG)
         };
-        if self.disk.readonly() {
+        if self.disk()?.readonly() {
             return Err(S_IOERR);
         }
         if self.features & (1 << feature) == 0 {
@@ -300,9 +320,9 @@ impl RequestProcessor {
         for i in 0..count {
             let (offset, bytes, unmap) = self.range(mem, i, zeroes)?;
             let done = if zeroes {
-                self.disk.write_zeroes(offset, bytes, unmap)
+                self.disk()?.write_zeroes(offset, bytes, unmap)
             } else {
-                self.disk.discard(offset, bytes)
+                self.disk()?.discard(offset, bytes)
             };
             done.map_err(|e| self.host_error(if zeroes { "write zeroes" } else { "discard" }, e))?;
         }
@@ -346,7 +366,7 @@ impl RequestProcessor {
             return Err(S_IOERR);
         }
         let bytes = u64::from(num) * SECTOR_SIZE;
-        let offset = self.disk.byte_range(sector, bytes).ok_or(S_IOERR)?;
+        let offset = self.disk()?.byte_range(sector, bytes).ok_or(S_IOERR)?;
         Ok((offset, bytes, unmap))
     }
 }

@@ -41,7 +41,7 @@ use super::{
     VirtioInterrupt,
 };
 use config_space::{ConfigSpace, ConfigValues};
-use worker::{Worker, WorkerContext};
+use worker::{Pulled, Worker, WorkerContext};
 
 pub use disk::{Disk, SECTOR_SIZE};
 pub use executor::{Completion, RequestProcessor};
@@ -385,25 +385,35 @@ impl VirtioDevice for Block {
     /// Pulls the device out: the I/O thread fails (`VIRTIO_BLK_S_IOERR`) or drops every request
     /// the driver made available, finishing the one it is serving first (see
     /// [`InFlightPolicy`]); if that host I/O outlasts a short wait, the thread finishes it
-    /// alone, publishing nothing, and holds the backend until then. Afterwards the device is as
-    /// after [`shutdown`](VirtioDevice::shutdown).
+    /// alone, publishing nothing, and holds the backend until then. The backend is released.
+    /// With [`InFlightPolicy::Fail`] the thread then goes on failing every request the driver
+    /// makes available, without a backend, until [`reset`](VirtioDevice::reset)
+    /// ([`InFlightOutcome::failing`]); otherwise the device is as after
+    /// [`shutdown`](VirtioDevice::shutdown).
     fn surprise_remove(&mut self, in_flight: InFlightPolicy) -> InFlightOutcome {
         let before = self.stats.snapshot();
-        let ended = self.worker.take().is_none_or(|w| w.pull(in_flight));
+        let pulled = match self.worker.take() {
+            Some(w) => w.pull(in_flight),
+            None => Pulled::Ended,
+        };
         self.needs_reset.store(false, Ordering::Release);
         let after = self.stats.snapshot();
         let outcome = InFlightOutcome {
             failed: after.failed_on_removal - before.failed_on_removal,
             dropped: after.dropped_on_removal - before.dropped_on_removal,
-            host_io_pending: !ended,
+            host_io_pending: matches!(pulled, Pulled::HostIoPending),
+            failing: matches!(pulled, Pulled::Failing(_)),
         };
         info!(
             "virtio-blk {}: pulled out ({} in-flight policy): {outcome:?}",
             self.config.id,
             in_flight.name(),
         );
-        if self.disk.take().is_some() && ended {
+        if self.disk.take().is_some() && !outcome.host_io_pending {
             info!("virtio-blk {}: backend released", self.config.id);
+        }
+        if let Pulled::Failing(worker) = pulled {
+            self.worker = Some(worker);
         }
         outcome
     }
@@ -650,7 +660,8 @@ mod tests {
             InFlightOutcome {
                 failed: 2,
                 dropped: 0,
-                host_io_pending: false
+                host_io_pending: false,
+                failing: true,
             }
         );
         // Completed with VIRTIO_BLK_S_IOERR (1), used length 1, the driver interrupted.
@@ -661,7 +672,34 @@ mod tests {
         assert_eq!(q.used().ring().ref_at(2).unwrap().load().len(), 1);
         assert_eq!(rig.interrupt.queue.load(Ordering::SeqCst), 2);
         assert_eq!(dev.stats().snapshot().reads, 1, "only the first was read");
-        assert!(!dev.is_active() && !dev.has_backend());
+        assert!(!dev.has_backend());
+
+        // The driver, not knowing yet, submits another request: failed too, interrupt sent.
+        put_header(mem, HDR + 0x90, VIRTIO_BLK_T_IN, 1);
+        let late = [
+            desc_next(HDR + 0x90, 16, N, 10),
+            desc_next(DATA, 512, W | N, 11),
+            desc_next(STATUS + 3, 1, W, 0),
+        ];
+        q.add_desc_chains(&late, 9).unwrap();
+        mem.write_obj(0xeeu8, GuestAddress(STATUS + 3)).unwrap();
+        // used_event (VIRTIO_RING_F_EVENT_IDX): interrupt once the used index passes 3.
+        let used_event = GuestAddress(q.avail_addr().0 + 4 + 2 * 16);
+        mem.write_obj(3u16, used_event).unwrap();
+        rig.notify.write(1).unwrap();
+        wait_for("the late request failed", || q.used().idx().load() == 4);
+        assert_eq!(status(mem, STATUS + 3), 1);
+        assert_eq!(rig.interrupt.queue.load(Ordering::SeqCst), 3);
+        let stats = dev.stats().snapshot();
+        assert_eq!((stats.reads, stats.failed_on_removal), (1, 3));
+
+        // The driver's reset ends it: nothing more is published.
+        dev.reset();
+        assert!(!dev.is_active());
+        q.add_desc_chains(&late, 12).unwrap();
+        rig.notify.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(q.used().idx().load(), 4);
         assert!(rig.activate(&mut dev, q.create_queue().unwrap()).is_err());
     }
 

@@ -12,11 +12,15 @@
 //! bug the device cannot report per request: it stops serving that queue, sets
 //! DEVICE_NEEDS_RESET (§2.1.2) and raises a configuration-change interrupt.
 //!
-//! The thread stops in one of three ways ([`Mode`]): on a reset, publishing nothing more; on
-//! a surprise removal with [`InFlightPolicy::Fail`], first completing every request it holds
-//! with `VIRTIO_BLK_S_IOERR` (the one whose host I/O was running too, whatever that I/O did);
-//! on one with [`InFlightPolicy::Drop`], publishing nothing more and counting the chains it
-//! leaves behind.
+//! The thread stops on a reset, publishing nothing more, and on a surprise removal with
+//! [`InFlightPolicy::Drop`], publishing nothing more and counting the chains it leaves behind
+//! ([`Mode`]). A surprise removal with [`InFlightPolicy::Fail`] does not stop it: it completes
+//! every request it holds with `VIRTIO_BLK_S_IOERR` (the one whose host I/O was running too,
+//! whatever that I/O did), lets go of the backend, and from then on fails every chain the
+//! driver makes available, until the driver resets the device. A driver does not learn at
+//! once that its device is gone: Linux's virtio_blk goes on submitting requests until its
+//! removal path breaks the virtqueues, and waits in `del_gendisk` for every request it
+//! submitted — failing them is what lets it finish.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -25,7 +29,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -54,7 +58,8 @@ enum Mode {
     /// Device reset: stop, publish nothing more (the driver may free the rings right after).
     Reset = 1,
     /// Surprise removal, [`InFlightPolicy::Fail`]: complete every available chain with an I/O
-    /// error, raise the interrupts, stop.
+    /// error, raise the interrupts, and go on doing so for every chain the driver makes
+    /// available until a reset.
     Fail = 2,
     /// Surprise removal, [`InFlightPolicy::Drop`]: stop, publish nothing more, count what is
     /// left behind.
@@ -88,12 +93,28 @@ pub(super) struct Worker {
     thread: JoinHandle<()>,
     /// Disconnected when the thread has ended (its sender is dropped on the way out).
     exited: mpsc::Receiver<()>,
+    /// Receives once the thread, told to fail the requests in flight, has failed every chain
+    /// available and let go of the backend.
+    failed_all: mpsc::Receiver<()>,
+}
+
+/// What [`Worker::pull`] left behind.
+pub(super) enum Pulled {
+    /// The thread has ended.
+    Ended,
+    /// The thread failed every request in flight, released the backend, and goes on failing
+    /// every chain the driver makes available until [`Worker::stop`] (the driver's reset).
+    Failing(Worker),
+    /// The host I/O in progress outlasted [`PULL_WAIT`]: the thread finishes it alone,
+    /// publishing nothing, releases the backend and ends.
+    HostIoPending,
 }
 
 impl Worker {
     /// Starts the thread `name` serving `ctx`.
     pub fn spawn(name: String, ctx: WorkerContext) -> io::Result<Worker> {
         let stop_event = EventFd::new(EFD_NONBLOCK)?;
+        let thread_stop = stop_event.try_clone()?;
         let mode = Arc::new(AtomicU8::new(Mode::Run as u8));
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -109,16 +130,23 @@ impl Worker {
             )?;
         }
         let (exit_tx, exited) = mpsc::channel::<()>();
+        let (failed_tx, failed_all) = mpsc::channel::<()>();
         let thread_mode = mode.clone();
         let thread = thread::Builder::new().name(name).spawn(move || {
             let _exit = exit_tx;
-            run(epoll, ctx, &thread_mode)
+            let events = Events {
+                epoll,
+                stop: thread_stop,
+                failed_all: failed_tx,
+            };
+            run(events, ctx, &thread_mode)
         })?;
         Ok(Worker {
             mode,
             stop_event,
             thread,
             exited,
+            failed_all,
         })
     }
 
@@ -140,34 +168,48 @@ impl Worker {
         }
     }
 
-    /// Stops the thread as the device is pulled out, dealing with the requests in flight as
-    /// `in_flight` says. Waits up to [`PULL_WAIT`] for the request being served; if its host
-    /// I/O takes longer the thread is left to finish it alone, publishing nothing, and
-    /// releases the backend (its reference to the disk) when it ends. Returns whether the
-    /// thread had ended.
-    pub fn pull(self, in_flight: InFlightPolicy) -> bool {
+    /// Tells the thread the device is pulled out, dealing with the requests in flight as
+    /// `in_flight` says, and waits up to [`PULL_WAIT`] for the request being served. With
+    /// [`InFlightPolicy::Drop`] the thread ends; with [`InFlightPolicy::Fail`] it goes on
+    /// failing requests ([`Pulled::Failing`]). If the host I/O takes longer the thread is left
+    /// to finish it alone, publishing nothing, and releases the backend (its reference to the
+    /// disk) when it ends.
+    pub fn pull(self, in_flight: InFlightPolicy) -> Pulled {
         self.signal(match in_flight {
             InFlightPolicy::Fail => Mode::Fail,
             InFlightPolicy::Drop => Mode::Drop,
         });
-        match self.exited.recv_timeout(PULL_WAIT) {
-            Err(RecvTimeoutError::Disconnected) => {
+        let waited = match in_flight {
+            InFlightPolicy::Fail => self.failed_all.recv_timeout(PULL_WAIT),
+            InFlightPolicy::Drop => self.exited.recv_timeout(PULL_WAIT),
+        };
+        match (in_flight, waited) {
+            (InFlightPolicy::Fail, Ok(())) => Pulled::Failing(self),
+            (_, Err(RecvTimeoutError::Disconnected)) | (InFlightPolicy::Drop, Ok(())) => {
                 if self.thread.join().is_err() {
                     error!("virtio-blk: I/O thread panicked");
                 }
-                true
+                Pulled::Ended
             }
-            Ok(()) | Err(RecvTimeoutError::Timeout) => {
+            (_, Err(RecvTimeoutError::Timeout)) => {
                 // From here on the thread publishes nothing, whatever the policy.
                 self.mode.store(Mode::Drop as u8, Ordering::Release);
                 warn!(
                     "virtio-blk: host I/O still in flight {} ms after the surprise removal; its I/O thread finishes it alone and then releases the backend",
                     PULL_WAIT.as_millis()
                 );
-                false
+                Pulled::HostIoPending
             }
         }
     }
+}
+
+/// What the thread waits on, and how it tells [`Worker::pull`] it has failed everything.
+struct Events {
+    epoll: Epoll,
+    /// The stop event (a clone of the handle's): drained once the thread goes on failing.
+    stop: EventFd,
+    failed_all: mpsc::Sender<()>,
 }
 
 /// Per-queue state of the thread.
@@ -176,7 +218,7 @@ struct QueueState {
     broken: bool,
 }
 
-fn run(epoll: Epoll, ctx: WorkerContext, mode: &AtomicU8) {
+fn run(events: Events, ctx: WorkerContext, mode: &AtomicU8) {
     let WorkerContext {
         memory,
         interrupt,
@@ -201,28 +243,8 @@ fn run(epoll: Epoll, ctx: WorkerContext, mode: &AtomicU8) {
     for q in queues.iter_mut() {
         io.serve(q, &mut processor);
     }
-    let mut events = vec![EpollEvent::default(); queues.len() + 1];
-    while Mode::load(mode) == Mode::Run {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                error!("virtio-blk: epoll_wait failed, I/O thread exits: {e}");
-                return;
-            }
-        };
-        for ev in &events[..n] {
-            let token = ev.data();
-            if token == STOP_TOKEN {
-                break;
-            }
-            let Some(q) = usize::try_from(token).ok().and_then(|i| queues.get_mut(i)) else {
-                continue;
-            };
-            // Drain the counter; a spurious wake-up (EAGAIN) is harmless.
-            let _ = q.active.notify.read();
-            io.serve(q, &mut processor);
-        }
+    if !serve_notified(&events.epoll, &mut queues, &io, &mut processor, Mode::Run) {
+        return;
     }
     match Mode::load(mode) {
         // Serving in Fail mode completes every available chain with an error.
@@ -230,6 +252,20 @@ fn run(epoll: Epoll, ctx: WorkerContext, mode: &AtomicU8) {
             for q in queues.iter_mut() {
                 io.serve(q, &mut processor);
             }
+            // A pull that gave up waiting turned Fail into Drop meanwhile: end.
+            if Mode::load(mode) != Mode::Fail {
+                return;
+            }
+            processor.release_backend();
+            let _ = events.failed_all.send(());
+            // The stop event woke us; only the next one (the reset) is to end the loop.
+            let _ = events.stop.read();
+            let before = processor.failed_on_removal();
+            serve_notified(&events.epoll, &mut queues, &io, &mut processor, Mode::Fail);
+            info!(
+                "virtio-blk: pulled-out device reset; it failed {} request(s) submitted after the pull",
+                processor.failed_on_removal() - before
+            );
         }
         Mode::Drop => {
             let guard = memory.memory();
@@ -245,6 +281,41 @@ fn run(epoll: Epoll, ctx: WorkerContext, mode: &AtomicU8) {
         }
         Mode::Run | Mode::Reset => {}
     }
+}
+
+/// Serves each queue that is notified, as long as the mode stays `mode`. Returns false if
+/// the thread cannot go on (epoll failed).
+fn serve_notified(
+    epoll: &Epoll,
+    queues: &mut [QueueState],
+    io: &Io,
+    processor: &mut RequestProcessor,
+    mode: Mode,
+) -> bool {
+    let mut events = vec![EpollEvent::default(); queues.len() + 1];
+    while Mode::load(io.mode) == mode {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error!("virtio-blk: epoll_wait failed, I/O thread exits: {e}");
+                return false;
+            }
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == STOP_TOKEN {
+                break;
+            }
+            let Some(q) = usize::try_from(token).ok().and_then(|i| queues.get_mut(i)) else {
+                continue;
+            };
+            // Drain the counter; a spurious wake-up (EAGAIN) is harmless.
+            let _ = q.active.notify.read();
+            io.serve(q, processor);
+        }
+    }
+    true
 }
 
 struct Io<'a> {
