@@ -258,7 +258,13 @@ def main():
     print("\n\033[1m$ poweroff -f\033[0m", flush=True)
     proc.stdin.write(b"poweroff -f\n")
     proc.stdin.flush()
-    rc = proc.wait(timeout=120)
+    try:
+        rc = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        print("\n".join(l for l in con.lines[-20:] if l is not None))
+        sys.exit("demo: the guest did not power off within 120 s; VMM killed")
     print(f"demo: the VMM exited with status {rc} after {time.time() - t0:.1f}s")
     with open(disk, "rb") as f:
         f.seek(8192 * 512)
