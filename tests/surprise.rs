@@ -20,6 +20,7 @@
 use crate::common;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use common::fuse::FuseDisk;
 use common::hotplug::*;
@@ -140,14 +141,14 @@ fn scenario(
 }
 
 /// A disk pulled out (policy `fail`) from under a reader that nothing holds, as in the demo.
-/// (Run with `RUST_LOG=info` to see, in the output, how many requests the device failed after
-/// the pull: in the demo's runs, one each time.)
 /// Its requests spend most of their time in the guest's block stack, not in the device, so the
 /// pull rarely finds one in the device; the reader's next request is submitted after the pull,
 /// before the guest's driver learns of it (on a native slot, when pciehp's thread gets to
 /// virtio-pci's removal). The device fails such requests until the driver resets it. Were
 /// they left alone, virtio_blk's `del_gendisk` would wait for them forever: the reader and
 /// the removal in D state, the function on the guest's bus, the guest's hot-plug stuck.
+/// (Run with `RUST_LOG=info` to see how many requests the device failed after the pull: one
+/// each time in the runs so far.)
 fn free_reader(g: &mut Guest, q: &mut QmpClient, dir: &TempDir, bus: &str, tag: &str) {
     let (node, id) = (format!("{tag}-n"), format!("{tag}-d"));
     blockdev_add(q, &node, &make_disk(dir, &node));
@@ -173,7 +174,7 @@ fn free_reader(g: &mut Guest, q: &mut QmpClient, dir: &TempDir, bus: &str, tag: 
         &format!(
             "for i in $(seq 1 120); do [ -e /sys/bus/pci/devices/{pci} ] || break; sleep 0.5; done;              echo /sys/bus/pci/devices/*"
         ),
-        std::time::Duration::from_secs(120),
+        Duration::from_secs(120),
     );
     let stuck = d_state_tasks(g);
     assert!(
@@ -183,7 +184,7 @@ fn free_reader(g: &mut Guest, q: &mut QmpClient, dir: &TempDir, bus: &str, tag: 
         g.run("dmesg | tail -20")
     );
     // The driver's reset reached the device: the VMM let go of it.
-    wait_pulled_released(g, q, std::time::Duration::from_secs(10));
+    wait_pulled_released(g, q, Duration::from_secs(10));
     q.ok("blockdev-del", json!({"node-name": node}));
     // With RUST_LOG=info: how many requests came after the pull.
     if let Some(l) = g
@@ -249,7 +250,7 @@ fn surprise(version: &str, cycles: usize) {
     if cycles > 0 {
         let node = "cyc";
         blockdev_add(&mut q, node, &make_disk(&dir, node));
-        wait_pulled_released(&g, &mut q, std::time::Duration::from_secs(10));
+        wait_pulled_released(&g, &mut q, Duration::from_secs(10));
         let before = open_fds_and_threads(g.pid());
         for i in 0..cycles {
             let id = format!("c{i}");
@@ -263,7 +264,7 @@ fn surprise(version: &str, cycles: usize) {
             pull(&g, &mut q, &id, None, None);
             wait_block_removed(&mut g, &dev);
         }
-        wait_pulled_released(&g, &mut q, std::time::Duration::from_secs(30));
+        wait_pulled_released(&g, &mut q, Duration::from_secs(30));
         let after = open_fds_and_threads(g.pid());
         assert_eq!(
             before, after,

@@ -78,9 +78,9 @@ struct Maps {
 ///
 /// A VMM that pulls a device out may leave its BARs *vacated* rather than unmapped
 /// ([`BarSpace::vacate_device`]): they read zero and drop writes (or pass them to the device,
-/// see [`VacatedWrites`]) until a later mapping overlaps them, which evicts them. Some guest drivers poll a register of a device they are
-/// letting go of until it reads zero (Linux's virtio-pci reset does), and spin forever on the
-/// all-ones of a device that is really gone.
+/// see [`VacatedWrites`]) until a later mapping overlaps them, which evicts them. Some guest
+/// drivers poll a register of a device they are letting go of until it reads zero (Linux's
+/// virtio-pci reset does), and spin forever on the all-ones of a device that is really gone.
 #[derive(Default)]
 pub struct BarSpace {
     maps: RwLock<Maps>,

@@ -1093,11 +1093,10 @@ impl PciDevice for VirtioPciDevice {
             data.fill(0xff);
             return;
         }
+        data.fill(0);
         if self.pulled {
-            data.fill(0);
             return;
         }
-        data.fill(0);
         match offset {
             o if o < ISR_CFG_OFFSET => self.common_read(o - COMMON_CFG_OFFSET, data),
             // §4.1.4.5: reading the ISR status clears it.
@@ -1125,15 +1124,7 @@ impl PciDevice for VirtioPciDevice {
             // Gone: only the driver's reset (and the notifications of a device that is still
             // failing requests) means anything.
             match offset {
-                o if o == COMMON_CFG_OFFSET + COMMON_DEVICE_STATUS && data == [0] => {
-                    if self.is_failing() {
-                        log::info!(
-                            "virtio-pci {}: the driver reset the pulled-out device; it fails no more requests",
-                            self.device.id()
-                        );
-                    }
-                    self.reset();
-                }
+                o if o == COMMON_CFG_OFFSET + COMMON_DEVICE_STATUS && data == [0] => self.reset(),
                 o if (NOTIFY_CFG_OFFSET..MSIX_TABLE_OFFSET).contains(&o) && self.is_failing() => {
                     self.notify_write(o - NOTIFY_CFG_OFFSET, data)
                 }
