@@ -53,6 +53,9 @@ def decode(register, value):
     if register in ("INSERT", "REMOVE", "EJECT", "BUS_CHECK"):
         slots = ["%02x" % d for d in range(32) if value >> d & 1]
         return ("slots " + ",".join(slots)) if slots else "-"
+    if register == "PENDING":
+        buses = [str(b) for b in range(32) if value >> b & 1]
+        return ("buses " + ",".join(buses)) if buses else "-"
     return ""
 
 

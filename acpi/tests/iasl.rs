@@ -244,7 +244,8 @@ fn iasl_decodes_and_recompiles_every_table() {
                     "Name (_S5, Package (0x04)",
                     "WordBusNumber",
                     "QWordMemory",
-                    "OperationRegion (PHPR, SystemIO, 0x0620, 0x14)",
+                    "OperationRegion (PHPR, SystemIO, 0x0620, 0x18)",
+                    "Local3 = PPND",
                     "Device (SL01)",
                     "Device (SL0F)",
                     "Device (RP02)",
@@ -435,7 +436,7 @@ fn acpiexec_osc_withholds_native_hotplug() {
 }
 
 /// Runs the ACPI hot-plug methods in acpiexec: a slot's `_EJ0` selects its bus and writes its
-/// bit to the eject register, and the GED's `_EVT` runs through every bus without complaint.
+/// bit to the eject register, and the GED's `_EVT` runs without complaint.
 /// (acpiexec backs SystemIO with plain memory, so a register reads what was last written.)
 #[test]
 fn acpiexec_ej0_selects_the_bus_and_writes_the_eject_register() {
@@ -464,7 +465,139 @@ fn acpiexec_ej0_selects_the_bus_and_writes_the_eject_register() {
     let value = |i| dwords(&acpiexec_result(&stdout, i))[0];
     assert_eq!((value(1), value(2)), (0, 1 << 3), "root bus slot 3\n{all}");
     assert_eq!((value(4), value(5)), (1, 1), "rp2's slot\n{all}");
-    // _EVT left the select register at the last bus it scanned.
+    // With no bus pending _EVT selects none (tests below give it work).
     assert_eq!(value(7), 1, "after _EVT\n{all}");
     let _ = fs::remove_dir_all(&dir);
+}
+
+/// An SSDT with `\TSET (pending, insert, remove, bus_check)`, which stores its arguments into
+/// the hot-plug registers that acpiexec backs with memory: the VMM's side of an event.
+const TSET_ASL: &str = r#"DefinitionBlock ("", "SSDT", 2, "HPVMM", "PSCNTEST", 1)
+{
+    External (\_SB.PCI0.PPND, FieldUnitObj)
+    External (\_SB.PCI0.PINS, FieldUnitObj)
+    External (\_SB.PCI0.PREM, FieldUnitObj)
+    External (\_SB.PCI0.PBCK, FieldUnitObj)
+    Method (\TSET, 4)
+    {
+        \_SB.PCI0.PPND = Arg0
+        \_SB.PCI0.PINS = Arg1
+        \_SB.PCI0.PREM = Arg2
+        \_SB.PCI0.PBCK = Arg3
+    }
+}
+"#;
+
+/// Runs `\TSET` and `PSCN` in acpiexec for each `(pending, insert, remove, bus_check)`; returns,
+/// per run, the notifications as sorted "NAME value" strings (acpiexec names only an object's
+/// last segment, and dispatches notifications in no fixed order).
+fn pscn_notifications(cfg: &MachineConfig, name: &str, runs: &[[u32; 4]]) -> Vec<Vec<String>> {
+    let dir = scratch_dir(name);
+    write_tables(cfg, &dir);
+    fs::write(dir.join("tset.asl"), TSET_ASL).unwrap();
+    let out = run(&dir, "iasl", &["tset.asl"]);
+    assert!(out.status.success(), "iasl tset.asl:\n{}", text(&out));
+    let batch: Vec<String> = runs
+        .iter()
+        .map(|[p, i, r, b]| {
+            format!("evaluate \\TSET {p:#x} {i:#x} {r:#x} {b:#x}; evaluate \\_SB.PCI0.PSCN")
+        })
+        .collect();
+    let out = run(
+        &dir,
+        "acpiexec",
+        &[
+            "-b",
+            &batch.join("; "),
+            "FACP.dat",
+            "APIC.dat",
+            "MCFG.dat",
+            "DSDT.dat",
+            "tset.aml",
+        ],
+    );
+    let all = text(&out);
+    assert!(out.status.success(), "acpiexec failed:\n{all}");
+    assert!(!mentions_problem(&all), "acpiexec complained:\n{all}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let sections: Vec<&str> = stdout.split("Evaluating \\_SB.PCI0.PSCN").skip(1).collect();
+    assert_eq!(sections.len(), runs.len(), "{all}");
+    let _ = fs::remove_dir_all(&dir);
+    sections
+        .iter()
+        .map(|sec| {
+            let mut seen: Vec<String> = sec
+                .lines()
+                .filter_map(|l| {
+                    let (_, rest) = l.split_once("Received a System Notify on [")?;
+                    let (obj, rest) = rest.split_once(']')?;
+                    let value = rest.split("Value ").nth(1)?.split_whitespace().next()?;
+                    Some(format!("{obj} {value}"))
+                })
+                .collect();
+            seen.sort();
+            seen
+        })
+        .collect()
+}
+
+/// The GED's event method notifies exactly the slots whose bits are pending, with the right
+/// notification, and only on the buses the pending register names.
+#[test]
+fn acpiexec_event_method_notifies_only_pending_slots_on_pending_buses() {
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let got = pscn_notifications(
+        &sample_config(true),
+        "acpiexec-pscn",
+        &[
+            // Bus 1 (rp2's slot, device 0) pending; bus 0's bits are there but not its turn.
+            [0b10, 0b1001, 0b100, 0],
+            // Bus 0: inserts into slots 1, 7, 8 and 15, an eject request for slot 2.
+            [0b01, 0x8182, 0b100, 0],
+            // Nothing pending: nothing notified, whatever the other registers hold.
+            [0, 0xffff, 0xffff, 0xffff],
+            // A vanished device on bus 1: Bus Check on its root port.
+            [0b10, 0, 0, 1],
+            // Both buses: each reads the same (memory-backed) registers.
+            [0b11, 0b1000, 0, 0],
+        ],
+    );
+    assert_eq!(got[0], names(&["SL00 0x01"]));
+    assert_eq!(
+        got[1],
+        names(&[
+            "SL01 0x01",
+            "SL02 0x03",
+            "SL07 0x01",
+            "SL08 0x01",
+            "SL0F 0x01"
+        ])
+    );
+    assert!(got[2].is_empty(), "{:?}", got[2]);
+    assert_eq!(got[3], names(&["RP02 0x00"]));
+    assert_eq!(got[4], names(&["SL03 0x01"]));
+}
+
+/// Buses from 32 on have no bit in the pending register: the event method scans them always.
+#[test]
+fn acpiexec_event_method_scans_buses_past_31_unasked() {
+    let mut cfg = sample_config(true);
+    let hp = cfg.pci_hotplug.as_mut().unwrap();
+    hp.buses.truncate(1);
+    for i in 0..34u8 {
+        hp.buses.push(AcpiHotplugBus {
+            parent: SlotParent::RootPort {
+                index: i,
+                device: 16 + i / 8,
+                function: i % 8,
+            },
+            slots: vec![AcpiSlot {
+                device: 0,
+                sun: u32::from(i),
+            }],
+        });
+    }
+    // 35 buses: 0 the root bus, 1..=34 the ports; 32..=34 have no pending bit.
+    let got = pscn_notifications(&cfg, "acpiexec-pscn-many", &[[0, 1, 0, 0]]);
+    assert_eq!(got[0], vec!["SL00 0x01".to_string(); 3]);
 }

@@ -8,9 +8,11 @@
 //! 1. The VMM calls [`AcpiHotplugController::insert`] or
 //!    [`AcpiHotplugController::request_eject`]: a bit is latched in the slot's bus and the
 //!    controller's [`InterruptLine`] fires (a Generic Event Device interrupt).
-//! 2. The GED's `_EVT` method selects each bus in turn ([`REG_SELECT`]), reads [`REG_INSERT`]
-//!    and [`REG_REMOVE`], writes back what it read to acknowledge it (write-1-to-clear), and
-//!    `Notify`s each slot: Device Check (1) for an insert, Eject Request (3) for a removal.
+//! 2. The GED's `_EVT` method reads [`REG_PENDING`] to learn which buses have news, selects each
+//!    of those in turn ([`REG_SELECT`]), reads [`REG_INSERT`] and [`REG_REMOVE`], writes back
+//!    what it read to acknowledge it (write-1-to-clear), and `Notify`s each slot: Device Check
+//!    (1) for an insert, Eject Request (3) for a removal. (Every AML statement costs the guest
+//!    time, milliseconds each where its kernel runs slowly, so the method skips quiet buses.)
 //! 3. For a Device Check acpiphp rescans the slot and probes the new function. For an Eject
 //!    Request it unbinds and removes the function, then evaluates the slot's `_EJ0`, which writes
 //!    `1 << slot` to [`REG_EJECT`]. The controller tells its [`AcpiHotplugObserver`], and the VMM
@@ -24,8 +26,8 @@
 //!
 //! # Register block
 //!
-//! Twenty consecutive I/O ports; five 32-bit registers, bit `n` of each standing for device
-//! number `n` of the selected bus. Only aligned 32-bit accesses are decoded (the AML declares the
+//! Twenty-four consecutive I/O ports; six 32-bit registers, bit `n` of the first five standing
+//! for device number `n` of the selected bus. Only aligned 32-bit accesses are decoded (the AML declares the
 //! fields `DWordAcc`): any other access reads all-ones and its write is dropped.
 //!
 //! | offset | name | access | meaning |
@@ -35,6 +37,7 @@
 //! | 0x8 | [`REG_REMOVE`] | RW1C | slots with an eject request pending |
 //! | 0xC | [`REG_EJECT`] | WO, reads 0 | the guest ejects the slots whose bits it writes; bits of empty slots are ignored |
 //! | 0x10 | [`REG_BUS_CHECK`] | RW1C | slots whose device vanished (surprise removal): the bus needs a Bus Check |
+//! | 0x14 | [`REG_PENDING`] | RO | bit `b`: bus `b` (0..=31) has a bit set in its insert, remove or bus check register; independent of the select register, writes ignored |
 //!
 //! Nothing here knows about KVM, PCI buses or the control socket; the VMM maps bus indexes to its
 //! buses and keeps the devices.
@@ -58,8 +61,10 @@ pub const REG_REMOVE: u16 = 0x8;
 pub const REG_EJECT: u16 = 0xC;
 /// Offset of the bus check register of the selected bus (slots whose device vanished): RW1C.
 pub const REG_BUS_CHECK: u16 = 0x10;
+/// Offset of the pending buses register (bit `b`: bus `b` has events pending): read-only.
+pub const REG_PENDING: u16 = 0x14;
 /// Number of I/O ports the controller decodes.
-pub const ACPI_HOTPLUG_PORTS: u16 = 0x14;
+pub const ACPI_HOTPLUG_PORTS: u16 = 0x18;
 /// Device numbers per bus, one bit each in every register.
 pub const SLOTS_PER_BUS: u8 = 32;
 
@@ -144,7 +149,8 @@ fn register_name(offset: u16) -> &'static str {
         REG_INSERT => "INSERT",
         REG_REMOVE => "REMOVE",
         REG_EJECT => "EJECT",
-        _ => "BUS_CHECK",
+        REG_BUS_CHECK => "BUS_CHECK",
+        _ => "PENDING",
     }
 }
 
@@ -212,11 +218,22 @@ impl AcpiHotplugController {
             .and_then(|b| self.buses.get(usize::from(b)));
         match (offset, bus) {
             (REG_SELECT, _) => self.select,
+            (REG_PENDING, _) => self.pending_buses(),
             (REG_INSERT, Some(b)) => b.insert,
             (REG_REMOVE, Some(b)) => b.remove,
             (REG_BUS_CHECK, Some(b)) => b.vanished,
             _ => 0,
         }
+    }
+
+    /// Buses 0..=31 with events for the guest, one bit each: what [`REG_PENDING`] reads.
+    pub fn pending_buses(&self) -> u32 {
+        self.buses
+            .iter()
+            .take(32)
+            .enumerate()
+            .filter(|(_, b)| b.insert | b.remove | b.vanished != 0)
+            .fold(0, |m, (i, _)| m | 1 << i)
     }
 
     /// The state of bus `bus`.
@@ -547,6 +564,48 @@ mod tests {
     }
 
     #[test]
+    fn the_pending_register_names_the_buses_with_news() {
+        let (mut c, _, _) = controller();
+        assert_eq!(rd(&mut c, REG_PENDING), 0);
+        c.cold_plug(0, 7).unwrap();
+        assert_eq!(
+            rd(&mut c, REG_PENDING),
+            0,
+            "a cold-plugged device is no news"
+        );
+        c.insert(1, 0).unwrap();
+        assert_eq!(rd(&mut c, REG_PENDING), 0b10);
+        c.request_eject(0, 7).unwrap();
+        // Whatever bus is selected, and the guest cannot write it.
+        for select in [0, 1, 5] {
+            wr(&mut c, REG_SELECT, select);
+            wr(&mut c, REG_PENDING, 0);
+            assert_eq!(rd(&mut c, REG_PENDING), 0b11, "select {select}");
+        }
+        // Reading it is not servicing a bus: that takes reading the bus's registers.
+        assert_eq!(c.bus(0).unwrap().serviced, 0);
+        assert_eq!(c.bus(1).unwrap().serviced, 0);
+        // A bus drops out once all its events are acknowledged.
+        service(&mut c, 1);
+        assert_eq!(rd(&mut c, REG_PENDING), 0b01);
+        service(&mut c, 0);
+        assert_eq!(rd(&mut c, REG_PENDING), 0);
+        // A bus check is news too.
+        c.surprise_remove(0, 7).unwrap();
+        assert_eq!(rd(&mut c, REG_PENDING), 0b01);
+        wr(&mut c, REG_SELECT, 0);
+        wr(&mut c, REG_BUS_CHECK, 1 << 7);
+        assert_eq!(rd(&mut c, REG_PENDING), 0);
+        // Only buses 0..=31 have a bit; the AML scans the others unasked.
+        let irq = Arc::new(CountingInterrupt::default());
+        let mut many = AcpiHotplugController::new(&[1; 40], irq);
+        many.insert(32, 0).unwrap();
+        assert_eq!(rd(&mut many, REG_PENDING), 0);
+        many.insert(31, 0).unwrap();
+        assert_eq!(rd(&mut many, REG_PENDING), 1 << 31);
+    }
+
+    #[test]
     fn pending_bits_are_write_one_to_clear_only() {
         let (mut c, _, _) = controller();
         c.insert(0, 1).unwrap();
@@ -651,7 +710,7 @@ mod tests {
         c.insert(0, 1).unwrap();
         c.request_eject(0, 1).unwrap();
         let before = c.bus(0).copied();
-        for off in 0..24u16 {
+        for off in 0..ACPI_HOTPLUG_PORTS + 4 {
             for len in 0..9usize {
                 if len == 4 && off % 4 == 0 && off < ACPI_HOTPLUG_PORTS {
                     continue;

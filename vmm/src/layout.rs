@@ -88,7 +88,7 @@ pub const PCI_IO_WINDOW: (u16, u16) = (0x1000, 0xffff);
 pub const SCI_IRQ: u16 = 9;
 /// The `_OSC` report registers (16 ports): what the guest's `_OSC` asked for and got.
 pub const OSC_REPORT_PORT: u16 = 0x610;
-/// The ACPI PCI hot-plug controller's register block (20 ports, 0x620..0x633).
+/// The ACPI PCI hot-plug controller's register block (24 ports, 0x620..0x637).
 pub const ACPI_HOTPLUG_PORT: u16 = 0x620;
 /// The Generic Event Device's interrupt (edge, active high): ACPI hot-plug events.
 pub const GED_GSI: u32 = 5;

@@ -658,6 +658,8 @@ mod tests {
         assert_eq!(aml::REG_INSERT, dev::REG_INSERT);
         assert_eq!(aml::REG_REMOVE, dev::REG_REMOVE);
         assert_eq!(aml::REG_EJECT, dev::REG_EJECT);
+        assert_eq!(aml::REG_BUS_CHECK, dev::REG_BUS_CHECK);
+        assert_eq!(aml::REG_PENDING, dev::REG_PENDING);
         assert_eq!(aml::PCI_HOTPLUG_PORTS, dev::ACPI_HOTPLUG_PORTS);
         let cli = <Cli as clap::Parser>::parse_from(["hotplug-vmm", "--kernel", "k"]);
         let hp = acpi_config(&cli).pci_hotplug.expect("root bus slots");
