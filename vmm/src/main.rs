@@ -20,6 +20,8 @@ use clap::Parser;
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .target(env_logger::Target::Stderr)
+        // Milliseconds: log lines are read next to the guest's dmesg and the hot-plug trace.
+        .format_timestamp_millis()
         .init();
     let cli = config::Cli::parse();
     let raw = (cli.serial == config::SerialMode::Stdio).then(terminal::RawMode::enter);
