@@ -7,9 +7,12 @@ Usage: resources/bench-hotplug.py [--runs N] [--kernel-version 6.1] [--only hotp
 
 For each mode and VMM: boot the test guest once (with a control socket), then N times:
 blockdev-add, device_add of virtio-blk-pci, time until the guest's /init reports the new block
-device (BLOCK-ADD on the console); device_del, time until DEVICE_DELETED; blockdev-del. Then, for
-hotplug-vmm only (QEMU has no surprise removal), N times: device_add, wait for the block device,
-x-surprise-remove, time until the guest's /init reports the block device gone (BLOCK-REMOVE).
+device (BLOCK-ADD on the console); device_del, time until DEVICE_DELETED; wait for the guest's
+BLOCK-REMOVE; blockdev-del. Then, for hotplug-vmm only (QEMU has no surprise removal), N times:
+device_add, wait for the block device, x-surprise-remove, time until the guest's /init reports
+the block device gone (BLOCK-REMOVE). Every timed step starts 2 s after the guest's last one
+ended, so that it does not share the guest's CPU with the tail of the boot or of the last
+removal (uevent helpers, the block layer's teardown) on either VMM.
 
 Modes, each side by side with the QEMU setup that hot-plugs the same way:
   native     a PCIe root port driven by the guest's pciehp. QEMU: q35 with a pcie-root-port and
@@ -42,6 +45,10 @@ def default_cmdline():
     return out[start:out.index("]", start)].strip('"')
 
 
+# Seconds to let the guest go quiet before each timed step.
+SETTLE_S = 2.0
+
+
 def measure(name, cmd, sock, images, runs, bus, surprise):
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
@@ -50,6 +57,9 @@ def measure(name, cmd, sock, images, runs, bus, surprise):
         con.wait(lambda l: "HOTPLUG-VMM-READY" in l, 0, timeout=900)
         adds, dels = [], []
         for i in range(runs):
+            # Each measurement starts from a quiet guest: not while it still handles the boot's
+            # or the last removal's tail (uevent helpers, the block layer's teardown).
+            time.sleep(SETTLE_S)
             node = f"bench{i}"
             qmp.ok("blockdev-add", {"driver": "raw", "node-name": node,
                                      "file": {"driver": "file", "filename": images[i % len(images)]}})
@@ -58,20 +68,24 @@ def measure(name, cmd, sock, images, runs, bus, surprise):
             qmp.ok("device_add", {"driver": "virtio-blk-pci", "id": node, "drive": node, "bus": bus})
             con.wait(lambda l: "BLOCK-ADD" in l, start, timeout=120)
             adds.append(time.time() - t0)
+            start = len(con.lines)
             t0 = time.time()
             qmp.ok("device_del", {"id": node})
             qmp.wait_event("DEVICE_DELETED", node)
             dels.append(time.time() - t0)
+            con.wait(lambda l: "BLOCK-REMOVE" in l, start, timeout=120)
             qmp.ok("blockdev-del", {"node-name": node})
             print(f"{name} run {i + 1}: add {adds[-1]:.2f}s, del {dels[-1]:.2f}s", file=sys.stderr, flush=True)
         pulls = []
         for i in range(runs if surprise else 0):
+            time.sleep(SETTLE_S)
             node = f"pull{i}"
             qmp.ok("blockdev-add", {"driver": "raw", "node-name": node,
                                      "file": {"driver": "file", "filename": images[i % len(images)]}})
             start = len(con.lines)
             qmp.ok("device_add", {"driver": "virtio-blk-pci", "id": node, "drive": node, "bus": bus})
             con.wait(lambda l: "BLOCK-ADD" in l, start, timeout=120)
+            time.sleep(SETTLE_S)
             start = len(con.lines)
             t0 = time.time()
             qmp.ok("x-surprise-remove", {"id": node, "bar-reads": "zero"})
