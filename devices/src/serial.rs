@@ -57,6 +57,10 @@ pub struct SerialDevice {
 /// Interrupt Enable Register offset and its "THR empty" bit (16550 data sheet, IER bit 1).
 const IER_OFFSET: u8 = 1;
 const IER_THRI: u8 = 0x02;
+/// IER's "received data available" bit (16550 data sheet, IER bit 0).
+const IER_RDI: u8 = 0x01;
+/// Bytes the receive FIFO holds (vm-superio's `FIFO_SIZE`).
+const FIFO_SIZE: usize = 64;
 /// Line Control Register offset and its divisor latch access bit.
 const LCR_OFFSET: u8 = 3;
 const LCR_DLAB: u8 = 0x80;
@@ -86,9 +90,22 @@ impl SerialDevice {
         if n == 0 {
             return Ok(0);
         }
-        self.uart
+        let n = self
+            .uart
             .enqueue_raw_bytes(&input[..n])
-            .map_err(|e| io::Error::other(format!("serial input: {e:?}")))
+            .map_err(|e| io::Error::other(format!("serial input: {e:?}")))?;
+        // Received data with the receive interrupt enabled must interrupt, as a 16550's level
+        // output would. vm-superio skips the edge while it has a received-data interrupt on
+        // record that the guest has not acknowledged by reading IIR — and if that record's
+        // edge never reached the guest, input then sits in the FIFO for good. (Seen with 2
+        // vCPUs, intermittently: a command sent, no echo, both vCPUs idle.) A spare edge costs
+        // one spurious, harmless interrupt per input chunk.
+        if self.uart.read(LCR_OFFSET) & LCR_DLAB == 0 && self.uart.read(IER_OFFSET) & IER_RDI != 0 {
+            if let Err(e) = self.irq.trigger() {
+                log::warn!("serial interrupt: {e}");
+            }
+        }
+        Ok(n)
     }
 
     /// Free space in the receive FIFO.
@@ -120,8 +137,11 @@ impl MutDevicePio for SerialDevice {
                 // guest may already have consumed by then — and with an edge-triggered IOAPIC pin
                 // the guest's transmitter then waits forever (seen with 2 vCPUs: both idle, tty
                 // output stuck). A spare edge costs one spurious, harmless interrupt.
+                // The same for (re-)enabling the receive interrupt with data in the FIFO (Linux's
+                // console write and tty unthrottle restore IER that way).
+                let pending_input = value & IER_RDI != 0 && self.uart.fifo_capacity() < FIFO_SIZE;
                 if off == IER_OFFSET
-                    && value & IER_THRI != 0
+                    && (value & IER_THRI != 0 || pending_input)
                     && self.uart.read(LCR_OFFSET) & LCR_DLAB == 0
                 {
                     if let Err(e) = self.irq.trigger() {
@@ -189,6 +209,32 @@ mod tests {
         s.pio_write(BASE, 3, &[0x80]);
         s.pio_write(BASE, 1, &[0x07]);
         assert_eq!(irq.count(), before);
+    }
+
+    #[test]
+    fn input_always_interrupts_while_the_receive_interrupt_is_enabled() {
+        let irq = Arc::new(CountingInterrupt::default());
+        let mut s = SerialDevice::new(irq.clone(), Box::new(io::sink()));
+        // No receive interrupt enabled: input waits silently.
+        s.enqueue_input(b"a").unwrap();
+        assert_eq!(irq.count(), 0);
+        s.pio_write(BASE, 1, &[0x01]);
+        let before = irq.count();
+        // The guest has not read IIR since the first interrupt (its edge may never have
+        // arrived): more input interrupts again all the same.
+        s.enqueue_input(b"b").unwrap();
+        s.enqueue_input(b"c").unwrap();
+        assert!(irq.count() >= before + 2, "{} -> {}", before, irq.count());
+        // Masking and unmasking the receive interrupt with data waiting interrupts too.
+        s.pio_write(BASE, 1, &[0x00]);
+        let before = irq.count();
+        s.pio_write(BASE, 1, &[0x01]);
+        assert!(irq.count() > before);
+        let mut b = [0u8; 1];
+        for want in b"abc" {
+            s.pio_read(BASE, 0, &mut b);
+            assert_eq!(b[0], *want);
+        }
     }
 
     #[test]
