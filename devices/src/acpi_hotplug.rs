@@ -27,8 +27,8 @@
 //! # Register block
 //!
 //! Twenty-four consecutive I/O ports; six 32-bit registers, bit `n` of the first five standing
-//! for device number `n` of the selected bus. Only aligned 32-bit accesses are decoded (the AML declares the
-//! fields `DWordAcc`): any other access reads all-ones and its write is dropped.
+//! for device number `n` of the selected bus. Only aligned 32-bit accesses are decoded (the AML
+//! declares the fields `DWordAcc`): any other access reads all-ones and its write is dropped.
 //!
 //! | offset | name | access | meaning |
 //! | --- | --- | --- | --- |

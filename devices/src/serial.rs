@@ -59,8 +59,9 @@ const IER_OFFSET: u8 = 1;
 const IER_THRI: u8 = 0x02;
 /// IER's "received data available" bit (16550 data sheet, IER bit 0).
 const IER_RDI: u8 = 0x01;
-/// Bytes the receive FIFO holds (vm-superio's `FIFO_SIZE`).
-const FIFO_SIZE: usize = 64;
+/// Line Status Register offset and its "data ready" bit (16550 data sheet, LSR bit 0).
+const LSR_OFFSET: u8 = 5;
+const LSR_DR: u8 = 0x01;
 /// Line Control Register offset and its divisor latch access bit.
 const LCR_OFFSET: u8 = 3;
 const LCR_DLAB: u8 = 0x80;
@@ -98,14 +99,22 @@ impl SerialDevice {
         // output would. vm-superio skips the edge while it has a received-data interrupt on
         // record that the guest has not acknowledged by reading IIR — and if that record's
         // edge never reached the guest, input then sits in the FIFO for good. (Seen with 2
-        // vCPUs, intermittently: a command sent, no echo, both vCPUs idle.) A spare edge costs
-        // one spurious, harmless interrupt per input chunk.
-        if self.uart.read(LCR_OFFSET) & LCR_DLAB == 0 && self.uart.read(IER_OFFSET) & IER_RDI != 0 {
+        // vCPUs, intermittently: a command sent, no echo, both vCPUs idle.)
+        self.spare_edge(IER_RDI);
+        Ok(n)
+    }
+
+    /// Raises the interrupt once more if any of `ier_bits` is enabled, whatever interrupt
+    /// vm-superio has on record: the edge a 16550's level output would give an edge-triggered
+    /// IOAPIC pin. A spare edge costs one spurious, harmless interrupt.
+    fn spare_edge(&mut self, ier_bits: u8) {
+        // With DLAB set, offset 1 is the divisor latch, not IER.
+        if self.uart.read(LCR_OFFSET) & LCR_DLAB == 0 && self.uart.read(IER_OFFSET) & ier_bits != 0
+        {
             if let Err(e) = self.irq.trigger() {
                 log::warn!("serial interrupt: {e}");
             }
         }
-        Ok(n)
     }
 
     /// Free space in the receive FIFO.
@@ -132,21 +141,14 @@ impl MutDevicePio for SerialDevice {
                     log::warn!("serial write at offset {off}: {e:?}");
                 }
                 // Enabling the THR-empty interrupt while the (always empty) transmitter holds
-                // nothing must interrupt, as a 16550's level output would. vm-superio skips the
-                // edge when it still has a THR-empty interrupt on record from before — one the
-                // guest may already have consumed by then — and with an edge-triggered IOAPIC pin
-                // the guest's transmitter then waits forever (seen with 2 vCPUs: both idle, tty
-                // output stuck). A spare edge costs one spurious, harmless interrupt.
-                // The same for (re-)enabling the receive interrupt with data in the FIFO (Linux's
-                // console write and tty unthrottle restore IER that way).
-                let pending_input = value & IER_RDI != 0 && self.uart.fifo_capacity() < FIFO_SIZE;
-                if off == IER_OFFSET
-                    && (value & IER_THRI != 0 || pending_input)
-                    && self.uart.read(LCR_OFFSET) & LCR_DLAB == 0
-                {
-                    if let Err(e) = self.irq.trigger() {
-                        log::warn!("serial interrupt: {e}");
-                    }
+                // nothing must interrupt. vm-superio skips the edge when it still has a THR-empty
+                // interrupt on record from before — one the guest may already have consumed by
+                // then — and the guest's transmitter then waits forever (seen with 2 vCPUs: both
+                // idle, tty output stuck). The same for (re-)enabling the receive interrupt with
+                // data in the FIFO (Linux's console write and tty unthrottle restore IER so).
+                if off == IER_OFFSET {
+                    let input_waiting = self.uart.read(LSR_OFFSET) & LSR_DR != 0;
+                    self.spare_edge(IER_THRI | if input_waiting { IER_RDI } else { 0 });
                 }
             }
         }
