@@ -278,6 +278,21 @@ fn iasl_decodes_and_recompiles_every_table() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// Runs acpiexec's batch `commands` on the machine tables in `dir` (and `extra` tables, e.g.
+/// a test SSDT); fails the test unless it succeeds without complaint. Returns its standard
+/// output and everything it printed (for failure messages).
+fn acpiexec(dir: &Path, commands: &str, extra: &[&str]) -> (String, String) {
+    let mut args = vec![
+        "-b", commands, "FACP.dat", "APIC.dat", "MCFG.dat", "DSDT.dat",
+    ];
+    args.extend_from_slice(extra);
+    let out = run(dir, "acpiexec", &args);
+    let all = text(&out);
+    assert!(out.status.success(), "acpiexec failed:\n{all}");
+    assert!(!mentions_problem(&all), "acpiexec complained:\n{all}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), all)
+}
+
 /// Parses the value acpiexec prints after `Evaluating PATH`: the bytes of a
 /// `[Buffer]` or the value of an `[Integer]`.
 fn acpiexec_result(out: &str, index: usize) -> Vec<u8> {
@@ -371,16 +386,7 @@ fn check_osc(grant_native_hotplug: bool) {
         // 9: \_S5.
         "evaluate \\_S5_".to_string(),
     ];
-    let batch = commands.join("; ");
-    let out = run(
-        &dir,
-        "acpiexec",
-        &["-b", &batch, "FACP.dat", "APIC.dat", "MCFG.dat", "DSDT.dat"],
-    );
-    let all = text(&out);
-    assert!(out.status.success(), "acpiexec failed:\n{all}");
-    assert!(!mentions_problem(&all), "acpiexec complained:\n{all}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (stdout, all) = acpiexec(&dir, &commands.join("; "), &[]);
     let result = |i| dwords(&acpiexec_result(&stdout, i));
 
     assert_eq!(
@@ -452,16 +458,7 @@ fn acpiexec_ej0_selects_the_bus_and_writes_the_eject_register() {
         "evaluate \\_SB.GED_._EVT 5",
         "evaluate \\_SB.PCI0.PSEL",
     ];
-    let batch = commands.join("; ");
-    let out = run(
-        &dir,
-        "acpiexec",
-        &["-b", &batch, "FACP.dat", "APIC.dat", "MCFG.dat", "DSDT.dat"],
-    );
-    let all = text(&out);
-    assert!(out.status.success(), "acpiexec failed:\n{all}");
-    assert!(!mentions_problem(&all), "acpiexec complained:\n{all}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (stdout, all) = acpiexec(&dir, &commands.join("; "), &[]);
     let value = |i| dwords(&acpiexec_result(&stdout, i))[0];
     assert_eq!((value(1), value(2)), (0, 1 << 3), "root bus slot 3\n{all}");
     assert_eq!((value(4), value(5)), (1, 1), "rp2's slot\n{all}");
@@ -503,23 +500,7 @@ fn pscn_notifications(cfg: &MachineConfig, name: &str, runs: &[[u32; 4]]) -> Vec
             format!("evaluate \\TSET {p:#x} {i:#x} {r:#x} {b:#x}; evaluate \\_SB.PCI0.PSCN")
         })
         .collect();
-    let out = run(
-        &dir,
-        "acpiexec",
-        &[
-            "-b",
-            &batch.join("; "),
-            "FACP.dat",
-            "APIC.dat",
-            "MCFG.dat",
-            "DSDT.dat",
-            "tset.aml",
-        ],
-    );
-    let all = text(&out);
-    assert!(out.status.success(), "acpiexec failed:\n{all}");
-    assert!(!mentions_problem(&all), "acpiexec complained:\n{all}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (stdout, all) = acpiexec(&dir, &batch.join("; "), &["tset.aml"]);
     let sections: Vec<&str> = stdout.split("Evaluating \\_SB.PCI0.PSCN").skip(1).collect();
     assert_eq!(sections.len(), runs.len(), "{all}");
     let _ = fs::remove_dir_all(&dir);
