@@ -3,9 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use devices::virtio::InFlightPolicy;
-
-use crate::pci_devices::BarReads;
+use devices::hotplug::{BarReads, InFlightPolicy, PortMode};
 
 /// Kernel parameters every guest gets unless `--cmdline` replaces them: the console, and the
 /// switches that keep a stock kernel off instructions KVM's emulator cannot run on PVM hosts
@@ -121,38 +119,18 @@ pub struct Cli {
     pub serial: SerialMode,
 }
 
-/// How a root port's slot is hot-plugged.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum HotplugMode {
-    /// PCI Express native hot-plug: the guest's pciehp drives the slot registers.
-    #[default]
-    Native,
-    /// ACPI hot-plug: the guest's acpiphp, through the DSDT and the ACPI hot-plug controller.
-    Acpi,
-}
-
-impl HotplugMode {
-    /// The mode's name on the command line and in x-query-hotplug.
-    pub fn name(self) -> &'static str {
-        match self {
-            HotplugMode::Native => "native",
-            HotplugMode::Acpi => "acpi",
-        }
-    }
-}
-
 /// A `--root-port-hotplug` argument: a mode for every port, with per-port exceptions.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RootPortHotplug {
     /// The mode of ports not named.
-    pub default: HotplugMode,
+    pub default: PortMode,
     /// Modes of named ports, by port number (rpN).
-    pub ports: std::collections::BTreeMap<u8, HotplugMode>,
+    pub ports: std::collections::BTreeMap<u8, PortMode>,
 }
 
 impl RootPortHotplug {
     /// The mode of root port rp`n`.
-    pub fn mode(&self, n: u8) -> HotplugMode {
+    pub fn mode(&self, n: u8) -> PortMode {
         self.ports.get(&n).copied().unwrap_or(self.default)
     }
 
@@ -168,12 +146,8 @@ impl RootPortHotplug {
     }
 }
 
-fn parse_mode(s: &str) -> Result<HotplugMode, String> {
-    match s {
-        "native" => Ok(HotplugMode::Native),
-        "acpi" => Ok(HotplugMode::Acpi),
-        _ => Err(format!("'{s}' is not a hot-plug mode (native or acpi)")),
-    }
+fn parse_mode(s: &str) -> Result<PortMode, String> {
+    s.parse()
 }
 
 /// Parses `MODE`, `rpN=MODE` or a comma-separated list of them.
@@ -428,16 +402,16 @@ mod tests {
         let acpi = parse_root_port_hotplug("acpi").unwrap();
         assert_eq!(
             (acpi.mode(0), acpi.mode(15)),
-            (HotplugMode::Acpi, HotplugMode::Acpi)
+            (PortMode::Acpi, PortMode::Acpi)
         );
         let mixed = parse_root_port_hotplug("rp2=acpi,rp3=acpi").unwrap();
         assert_eq!(
             (0..4).map(|n| mixed.mode(n)).collect::<Vec<_>>(),
             [
-                HotplugMode::Native,
-                HotplugMode::Native,
-                HotplugMode::Acpi,
-                HotplugMode::Acpi
+                PortMode::Native,
+                PortMode::Native,
+                PortMode::Acpi,
+                PortMode::Acpi
             ]
         );
         assert!(mixed.check(4).is_ok());
@@ -445,7 +419,7 @@ mod tests {
         let except = parse_root_port_hotplug("acpi,rp0=native").unwrap();
         assert_eq!(
             (except.mode(0), except.mode(1)),
-            (HotplugMode::Native, HotplugMode::Acpi)
+            (PortMode::Native, PortMode::Acpi)
         );
         for bad in [
             "",

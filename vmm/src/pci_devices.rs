@@ -18,26 +18,15 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use serde_json::json;
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
-use crate::config::HotplugMode;
+use devices::hotplug::topology::{FIRST_ROOT_PORT_SLOT, ROOT_BUS_SELECT};
+use devices::hotplug::{BarReads, BusId, FunctionKey, PortMode, PulledRelease, SlotId};
+
 use crate::interrupts::{GsiRouter, KvmMsiGroup, KvmMsiSink};
 
-/// Device number of root port rp0 on bus 0; rpN is at FIRST_ROOT_PORT_SLOT + N.
-pub const FIRST_ROOT_PORT_SLOT: u8 = 0x10;
-/// Device numbers 1 up to (not including) FIRST_ROOT_PORT_SLOT of the root bus are ACPI
-/// hot-plug slots.
-pub const FIRST_ROOT_BUS_SLOT: u8 = 1;
-/// The ACPI hot-plug controller's bus select value for the root bus.
-pub const ROOT_BUS_SELECT: u8 = 0;
 /// Size of the memory window the VMM programs into a root port in ACPI mode, as firmware does:
 /// Linux sizes a window at boot only for native hot-plug bridges, and acpiphp assigns a hot-added
 /// device's BARs from the window its port already has. Linux's own hot-plug reserve is 2 MiB.
 pub const ACPI_PORT_MEMORY_WINDOW: u64 = 2 << 20;
-/// Physical slot number (`_SUN`) of root bus device `d`: 32 + d, so that it never collides
-/// with a root port's (rpN has slot number N).
-pub fn root_bus_slot_number(device: u8) -> u32 {
-    32 + u32::from(device)
-}
-
 /// Where a disk sits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Placement {
@@ -47,9 +36,10 @@ pub enum Placement {
     Port { port: String, port_bdf: Bdf },
 }
 
-/// The disk to plug: its id, backing file, and (for `blockdev-add` backends) the file already
-/// opened.
+/// The disk to plug: the control plane's key and id for it, its backing file, and (for
+/// `blockdev-add` backends) the file already opened.
 pub struct DiskSpec {
+    pub key: FunctionKey,
     pub id: String,
     pub path: std::path::PathBuf,
     pub readonly: bool,
@@ -61,6 +51,7 @@ pub struct DiskSpec {
 
 /// A virtio-pci function and the notify addresses its ioeventfds are registered on now.
 struct VirtioFunction {
+    key: FunctionKey,
     device: Arc<Mutex<VirtioPciDevice>>,
     shared: SharedPciDevice,
     path: std::path::PathBuf,
@@ -72,40 +63,6 @@ struct VirtioFunction {
     /// The MMIO the VMM assigned BAR 0 (cold-plugged root bus devices only; the guest assigns
     /// BARs behind ports and of hot-added devices, as it does on QEMU).
     bar0_range: Option<RangeInclusive>,
-}
-
-/// What the BARs of a device pulled out by surprise read from then on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum BarReads {
-    /// All-ones, writes dropped: the device is gone, as on hardware (the cycle is not claimed).
-    #[default]
-    AllOnes,
-    /// Zero, writes dropped, until the guest maps another BAR over them. Linux's virtio-pci
-    /// (6.1, 6.12) polls a departing device's status until it reads zero and spins forever on
-    /// all-ones; with zero its removal completes.
-    Zero,
-}
-
-impl BarReads {
-    /// The name on the command line and the control socket.
-    pub fn name(self) -> &'static str {
-        match self {
-            BarReads::AllOnes => "all-ones",
-            BarReads::Zero => "zero",
-        }
-    }
-}
-
-impl std::str::FromStr for BarReads {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "all-ones" => Ok(BarReads::AllOnes),
-            "zero" => Ok(BarReads::Zero),
-            _ => Err(format!("'{s}' is not all-ones or zero")),
-        }
-    }
 }
 
 /// Where the disks' backend failures go: set by whoever handles them (the hot-plug worker);
@@ -164,6 +121,9 @@ pub struct PciDevices {
     /// Disks pulled out by surprise that go on failing their driver's requests until it
     /// resets them (in-flight policy `fail`); see [`surprise_remove`](Self::surprise_remove).
     pulled: Mutex<Vec<VirtioFunction>>,
+    /// Pulled-out disks let go because the guest mapped a BAR over theirs, not yet told to the
+    /// control plane.
+    evicted: Mutex<Vec<FunctionKey>>,
     /// Root ports by id; hot-add and removal go through their slots.
     root_ports: BTreeMap<String, RootPortEntry>,
     /// The ACPI hot-plug controller of the root bus's slots and the ACPI-mode ports'.
@@ -210,7 +170,7 @@ impl PciDevices {
         router: Arc<GsiRouter>,
         (mmio_base, mmio_size): (u64, u64),
         queues_per_disk: u16,
-        (port_modes, no_command_completed): (&[HotplugMode], bool),
+        (port_modes, no_command_completed): (&[PortMode], bool),
     ) -> Result<Self, AddDeviceError> {
         let mut mmio = AddressAllocator::new(mmio_base, mmio_size)
             .map_err(|e| AddDeviceError::Bus(format!("MMIO window: {e}")))?;
@@ -225,8 +185,8 @@ impl PciDevices {
             let port =
                 Self::make_root_port(&router, &id, u16::from(n), mode, no_command_completed)?;
             let acpi_select = match mode {
-                HotplugMode::Native => None,
-                HotplugMode::Acpi => {
+                PortMode::Native => None,
+                PortMode::Acpi => {
                     let window = mmio
                         .allocate(
                             ACPI_PORT_MEMORY_WINDOW,
@@ -271,6 +231,7 @@ impl PciDevices {
             mmio: Mutex::new(mmio),
             virtio: Mutex::new(BTreeMap::new()),
             pulled: Mutex::new(Vec::new()),
+            evicted: Mutex::new(Vec::new()),
             root_ports: ports,
             acpi: None,
             osc: None,
@@ -355,7 +316,7 @@ impl PciDevices {
         router: &Arc<GsiRouter>,
         id: &str,
         slot_number: u16,
-        mode: HotplugMode,
+        mode: PortMode,
         no_command_completed: bool,
     ) -> Result<Arc<Mutex<PcieRootPort>>, AddDeviceError> {
         let msi = KvmMsiGroup::new(router.clone(), 1)
@@ -363,7 +324,7 @@ impl PciDevices {
         let options = RootPortOptions {
             port_number: u8::try_from(slot_number).unwrap_or(0),
             no_command_completed,
-            native_hotplug: mode == HotplugMode::Native,
+            native_hotplug: mode == PortMode::Native,
         };
         let mut port = PcieRootPort::new(id, slot_number, options, Arc::new(KvmMsiSink(msi)));
         if crate::trace::enabled() {
@@ -372,9 +333,20 @@ impl PciDevices {
         Ok(Arc::new(Mutex::new(port)))
     }
 
-    /// The root port `id`.
-    pub fn root_port(&self, id: &str) -> Option<&RootPortEntry> {
-        self.root_ports.get(id)
+    /// Root port rp`n`.
+    pub fn port(&self, n: u8) -> Option<&RootPortEntry> {
+        self.root_ports.get(&BusId::Port(n).to_string())
+    }
+
+    /// Where a disk in `slot` sits, if the machine has the slot.
+    pub fn slot_placement(&self, slot: SlotId) -> Option<Placement> {
+        match slot {
+            SlotId::RootBus(d) => Bdf::new(0, d, 0).map(Placement::RootBus),
+            SlotId::Port(n) => Some(Placement::Port {
+                port: BusId::Port(n).to_string(),
+                port_bdf: self.port(n)?.bdf,
+            }),
+        }
     }
 
     /// Every root port, by id.
@@ -387,19 +359,6 @@ impl PciDevices {
         lock(&self.virtio)
             .iter()
             .find(|(_, f)| matches!(&f.placement, Placement::Port { port: p, .. } if p == port))
-            .map(|(id, _)| id.clone())
-    }
-
-    /// Where disk `id` is, if it exists.
-    pub fn placement(&self, id: &str) -> Option<Placement> {
-        lock(&self.virtio).get(id).map(|f| f.placement.clone())
-    }
-
-    /// Whether a disk uses `blockdev-add` node `node`.
-    pub fn node_user(&self, node: &str) -> Option<String> {
-        lock(&self.virtio)
-            .iter()
-            .find(|(_, f)| f.node.as_deref() == Some(node))
             .map(|(id, _)| id.clone())
     }
 
@@ -417,8 +376,6 @@ impl PciDevices {
         if lock(&self.virtio).contains_key(&id) {
             return Err(AddDeviceError::DuplicateId(id));
         }
-        // A card pulled out of this slot whose driver has not reset it yet: its time is up.
-        self.release_pulled(|f| f.placement == placement);
         if let Placement::Port { port, .. } = &placement {
             let entry = self
                 .root_ports
@@ -513,6 +470,7 @@ impl PciDevices {
         lock(&self.virtio).insert(
             id.clone(),
             VirtioFunction {
+                key: disk.key,
                 device: dev,
                 shared,
                 path: disk.path.clone(),
@@ -728,34 +686,36 @@ impl PciDevices {
         }
     }
 
-    /// Lets go of the disks pulled out by surprise whose driver has reset them, and of those
-    /// for which `end` holds (whose driver has not: they stop failing requests). Their
-    /// ioeventfds, MSI routes and MMIO are released, and the trace records
-    /// `pulled-device-released`. The hot-plug worker sweeps twice a second; a hot-add into
-    /// the same slot, a BAR mapped over one, and the VMM's exit end them.
-    fn release_pulled(&self, end: impl Fn(&VirtioFunction) -> bool) {
+    /// Lets go of the pulled-out disks for which `end` holds: they stop failing requests (if
+    /// their driver has not reset them), their ioeventfds, MSI routes and MMIO are released, and
+    /// the trace records `pulled-device-released` with `by`. Returns their keys.
+    fn release_pulled(
+        &self,
+        end: impl Fn(&VirtioFunction) -> bool,
+        by: PulledRelease,
+    ) -> Vec<FunctionKey> {
         let done: Vec<VirtioFunction> = {
             let mut pulled = lock(&self.pulled);
-            let (done, keep) = std::mem::take(&mut *pulled)
-                .into_iter()
-                .partition(|f| !lock(&f.device).is_failing() || end(f));
+            let (done, keep) = std::mem::take(&mut *pulled).into_iter().partition(end);
             *pulled = keep;
             done
         };
+        let mut keys = Vec::new();
         for mut f in done {
-            let (id, by) = {
+            let id = {
                 let mut dev = lock(&f.device);
-                let by = if dev.is_failing() {
+                if dev.is_failing() {
                     dev.reset();
-                    "vmm"
-                } else {
-                    "driver-reset"
-                };
-                (dev.id().to_string(), by)
+                }
+                dev.id().to_string()
             };
             // The vacated BARs no longer pass writes to the device, so it can go.
             self.bars.vacate_device(&f.shared, VacatedWrites::Dropped);
             self.release_resources(&mut f);
+            let by = match by {
+                PulledRelease::DriverReset => "driver-reset",
+                PulledRelease::Vmm => "vmm",
+            };
             crate::trace::slot(
                 &placement_bus(&f.placement),
                 "pulled-device-released",
@@ -763,26 +723,29 @@ impl PciDevices {
                 Some(&id),
             );
             log::info!("virtio-blk {id}: pulled-out device released ({by})");
+            keys.push(f.key);
         }
+        keys
     }
 
-    /// Lets go of the disks pulled out by surprise whose driver has reset them.
-    pub fn release_reset_pulled(&self) {
-        self.release_pulled(|_| false);
+    /// Lets go of pulled-out disk `key` (see [`surprise_remove`](Self::surprise_remove)).
+    pub fn release_pulled_disk(&self, key: FunctionKey, by: PulledRelease) {
+        self.release_pulled(|f| f.key == key, by);
     }
 
-    /// The disks pulled out by surprise that still fail their driver's requests: (id, bus).
-    pub fn pulled_failing(&self) -> Vec<(String, String)> {
-        self.release_reset_pulled();
+    /// The pulled-out disks whose driver has reset them: they fail nothing any more.
+    pub fn reset_pulled(&self) -> Vec<FunctionKey> {
         lock(&self.pulled)
             .iter()
-            .map(|f| {
-                (
-                    lock(&f.device).id().to_string(),
-                    placement_bus(&f.placement),
-                )
-            })
+            .filter(|f| !lock(&f.device).is_failing())
+            .map(|f| f.key)
             .collect()
+    }
+
+    /// The pulled-out disks let go since the last call because the guest mapped a BAR over
+    /// theirs.
+    pub fn take_evicted(&self) -> Vec<FunctionKey> {
+        std::mem::take(&mut *lock(&self.evicted))
     }
 
     fn move_ioeventfds(&self, f: &mut VirtioFunction, new: Option<u64>) {
@@ -901,7 +864,7 @@ impl PciDevices {
         for id in ids {
             self.unplug(&id);
         }
-        self.release_pulled(|_| true);
+        self.release_pulled(|_| true, PulledRelease::Vmm);
     }
 }
 
@@ -910,11 +873,15 @@ impl BarReprogrammingHandler for PciDevices {
         // A BAR mapped over a pulled-out device's evicts it; its ioeventfds must go first.
         for c in changes.iter().filter(|c| !c.kind.is_io()) {
             if let Some(new) = c.new {
-                self.release_pulled(|f| {
-                    f.bar0.is_some_and(|b| {
-                        b < new.saturating_add(c.size) && new < b.saturating_add(BAR0_SIZE)
-                    })
-                });
+                let evicted = self.release_pulled(
+                    |f| {
+                        f.bar0.is_some_and(|b| {
+                            b < new.saturating_add(c.size) && new < b.saturating_add(BAR0_SIZE)
+                        })
+                    },
+                    PulledRelease::Vmm,
+                );
+                lock(&self.evicted).extend(evicted);
             }
         }
         let mut virtio = lock(&self.virtio);

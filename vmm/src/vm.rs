@@ -6,6 +6,10 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex, RwLock};
 
 use devices::acpi_hotplug::{AcpiHotplugController, ACPI_HOTPLUG_PORTS};
+use devices::hotplug::topology::{root_bus_slot_number, FIRST_ROOT_BUS_SLOT, FIRST_ROOT_PORT_SLOT};
+use devices::hotplug::{
+    BusId, HotplugControl, Options as HotplugOptions, PortMode, SlotId, SurprisePolicy, Topology,
+};
 use devices::interrupt::InterruptLine;
 use devices::osc_report::{OscReport, OSC_REPORT_PORTS};
 use devices::pci::{
@@ -29,16 +33,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::boot;
-use crate::config::{Cli, HotplugMode, SerialMode};
+use crate::config::{Cli, SerialMode};
 use crate::console::{ConsoleInput, EventFdNotifier};
 use crate::control::MachineControl;
-use crate::hotplug::{Hotplug, HotplugOptions};
+use crate::hotplug::Hotplug;
 use crate::interrupts::GsiRouter;
 use crate::layout::*;
-use crate::pci_devices::{
-    root_bus_slot_number, DiskSpec, PciDevices, Placement, FIRST_ROOT_BUS_SLOT,
-    FIRST_ROOT_PORT_SLOT,
-};
+use crate::pci_devices::{DiskSpec, PciDevices};
 use crate::vcpu::Vcpu;
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -333,7 +334,7 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         osc_report.clone(),
     )?;
     let router = Arc::new(GsiRouter::new(vm.clone()));
-    let port_modes: Vec<HotplugMode> = (0..cli.root_ports)
+    let port_modes: Vec<PortMode> = (0..cli.root_ports)
         .map(|n| cli.root_port_hotplug.mode(n))
         .collect();
     let pci = Arc::new(
@@ -351,25 +352,42 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         .with_acpi_hotplug(acpi_hotplug)
         .with_osc_report(osc_report),
     );
-    let mut next_root_slot = 1u8;
+    // The hot-plug control plane knows every disk from the start.
+    let mut control = HotplugControl::new(
+        Topology::new(&port_modes, true),
+        HotplugOptions {
+            stall_after: std::time::Duration::from_secs(cli.unplug_stall_timeout),
+            surprise: SurprisePolicy {
+                in_flight: cli.surprise_in_flight,
+                bar_reads: cli.surprise_bar_reads,
+            },
+            remove_on_backend_error: cli.remove_on_backend_error,
+            ..HotplugOptions::default()
+        },
+    );
+    let mut next_root_slot = FIRST_ROOT_BUS_SLOT;
     for (i, d) in cli.disk.iter().enumerate() {
         let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
-        let placement = match pci.root_port(&d.bus) {
-            Some(entry) => Placement::Port {
-                port: d.bus.clone(),
-                port_bdf: entry.bdf,
-            },
-            None => {
-                let bdf = Bdf::new(0, next_root_slot, 0)
-                    .filter(|_| next_root_slot < crate::pci_devices::FIRST_ROOT_PORT_SLOT)
-                    .ok_or_else(|| {
-                        VmError::Device(format!("--disk {id}: no free slot on pcie.0"))
-                    })?;
+        let slot = match d.bus.parse::<BusId>() {
+            Ok(BusId::Port(n)) if n < cli.root_ports => SlotId::Port(n),
+            _ if next_root_slot < FIRST_ROOT_PORT_SLOT => {
                 next_root_slot += 1;
-                Placement::RootBus(bdf)
+                SlotId::RootBus(next_root_slot - 1)
+            }
+            _ => {
+                return Err(VmError::Device(format!(
+                    "--disk {id}: no free slot on pcie.0"
+                )))
             }
         };
+        let key = control
+            .cold_plug(&id, slot, d.path.clone(), d.readonly)
+            .map_err(|e| VmError::Device(format!("--disk {id}: {e}")))?;
+        let placement = pci
+            .slot_placement(slot)
+            .ok_or_else(|| VmError::Device(format!("--disk {id}: no slot {slot:?}")))?;
         let disk = DiskSpec {
+            key,
             id,
             path: d.path.clone(),
             readonly: d.readonly,
@@ -432,17 +450,8 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
     // socket, once the machine it controls exists.
     let events = crate::qmp::QmpEvents::default();
     let hotplug = Arc::new(
-        Hotplug::start(
-            pci.clone(),
-            events.clone(),
-            HotplugOptions {
-                stall_after: std::time::Duration::from_secs(cli.unplug_stall_timeout),
-                in_flight: cli.surprise_in_flight,
-                bar_reads: cli.surprise_bar_reads,
-                remove_on_backend_error: cli.remove_on_backend_error,
-            },
-        )
-        .map_err(|e| VmError::Io("hotplug thread", e))?,
+        Hotplug::start(pci.clone(), events.clone(), control)
+            .map_err(|e| VmError::Io("hotplug thread", e))?,
     );
     let qmp = match &cli.qmp {
         Some(path) => Some(
@@ -615,7 +624,7 @@ fn acpi_config(cli: &Cli) -> acpi::MachineConfig {
             })
             .chain(
                 (0..cli.root_ports)
-                    .filter(|&n| cli.root_port_hotplug.mode(n) == HotplugMode::Acpi)
+                    .filter(|&n| cli.root_port_hotplug.mode(n) == PortMode::Acpi)
                     .map(|n| acpi::AcpiHotplugBus {
                         parent: acpi::SlotParent::RootPort {
                             index: n,
