@@ -241,7 +241,7 @@ def main():
     con.run("sleep 1")
     start = len(con.lines)
     t = time.time()
-    qmp.cmd("x-surprise-remove", {"id": "hot-pull", "bar-reads": "zero"})  # all-ones: Linux virtio-pci spins (README)
+    qmp.cmd("x-surprise-remove", {"id": "hot-pull", "bar-reads": "zero"})  # all-ones: Linux virtio-pci spins (docs/surprise-removal.md)
     qmp.wait_event("DEVICE_DELETED", "hot-pull")
     con.wait(lambda l: f"BLOCK-REMOVE {dev}" in l, start, timeout=120)
     print(f"demo: the guest removed /dev/{dev} {time.time() - t:.1f}s after x-surprise-remove")

@@ -202,7 +202,7 @@ fn surprise(version: &str, cycles: usize) {
     let trace = dir.path("trace.jsonl");
     // One vCPU. With two, as in the demo, free_reader's reader submits a request after the pull
     // every time (on one vCPU while the guest handles the slot's event on the other), but the
-    // suite failed in 4 of 9 runs on two vCPUs (see the README: console input stalls, now
+    // suite failed in 4 of 9 runs on two vCPUs (see docs/surprise-removal.md: console input stalls, now
     // addressed in the UART; a kernel message inside a command's output; one of three readers
     // that did not end), so it stays on the configuration that has been reliable.
     let mut opts = BootOptions::new(version);
