@@ -23,5 +23,12 @@ export PYTHONPATH="$pylib${PYTHONPATH:+:$PYTHONPATH}"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The library crates: documented without warnings, their examples run, publishable.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+for example in root_port_slot virtio_blk_request hotplug_control; do
+    cargo run --quiet -p hotplug-vmm-devices --example "$example" >/dev/null
+done
+cargo publish --dry-run --quiet --allow-dirty \
+    -p hotplug-vmm-platform -p hotplug-vmm-devices -p hotplug-vmm-acpi
 # Guest boots are slow on PVM hosts; two at a time fits 2 cores.
 cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"

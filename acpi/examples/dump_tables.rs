@@ -5,13 +5,13 @@
 //! ready for `iasl -d`.
 //!
 //! ```text
-//! cargo run -p acpi --example dump_tables -- /tmp/tables
+//! cargo run -p hotplug-vmm-acpi --example dump_tables -- /tmp/tables
 //! ```
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use acpi::{build_tables, table_name, MachineConfig, DEFAULT_TABLES_BASE};
+use hotplug_vmm_acpi::{build_tables, table_name, MachineConfig, DEFAULT_TABLES_BASE};
 
 fn main() -> ExitCode {
     let Some(dir) = std::env::args_os().nth(1).map(PathBuf::from) else {

@@ -60,46 +60,17 @@ use crate::Error;
 /// UUID of the PCI host bridge `_OSC` interface (PCI Firmware Spec §4.5.1).
 pub const PCI_HOST_BRIDGE_OSC_UUID: &str = "33DB4D5B-1FF7-401C-9657-7441C03DD766";
 
-/// `_OSC` status dword (CDW1) bit: query only, do not latch the result.
-pub const OSC_CDW1_QUERY: u32 = 1 << 0;
-/// `_OSC` status dword (CDW1) bit: `_OSC` failure.
-pub const OSC_CDW1_FAILURE: u32 = 1 << 1;
-/// `_OSC` status dword (CDW1) bit: unrecognized UUID.
-pub const OSC_CDW1_UNRECOGNIZED_UUID: u32 = 1 << 2;
-/// `_OSC` status dword (CDW1) bit: unrecognized revision.
-pub const OSC_CDW1_UNRECOGNIZED_REVISION: u32 = 1 << 3;
-/// `_OSC` status dword (CDW1) bit: capabilities masked (some requested
-/// control was not granted).
-pub const OSC_CDW1_CAPABILITIES_MASKED: u32 = 1 << 4;
-
-/// `_OSC` control field bit: PCI Express native hot plug control.
-pub const OSC_CTRL_PCIE_NATIVE_HP: u32 = 1 << 0;
-/// `_OSC` control field bit: SHPC native hot plug control.
-pub const OSC_CTRL_SHPC_NATIVE_HP: u32 = 1 << 1;
-/// `_OSC` control field bit: PCI Express native power management events.
-pub const OSC_CTRL_PCIE_PME: u32 = 1 << 2;
-/// `_OSC` control field bit: PCI Express Advanced Error Reporting control.
-pub const OSC_CTRL_PCIE_AER: u32 = 1 << 3;
-/// `_OSC` control field bit: PCI Express capability structure control.
-pub const OSC_CTRL_PCIE_CAPABILITY: u32 = 1 << 4;
-/// `_OSC` control field bit: Latency Tolerance Reporting control.
-pub const OSC_CTRL_LTR: u32 = 1 << 5;
-/// `_OSC` control field bit: Downstream Port Containment (with EDR) control.
-pub const OSC_CTRL_DPC: u32 = 1 << 7;
-
-/// Number of I/O ports the `_OSC` report registers take from
-/// [`OscConfig::report_port`]: four 32-bit registers, CDW1 on entry at `p`,
-/// the support dword at `p + 4`, the control requested at `p + 8` and the
-/// control granted at `p + 12`.
-pub const OSC_REPORT_LEN: u16 = 16;
-/// Offset of the `_OSC` report's status register (CDW1 on entry).
-pub const OSC_REPORT_STATUS: u16 = 0x0;
-/// Offset of the `_OSC` report's support register (CDW2).
-pub const OSC_REPORT_SUPPORT: u16 = 0x4;
-/// Offset of the `_OSC` report's requested-control register (CDW3 on entry).
-pub const OSC_REPORT_REQUESTED: u16 = 0x8;
-/// Offset of the `_OSC` report's granted-control register (CDW3 on return).
-pub const OSC_REPORT_GRANTED: u16 = 0xC;
+pub use platform::osc_report::{
+    CDW1_CAPABILITIES_MASKED as OSC_CDW1_CAPABILITIES_MASKED, CDW1_FAILURE as OSC_CDW1_FAILURE,
+    CDW1_QUERY as OSC_CDW1_QUERY, CDW1_UNRECOGNIZED_REVISION as OSC_CDW1_UNRECOGNIZED_REVISION,
+    CDW1_UNRECOGNIZED_UUID as OSC_CDW1_UNRECOGNIZED_UUID, CTRL_DPC as OSC_CTRL_DPC,
+    CTRL_LTR as OSC_CTRL_LTR, CTRL_PCIE_AER as OSC_CTRL_PCIE_AER,
+    CTRL_PCIE_CAPABILITY as OSC_CTRL_PCIE_CAPABILITY,
+    CTRL_PCIE_NATIVE_HP as OSC_CTRL_PCIE_NATIVE_HP, CTRL_PCIE_PME as OSC_CTRL_PCIE_PME,
+    CTRL_SHPC_NATIVE_HP as OSC_CTRL_SHPC_NATIVE_HP, OSC_REPORT_PORTS as OSC_REPORT_LEN,
+    REG_GRANTED as OSC_REPORT_GRANTED, REG_REQUESTED as OSC_REPORT_REQUESTED,
+    REG_STATUS as OSC_REPORT_STATUS, REG_SUPPORT as OSC_REPORT_SUPPORT,
+};
 
 /// PCI legacy interrupt routing: INTA..INTD of slot `s` go to GSI
 /// `PRT_GSI_BASE + (s + pin) % 4`.

@@ -63,27 +63,11 @@ use acpi_tables::{Aml, AmlSink};
 
 use crate::Error;
 
-/// Offset of the bus select register.
-pub const REG_SELECT: u16 = 0x0;
-/// Offset of the insert (device check) register.
-pub const REG_INSERT: u16 = 0x4;
-/// Offset of the remove (eject request) register.
-pub const REG_REMOVE: u16 = 0x8;
-/// Offset of the eject register.
-pub const REG_EJECT: u16 = 0xC;
-/// Offset of the bus check register.
-pub const REG_BUS_CHECK: u16 = 0x10;
-/// Offset of the pending buses register.
-pub const REG_PENDING: u16 = 0x14;
-/// Number of I/O ports of the register block.
-pub const PCI_HOTPLUG_PORTS: u16 = 0x18;
-
-/// `Notify` value: Bus Check (ACPI 6.5 §5.6.6).
-pub const NOTIFY_BUS_CHECK: u8 = 0;
-/// `Notify` value: Device Check (ACPI 6.5 §5.6.6).
-pub const NOTIFY_DEVICE_CHECK: u8 = 1;
-/// `Notify` value: Eject Request (ACPI 6.5 §5.6.6).
-pub const NOTIFY_EJECT_REQUEST: u8 = 3;
+pub use platform::acpi_hotplug::{
+    ACPI_HOTPLUG_PORTS as PCI_HOTPLUG_PORTS, NOTIFY_BUS_CHECK, NOTIFY_DEVICE_CHECK,
+    NOTIFY_EJECT_REQUEST, REG_BUS_CHECK, REG_EJECT, REG_INSERT, REG_PENDING, REG_REMOVE,
+    REG_SELECT,
+};
 
 /// Where a bus's slots sit in the namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -11,11 +11,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use acpi::host_bridge::{
+use hotplug_vmm_acpi::host_bridge::{
     OSC_CDW1_CAPABILITIES_MASKED, OSC_CDW1_FAILURE, OSC_CDW1_QUERY, OSC_CDW1_UNRECOGNIZED_REVISION,
     OSC_CDW1_UNRECOGNIZED_UUID,
 };
-use acpi::{
+use hotplug_vmm_acpi::{
     build_tables, table_name, AcpiHotplugBus, AcpiSlot, HostBridgeConfig, MachineConfig, OscConfig,
     PciHotplugConfig, SlotParent,
 };
@@ -73,7 +73,7 @@ fn scratch_dir(name: &str) -> PathBuf {
 
 /// Writes every table as `<SIG>.dat` into `dir`; returns the names.
 fn write_tables(cfg: &MachineConfig, dir: &Path) -> Vec<String> {
-    let tables = build_tables(cfg, acpi::DEFAULT_TABLES_BASE).unwrap();
+    let tables = build_tables(cfg, hotplug_vmm_acpi::DEFAULT_TABLES_BASE).unwrap();
     tables
         .iter()
         .map(|(_, blob)| {

@@ -51,22 +51,10 @@ use vm_device::MutDevicePio;
 use crate::interrupt::InterruptLine;
 use crate::register_trace::{RegisterAccess, RegisterTracer};
 
-/// Offset of the bus select register.
-pub const REG_SELECT: u16 = 0x0;
-/// Offset of the insert (device check) register of the selected bus: RW1C.
-pub const REG_INSERT: u16 = 0x4;
-/// Offset of the remove (eject request) register of the selected bus: RW1C.
-pub const REG_REMOVE: u16 = 0x8;
-/// Offset of the eject register of the selected bus: write-only.
-pub const REG_EJECT: u16 = 0xC;
-/// Offset of the bus check register of the selected bus (slots whose device vanished): RW1C.
-pub const REG_BUS_CHECK: u16 = 0x10;
-/// Offset of the pending buses register (bit `b`: bus `b` has events pending): read-only.
-pub const REG_PENDING: u16 = 0x14;
-/// Number of I/O ports the controller decodes.
-pub const ACPI_HOTPLUG_PORTS: u16 = 0x18;
-/// Device numbers per bus, one bit each in every register.
-pub const SLOTS_PER_BUS: u8 = 32;
+pub use platform::acpi_hotplug::{
+    ACPI_HOTPLUG_PORTS, REG_BUS_CHECK, REG_EJECT, REG_INSERT, REG_PENDING, REG_REMOVE, REG_SELECT,
+    SLOTS_PER_BUS,
+};
 
 /// What the controller tells the VMM, on the thread of the guest's access and while the
 /// controller is locked: implementations must not lock it again (queue the work instead).

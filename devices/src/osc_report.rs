@@ -29,18 +29,9 @@
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
 
-/// Offset of the status register (CDW1 on entry).
-pub const REG_STATUS: u16 = 0x0;
-/// Offset of the support register (CDW2).
-pub const REG_SUPPORT: u16 = 0x4;
-/// Offset of the requested-control register (CDW3 on entry).
-pub const REG_REQUESTED: u16 = 0x8;
-/// Offset of the granted-control register (CDW3 on return).
-pub const REG_GRANTED: u16 = 0xC;
-/// Number of I/O ports the device decodes.
-pub const OSC_REPORT_PORTS: u16 = 0x10;
-/// CDW1 bit 0: query support flag (PCI Firmware Specification 3.3 §4.5.1).
-pub const CDW1_QUERY: u32 = 1 << 0;
+pub use platform::osc_report::{
+    CDW1_QUERY, OSC_REPORT_PORTS, REG_GRANTED, REG_REQUESTED, REG_STATUS, REG_SUPPORT,
+};
 
 /// One evaluation of the host bridge's `_OSC`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

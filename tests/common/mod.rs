@@ -7,8 +7,6 @@
 //!
 //! Boots are slow on PVM hosts, so a test boots once and checks many things in that boot.
 
-#![allow(dead_code)]
-
 pub mod fuse;
 pub mod hotplug;
 pub mod qmp;
@@ -94,8 +92,6 @@ pub struct BootOptions {
     pub memory: String,
     /// Extra kernel parameters appended to the VMM's default command line.
     pub extra_cmdline: String,
-    /// Default-command-line parameters to leave out (e.g. "quiet" to see the whole kernel log).
-    pub drop_params: Vec<String>,
     pub extra_args: Vec<String>,
 }
 
@@ -108,7 +104,6 @@ impl BootOptions {
             cpus: 1,
             memory: "256M".into(),
             extra_cmdline: String::new(),
-            drop_params: Vec::new(),
             extra_args: Vec::new(),
         }
     }
@@ -119,12 +114,6 @@ impl BootOptions {
             self.extra_cmdline.push(' ');
         }
         self.extra_cmdline.push_str(params);
-        self
-    }
-
-    /// Leaves `param` out of the default command line.
-    pub fn without(mut self, param: &str) -> Self {
-        self.drop_params.push(param.to_string());
         self
     }
 
@@ -165,11 +154,7 @@ pub struct Guest {
 impl Guest {
     /// Starts the VMM; does not wait for the guest.
     pub fn start(opts: &BootOptions) -> Guest {
-        let mut cmdline = default_cmdline()
-            .split_whitespace()
-            .filter(|p| !opts.drop_params.iter().any(|d| d == p))
-            .collect::<Vec<_>>()
-            .join(" ");
+        let mut cmdline = default_cmdline();
         if !opts.extra_cmdline.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(&opts.extra_cmdline);
@@ -269,11 +254,6 @@ impl Guest {
         self.child.id()
     }
 
-    /// Host time since the VMM was started.
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
-    }
-
     /// Everything the guest printed so far.
     pub fn console_text(&self) -> String {
         let con = self.console.0.lock().unwrap();
@@ -324,12 +304,6 @@ impl Guest {
         }
     }
 
-    /// Waits for a console line containing `needle`.
-    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
-        let n = needle.to_string();
-        self.wait_for_line(move |l| l.contains(&n), timeout)
-    }
-
     /// Sends raw bytes to the guest console.
     pub fn send(&mut self, s: &str) {
         self.stdin.write_all(s.as_bytes()).unwrap();
@@ -378,12 +352,6 @@ impl Guest {
     pub fn poweroff(mut self) -> ExitStatus {
         self.send("poweroff -f\n");
         self.wait_exit(Duration::from_secs(120))
-    }
-
-    /// The console lines printed so far, without the host timestamps.
-    pub fn lines(&self) -> Vec<String> {
-        let con = self.console.0.lock().unwrap();
-        con.lines.iter().map(|(_, l)| l.clone()).collect()
     }
 
     /// Waits for the VMM to exit.

@@ -104,9 +104,10 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub hotplug_trace: Option<PathBuf>,
 
-    /// A cold-plugged virtio-blk disk backed by a raw file: path=FILE[,id=ID][,readonly=on]
-    /// [,bus=pcie.0|rpN]. The id is the disk's serial (/sys/block/vdX/serial); on bus rpN the
-    /// disk sits in that root port's slot and can be removed with device_del; repeatable.
+    /// A cold-plugged virtio-blk disk backed by a raw file: path=FILE, then optionally ,id=ID
+    /// ,readonly=on ,bus=pcie.0|rpN. The id is the disk's serial (/sys/block/vdX/serial); on bus
+    /// rpN the disk sits in that root port's slot and can be removed with device_del;
+    /// repeatable.
     #[arg(long, value_name = "path=FILE[,id=ID][,readonly=on][,bus=BUS]", value_parser = parse_disk)]
     pub disk: Vec<DiskSpec>,
 

@@ -12,7 +12,7 @@ use devices::serial::{DrainNotifier, SerialDevice};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::vm::{ExitSignal, VmExit};
+use crate::exit::{ExitSignal, VmExit};
 
 /// Most host input held back while the guest is not reading.
 const MAX_PENDING: usize = 64 * 1024;

@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use acpi::host_bridge as osc;
 use devices::acpi_hotplug::{AcpiBusState, AcpiHotplugObserver};
 use devices::hotplug::topology::{root_bus_slot_number, ROOT_BUS_SELECT};
 use devices::hotplug::{
@@ -34,7 +33,9 @@ use serde_json::{json, Map, Value};
 
 use crate::config::parse_backend_error;
 use crate::pci_devices::{AddDeviceError, DiskSpec, PciDevices};
-use crate::qmp::{arg_obj, arg_opt_bool, arg_opt_str, arg_str, check_args, QmpError, QmpEvents};
+use crate::qmp::typed::parse_args;
+use crate::qmp::{QmpError, QmpEvents};
+use serde::Deserialize;
 
 /// The only device model `device_add` knows.
 pub const VIRTIO_BLK_PCI: &str = "virtio-blk-pci";
@@ -192,33 +193,15 @@ impl Hotplug {
         })
     }
 
-    /// Runs a hot-plug command; `None` if `command` is not one.
-    pub fn execute(
-        &self,
-        command: &str,
-        args: &Map<String, Value>,
-    ) -> Option<Result<Value, QmpError>> {
-        let inner = &self.inner;
-        Some(match command {
-            "blockdev-add" => blockdev_add_command(args).and_then(|c| inner.run(c)),
-            "blockdev-del" => blockdev_del_command(args).and_then(|c| inner.run(c)),
-            "device_add" => device_add_command(args).and_then(|c| inner.run(c)),
-            "device_del" => device_del_command(args).and_then(|c| inner.run(c)),
-            "x-surprise-remove" => surprise_remove_command(args).and_then(|c| inner.run(c)),
-            "x-query-hotplug" => check_args(args, &[]).map(|_| inner.query_hotplug()),
-            _ => return None,
-        })
+    /// Runs a hot-plug command: its reply, or why it was refused (and then nothing changed).
+    pub fn run(&self, command: Command) -> Result<Value, QmpError> {
+        self.inner.run(command)
     }
 
-    /// The commands [`execute`](Self::execute) runs.
-    pub const COMMANDS: &'static [&'static str] = &[
-        "blockdev-add",
-        "blockdev-del",
-        "device_add",
-        "device_del",
-        "x-surprise-remove",
-        "x-query-hotplug",
-    ];
+    /// `x-query-hotplug`.
+    pub fn query(&self) -> Value {
+        self.inner.query_hotplug()
+    }
 
     /// Stops watching the slots and joins the worker (at exit, before the devices go).
     pub fn stop(&self) {
@@ -253,12 +236,12 @@ fn qmp_error(e: HotplugError) -> QmpError {
     }
 }
 
-/// Optional string argument `name`, parsed (`FromStr` errors become the command's error).
-fn arg_opt_parsed<T: std::str::FromStr<Err = String>>(
-    args: &Map<String, Value>,
+/// `name`'s value parsed (`FromStr` errors become the command's error).
+fn parsed<T: std::str::FromStr<Err = String>>(
     name: &str,
+    value: Option<String>,
 ) -> Result<Option<T>, QmpError> {
-    arg_opt_str(args, name)?
+    value
         .map(|v| {
             v.parse()
                 .map_err(|e| generic(format!("Parameter '{name}': {e}")))
@@ -266,38 +249,54 @@ fn arg_opt_parsed<T: std::str::FromStr<Err = String>>(
         .transpose()
 }
 
-fn blockdev_add_command(args: &Map<String, Value>) -> Result<Command, QmpError> {
-    check_args(
-        args,
-        &["driver", "node-name", "file", "filename", "read-only"],
-    )?;
-    let driver = arg_str(args, "driver")?;
-    let node_name = arg_str(args, "node-name")?;
-    let readonly = arg_opt_bool(args, "read-only")?.unwrap_or(false);
-    let filename = match driver {
+/// `blockdev-add`'s arguments (QEMU's `BlockdevOptions`, the subset of raw and file).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockdevAddArgs {
+    driver: String,
+    #[serde(rename = "node-name")]
+    node_name: String,
+    file: Option<FileArgs>,
+    filename: Option<String>,
+    #[serde(rename = "read-only", default)]
+    read_only: bool,
+}
+
+/// A `raw` node's `file`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileArgs {
+    driver: String,
+    filename: String,
+}
+
+/// `blockdev-add`: the typed command.
+pub fn blockdev_add_command(args: &Map<String, Value>) -> Result<Command, QmpError> {
+    let a: BlockdevAddArgs = parse_args(args)?;
+    let filename = match a.driver.as_str() {
         "raw" => {
-            if args.contains_key("filename") {
+            if a.filename.is_some() {
                 return Err(generic(
-                        "driver 'raw' takes its image as 'file': {\"driver\": \"file\", \"filename\": ...}",
-                    ));
+                    "driver 'raw' takes its image as 'file': {\"driver\": \"file\", \"filename\": ...}",
+                ));
             }
-            let file = arg_obj(args, "file")?;
-            check_args(file, &["driver", "filename"])
-                .map_err(|e| generic(format!("file: {}", e.desc)))?;
-            let inner_driver =
-                arg_str(file, "driver").map_err(|e| generic(format!("file: {}", e.desc)))?;
-            if inner_driver != "file" {
+            let file = a
+                .file
+                .ok_or_else(|| generic("Parameter 'file' is missing"))?;
+            if file.driver != "file" {
                 return Err(generic(format!(
-                    "file: driver '{inner_driver}' is not supported (only 'file')"
+                    "file: driver '{}' is not supported (only 'file')",
+                    file.driver
                 )));
             }
-            arg_str(file, "filename").map_err(|e| generic(format!("file: {}", e.desc)))?
+            file.filename
         }
         "file" => {
-            if args.contains_key("file") {
+            if a.file.is_some() {
                 return Err(generic("driver 'file' takes 'filename', not 'file'"));
             }
-            arg_str(args, "filename")?
+            a.filename
+                .ok_or_else(|| generic("Parameter 'filename' is missing"))?
         }
         other => {
             return Err(generic(format!(
@@ -306,66 +305,96 @@ fn blockdev_add_command(args: &Map<String, Value>) -> Result<Command, QmpError> 
         }
     };
     Ok(Command::BlockdevAdd {
-        node: node_name.to_string(),
+        node: a.node_name,
         path: filename.into(),
-        readonly,
+        readonly: a.read_only,
     })
 }
 
-fn blockdev_del_command(args: &Map<String, Value>) -> Result<Command, QmpError> {
-    check_args(args, &["node-name"])?;
-    Ok(Command::BlockdevDel {
-        node: arg_str(args, "node-name")?.to_string(),
-    })
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeArgs {
+    #[serde(rename = "node-name")]
+    node_name: String,
 }
 
-fn device_add_command(args: &Map<String, Value>) -> Result<Command, QmpError> {
-    check_args(
-        args,
-        &["driver", "id", "drive", "bus", "addr", "x-backend-error"],
-    )?;
-    let driver = arg_str(args, "driver")?;
-    if driver != VIRTIO_BLK_PCI {
+/// `blockdev-del`: the typed command.
+pub fn blockdev_del_command(args: &Map<String, Value>) -> Result<Command, QmpError> {
+    let a: NodeArgs = parse_args(args)?;
+    Ok(Command::BlockdevDel { node: a.node_name })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceAddArgs {
+    driver: String,
+    id: String,
+    drive: String,
+    bus: Option<String>,
+    addr: Option<String>,
+    #[serde(rename = "x-backend-error")]
+    backend_error: Option<String>,
+}
+
+/// `device_add`: the typed command.
+pub fn device_add_command(args: &Map<String, Value>) -> Result<Command, QmpError> {
+    let a: DeviceAddArgs = parse_args(args)?;
+    if a.driver != VIRTIO_BLK_PCI {
         return Err(generic(format!(
-            "'{driver}' is not a valid device model name (this VMM hot-plugs {VIRTIO_BLK_PCI})"
+            "'{}' is not a valid device model name (this VMM hot-plugs {VIRTIO_BLK_PCI})",
+            a.driver
         )));
     }
-    let id = arg_str(args, "id")?.to_string();
-    let drive = arg_str(args, "drive")?.to_string();
-    let bus = arg_opt_str(args, "bus")?
+    let bus = a
+        .bus
         .map(|b| b.parse::<BusId>().map_err(generic))
         .transpose()?;
-    let addr = arg_opt_str(args, "addr")?
-        .map(|a| a.parse().map_err(generic))
-        .transpose()?;
-    let remove_on_backend_error = arg_opt_str(args, "x-backend-error")?
+    let addr = a.addr.map(|a| a.parse().map_err(generic)).transpose()?;
+    let remove_on_backend_error = a
+        .backend_error
         .map(|action| {
-            parse_backend_error(action)
+            parse_backend_error(&action)
                 .map_err(|e| generic(format!("Parameter 'x-backend-error': {e}")))
         })
         .transpose()?;
     Ok(Command::DeviceAdd(DeviceAdd {
-        id,
-        drive,
+        id: a.id,
+        drive: a.drive,
         bus,
         addr,
         remove_on_backend_error,
     }))
 }
 
-fn device_del_command(args: &Map<String, Value>) -> Result<Command, QmpError> {
-    check_args(args, &["id"])?;
-    Ok(Command::DeviceDel {
-        id: arg_str(args, "id")?.to_string(),
-    })
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdArgs {
+    id: String,
 }
 
-fn surprise_remove_command(args: &Map<String, Value>) -> Result<Command, QmpError> {
-    check_args(args, &["id", "in-flight", "bar-reads"])?;
+/// `device_del`: the typed command.
+pub fn device_del_command(args: &Map<String, Value>) -> Result<Command, QmpError> {
+    let a: IdArgs = parse_args(args)?;
+    Ok(Command::DeviceDel { id: a.id })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SurpriseRemoveArgs {
+    id: String,
+    #[serde(rename = "in-flight")]
+    in_flight: Option<String>,
+    #[serde(rename = "bar-reads")]
+    bar_reads: Option<String>,
+}
+
+/// `x-surprise-remove`: the typed command.
+pub fn surprise_remove_command(args: &Map<String, Value>) -> Result<Command, QmpError> {
+    let a: SurpriseRemoveArgs = parse_args(args)?;
     Ok(Command::SurpriseRemove {
-        id: arg_str(args, "id")?.to_string(),
-        in_flight: arg_opt_parsed(args, "in-flight")?,
-        bar_reads: arg_opt_parsed(args, "bar-reads")?,
+        id: a.id,
+        in_flight: parsed("in-flight", a.in_flight)?,
+        bar_reads: parsed("bar-reads", a.bar_reads)?,
     })
 }
 
@@ -606,7 +635,7 @@ impl Inner {
                 } => {
                     let outcome = self
                         .pci
-                        .surprise_remove(&id, policy.in_flight, policy.bar_reads)
+                        .surprise_remove(&id, policy)
                         .ok_or_else(|| QmpError::device_not_found(&id))?;
                     let bus = match slot {
                         SlotId::RootBus(d) => format!("{} slot {d:#x}", BusId::RootBus),
@@ -826,7 +855,7 @@ impl Inner {
             "evaluations": r.evaluations(),
             "last": evaluation(r.last()),
             "committed": evaluation(committed),
-            "native-hotplug-granted": committed.is_some_and(|c| c.granted & osc::OSC_CTRL_PCIE_NATIVE_HP != 0),
+            "native-hotplug-granted": committed.is_some_and(|c| c.granted & platform::osc_report::CTRL_PCIE_NATIVE_HP != 0),
         })
     }
 }
@@ -866,28 +895,6 @@ fn acpi_slot_json(bus: &AcpiBusState, d: u8, occupant: Option<String>, pending: 
     })
 }
 
-/// `_OSC` control field bits (PCI Firmware Specification 3.3 §4.5.1), as Linux names them.
-const OSC_CONTROL_NAMES: [(u32, &str); 7] = [
-    (osc::OSC_CTRL_PCIE_NATIVE_HP, "PCIeHotplug"),
-    (osc::OSC_CTRL_SHPC_NATIVE_HP, "SHPCHotplug"),
-    (osc::OSC_CTRL_PCIE_PME, "PME"),
-    (osc::OSC_CTRL_PCIE_AER, "AER"),
-    (osc::OSC_CTRL_PCIE_CAPABILITY, "PCIeCapability"),
-    (osc::OSC_CTRL_LTR, "LTR"),
-    (osc::OSC_CTRL_DPC, "DPC"),
-];
-/// `_OSC` support field bits, as Linux names them.
-const OSC_SUPPORT_NAMES: [(u32, &str); 8] = [
-    (1 << 0, "ExtendedConfig"),
-    (1 << 1, "ASPM"),
-    (1 << 2, "ClockPM"),
-    (1 << 3, "Segments"),
-    (1 << 4, "MSI"),
-    (1 << 5, "HPX-Type3"),
-    (1 << 6, "EDR"),
-    (1 << 8, "HotplugEventSupport"),
-];
-
 fn decode_bits(value: u32, names: &[(u32, &str)]) -> Vec<String> {
     let mut out: Vec<String> = names
         .iter()
@@ -902,11 +909,11 @@ fn decode_bits(value: u32, names: &[(u32, &str)]) -> Vec<String> {
 }
 
 fn osc_control_names(value: u32) -> Vec<String> {
-    decode_bits(value, &OSC_CONTROL_NAMES)
+    decode_bits(value, &platform::osc_report::CONTROL_NAMES)
 }
 
 fn osc_support_names(value: u32) -> Vec<String> {
-    decode_bits(value, &OSC_SUPPORT_NAMES)
+    decode_bits(value, &platform::osc_report::SUPPORT_NAMES)
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use devices::virtio::{MsiInterruptGroup, MsiMessage};
+use devices::interrupt::{MsiInterruptGroup, MsiMessage, MsiSink};
 use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
@@ -191,7 +191,7 @@ impl MsiInterruptGroup for KvmMsiGroup {
 /// the guest programmed, then the vector's irqfd fires.
 pub struct KvmMsiSink(pub KvmMsiGroup);
 
-impl devices::pci::MsiSink for KvmMsiSink {
+impl MsiSink for KvmMsiSink {
     fn send(&self, message: MsiMessage) -> io::Result<()> {
         self.0.update(0, message, true)?;
         self.0.trigger(0)

@@ -4,6 +4,7 @@ mod boot;
 mod config;
 mod console;
 mod control;
+mod exit;
 mod hotplug;
 mod interrupts;
 mod layout;
@@ -28,16 +29,16 @@ fn main() {
     let result = vm::run(&cli);
     drop(raw);
     let code = match result {
-        Ok(vm::VmExit::PowerOff) => {
+        Ok(exit::VmExit::PowerOff) => {
             log::info!("guest powered off");
             0
         }
-        Ok(vm::VmExit::Reset) => {
+        Ok(exit::VmExit::Reset) => {
             log::info!("guest reset: ending (hotplug-vmm does not restart guests)");
             0
         }
-        Ok(vm::VmExit::Quit) => 0,
-        Ok(vm::VmExit::Fatal(msg)) => {
+        Ok(exit::VmExit::Quit) => 0,
+        Ok(exit::VmExit::Fatal(msg)) => {
             eprintln!("hotplug-vmm: {msg}");
             1
         }

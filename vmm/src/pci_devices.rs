@@ -19,7 +19,9 @@ use serde_json::json;
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
 use devices::hotplug::topology::{FIRST_ROOT_PORT_SLOT, ROOT_BUS_SELECT};
-use devices::hotplug::{BarReads, BusId, FunctionKey, PortMode, PulledRelease, SlotId};
+use devices::hotplug::{
+    BarReads, BusId, FunctionKey, PortMode, PulledRelease, SlotId, SurprisePolicy, Topology,
+};
 
 use crate::interrupts::{GsiRouter, KvmMsiGroup, KvmMsiSink};
 
@@ -157,10 +159,10 @@ pub enum AddDeviceError {
 
 impl PciDevices {
     /// Devices on `root`, BARs of root-bus devices allocated from
-    /// `[mmio_base, mmio_base + mmio_size)`, and one root port (rp0..) per entry of
-    /// `port_modes` at 00:10.0 and up. Native ones advertise No Command Completed Support if
-    /// `no_command_completed`; ACPI ones get ACPI hot-plug bus selects 1, 2, ... in order and a
-    /// memory window of [`ACPI_PORT_MEMORY_WINDOW`].
+    /// `[mmio_base, mmio_base + mmio_size)`, and the root ports (rp0..) of `topology` at
+    /// 00:10.0 and up. Native ones advertise No Command Completed Support if
+    /// `no_command_completed`; ACPI ones get their ACPI hot-plug bus select from `topology`
+    /// and a memory window of [`ACPI_PORT_MEMORY_WINDOW`].
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         vm: Arc<VmFd>,
@@ -170,13 +172,13 @@ impl PciDevices {
         router: Arc<GsiRouter>,
         (mmio_base, mmio_size): (u64, u64),
         queues_per_disk: u16,
-        (port_modes, no_command_completed): (&[PortMode], bool),
+        (topology, no_command_completed): (&Topology, bool),
     ) -> Result<Self, AddDeviceError> {
         let mut mmio = AddressAllocator::new(mmio_base, mmio_size)
             .map_err(|e| AddDeviceError::Bus(format!("MMIO window: {e}")))?;
         let mut ports = BTreeMap::new();
-        let mut next_select = ROOT_BUS_SELECT + 1;
-        for (n, &mode) in (0u8..).zip(port_modes) {
+        for n in 0..topology.port_count() {
+            let mode = topology.port_mode(n).unwrap_or_default();
             let id = format!("rp{n}");
             let bdf = FIRST_ROOT_PORT_SLOT
                 .checked_add(n)
@@ -201,8 +203,9 @@ impl PciDevices {
                         return Err(AddDeviceError::NoMmio(id));
                     };
                     lock(&port).set_memory_window(base, limit);
-                    next_select += 1;
-                    Some(next_select - 1)
+                    topology
+                        .acpi_select(SlotId::Port(n))
+                        .map(|(select, _)| select)
                 }
             };
             let shared: SharedPciDevice = port.clone();
@@ -587,13 +590,8 @@ impl PciDevices {
     /// driver's reset came, nothing more is written to guest memory.
     ///
     /// Returns what happened to the requests in flight, or `None` if there is no disk `id`.
-    pub fn surprise_remove(
-        &self,
-        id: &str,
-        in_flight: InFlightPolicy,
-        bar_reads: BarReads,
-    ) -> Option<InFlightOutcome> {
-        self.take_away(id, Some(in_flight), bar_reads)
+    pub fn surprise_remove(&self, id: &str, policy: SurprisePolicy) -> Option<InFlightOutcome> {
+        self.take_away(id, Some(policy.in_flight), policy.bar_reads)
     }
 
     fn take_away(
@@ -778,17 +776,36 @@ impl PciDevices {
     }
 
     /// QMP `query-pci`: the functions of bus 0 in QEMU's format (the subset clients use), root
-    /// ports with the bus behind them and the device in their slot.
+    /// ports with the bus behind them and the device in their slot. The disks are the ones
+    /// `query-block` lists, at their placement, even while one the guest ejected is already
+    /// off the bus and about to be released: the two replies never disagree.
     pub fn query_pci(&self) -> serde_json::Value {
         type Functions = Vec<(Bdf, SharedPciDevice)>;
+        let disks: Vec<(Placement, SharedPciDevice)> = lock(&self.virtio)
+            .values()
+            .map(|f| (f.placement.clone(), f.shared.clone()))
+            .collect();
+        let is_disk = |d: &SharedPciDevice| disks.iter().any(|(_, s)| same_device(s, d));
         let (devices, downstream): (Functions, Functions) = {
             let root = lock(&self.root);
-            (
-                root.devices().map(|(bdf, d)| (bdf, d.clone())).collect(),
-                root.downstream_devices()
-                    .map(|(bridge, _, d)| (bridge, d.clone()))
-                    .collect(),
-            )
+            let mut devices: Functions = root
+                .devices()
+                .filter(|(_, d)| !is_disk(d))
+                .map(|(bdf, d)| (bdf, d.clone()))
+                .collect();
+            devices.extend(disks.iter().filter_map(|(p, d)| match p {
+                Placement::RootBus(bdf) => Some((*bdf, d.clone())),
+                Placement::Port { .. } => None,
+            }));
+            devices.sort_by_key(|(bdf, _)| (bdf.device(), bdf.function()));
+            let downstream = disks
+                .iter()
+                .filter_map(|(p, d)| match p {
+                    Placement::Port { port_bdf, .. } => Some((*port_bdf, d.clone())),
+                    Placement::RootBus(_) => None,
+                })
+                .collect();
+            (devices, downstream)
         };
         let describe = |bus: u8, slot: u8, function: u8, dev: &SharedPciDevice| {
             let mut id = [0u8; 4];

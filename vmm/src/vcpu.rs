@@ -17,8 +17,8 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::boot::BootEntry;
+use crate::exit::{ExitSignal, VmExit};
 use crate::layout::*;
-use crate::vm::{ExitSignal, VmExit};
 
 /// IA32_MISC_ENABLE (Intel SDM vol. 4, table 2-2) and its fast-strings bit.
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;

@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex, RwLock};
 
 use devices::acpi_hotplug::{AcpiHotplugController, ACPI_HOTPLUG_PORTS};
-use devices::hotplug::topology::{root_bus_slot_number, FIRST_ROOT_BUS_SLOT, FIRST_ROOT_PORT_SLOT};
+use devices::hotplug::topology::{FIRST_ROOT_BUS_SLOT, FIRST_ROOT_PORT_SLOT};
 use devices::hotplug::{
     BusId, HotplugControl, Options as HotplugOptions, PortMode, SlotId, SurprisePolicy, Topology,
 };
@@ -20,7 +20,7 @@ use devices::power_control::{
     SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET,
 };
 use devices::serial::{SerialDevice, SERIAL_PORT_SIZE};
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 use std::os::unix::thread::JoinHandleExt;
@@ -36,6 +36,7 @@ use crate::boot;
 use crate::config::{Cli, SerialMode};
 use crate::console::{ConsoleInput, EventFdNotifier};
 use crate::control::MachineControl;
+use crate::exit::{ExitSignal, ExitWatcher, VmExit};
 use crate::hotplug::Hotplug;
 use crate::interrupts::GsiRouter;
 use crate::layout::*;
@@ -44,65 +45,44 @@ use crate::vcpu::Vcpu;
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Why the VM stopped.
-#[derive(Clone, Debug, PartialEq)]
-pub enum VmExit {
-    /// The guest powered off (ACPI S5).
-    PowerOff,
-    /// The guest asked for a reset; the VMM ends instead of restarting.
-    Reset,
-    /// The user asked the VMM to quit.
-    Quit,
-    /// Something the VMM cannot go on from: the message explains it.
-    Fatal(String),
-}
-
-/// The first reason to stop wins; the main loop wakes up through the eventfd.
-pub struct ExitSignal {
-    evt: EventFd,
-    reason: Mutex<Option<VmExit>>,
-}
-
-impl ExitSignal {
-    fn new() -> io::Result<Self> {
-        Ok(ExitSignal {
-            evt: EventFd::new(EFD_NONBLOCK)?,
-            reason: Mutex::new(None),
-        })
-    }
-
-    /// Asks the VM to stop for `why` (ignored if it is already stopping).
-    pub fn request(&self, why: VmExit) {
-        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
-        if r.is_none() {
-            *r = Some(why);
-        }
-        let _ = self.evt.write(1);
-    }
-
-    /// Whether the VM is stopping.
-    pub fn is_requested(&self) -> bool {
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-    }
-
-    fn reason(&self) -> Option<VmExit> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
+/// A command line asking for a machine that cannot be built; checked before anything is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--root-port-hotplug` names a port that does not exist.
+    #[error("{0}")]
+    RootPortHotplug(String),
+    /// `--disk ...,bus=` names a bus the machine does not have.
+    #[error("--disk {path}: bus '{bus}' does not exist (this machine has pcie.0{ports})")]
+    NoSuchDiskBus {
+        /// The disk's image.
+        path: String,
+        /// The bus given.
+        bus: String,
+        /// The root ports there are (" and rp0..rp3"), or nothing.
+        ports: String,
+    },
+    /// Two `--disk`s in one root port's slot.
+    #[error("--disk {path}: the slot of {port} already holds a disk")]
+    DiskSlotTaken {
+        /// The disk's image.
+        path: String,
+        /// The port.
+        port: String,
+    },
+    /// More `--disk`s on `pcie.0` than it has slots.
+    #[error("--disk {0}: no free slot on pcie.0")]
+    NoRootBusSlot(String),
 }
 
 /// A failure to build the machine.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("cannot open /dev/kvm: {0}")]
-    Kvm(kvm_ioctls::Error),
+    Kvm(#[source] kvm_ioctls::Error),
     #[error("{0}: {1}")]
-    KvmIoctl(&'static str, kvm_ioctls::Error),
+    KvmIoctl(&'static str, #[source] kvm_ioctls::Error),
     #[error("cannot allocate {0} MiB of guest memory: {1}")]
     Memory(u64, String),
     #[error(transparent)]
@@ -110,21 +90,34 @@ pub enum VmError {
     #[error(transparent)]
     Vcpu(#[from] crate::vcpu::VcpuSetupError),
     #[error("ACPI tables: {0}")]
-    Acpi(String),
-    #[error("cannot write the MP table: {0}")]
-    MpTable(String),
+    Acpi(#[from] acpi::Error),
+    #[error("cannot write {what} at {addr:#x}: {source}")]
+    GuestWrite {
+        what: &'static str,
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     #[error("cannot open serial output {0}: {1}")]
-    SerialFile(String, io::Error),
+    SerialFile(String, #[source] io::Error),
     #[error("cannot create hot-plug trace {0}: {1}")]
-    TraceFile(String, io::Error),
-    #[error("device bus: {0}")]
-    Bus(String),
+    TraceFile(String, #[source] io::Error),
+    #[error("device bus: {0}: {1}")]
+    Bus(String, #[source] vm_device::bus::Error),
+    #[error("PCI bus: {0}: {1}")]
+    PciBus(&'static str, #[source] devices::pci::PciBusError),
     #[error("{0}: {1}")]
-    Io(&'static str, io::Error),
-    #[error("{0}")]
-    Device(String),
+    Io(&'static str, #[source] io::Error),
+    #[error(transparent)]
+    Devices(#[from] crate::pci_devices::AddDeviceError),
+    #[error("--disk {id}: {source}")]
+    ColdPlug {
+        id: String,
+        #[source]
+        source: devices::hotplug::HotplugError,
+    },
     #[error("control socket {0}: {1}")]
-    Qmp(String, io::Error),
+    Qmp(String, #[source] io::Error),
 }
 
 /// An interrupt line into KVM's in-kernel IOAPIC through an irqfd.
@@ -147,20 +140,6 @@ impl PowerHandler for ExitOnPower {
     }
 }
 
-/// Wakes the event loop when the VM is asked to stop.
-struct ExitWatcher(Arc<ExitSignal>);
-
-impl MutEventSubscriber for ExitWatcher {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.0.evt, EventSet::IN)) {
-            log::error!("cannot watch the exit event: {e:?}");
-        }
-    }
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.0.evt.read();
-    }
-}
-
 /// A stdout writer that flushes every write, so the console is never held back.
 struct Unbuffered<W: Write>(W);
 
@@ -177,7 +156,12 @@ impl<W: Write> Write for Unbuffered<W> {
 
 /// Builds the machine from the command line and runs it until it stops.
 pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
-    // Check the user's files before anything else, so that their errors come first.
+    check_user_input(cli)?;
+    Machine::build(cli)?.run()
+}
+
+/// Checks what the user gave before anything is built, so that their errors come first.
+fn check_user_input(cli: &Cli) -> Result<(), VmError> {
     File::open(&cli.kernel)
         .map_err(|e| boot::BootError::KernelOpen(cli.kernel.display().to_string(), e))?;
     if let Some(p) = &cli.initramfs {
@@ -186,7 +170,7 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
 
     cli.root_port_hotplug
         .check(cli.root_ports)
-        .map_err(VmError::Device)?;
+        .map_err(ConfigError::RootPortHotplug)?;
     let mut ports_taken = std::collections::BTreeSet::new();
     for d in &cli.disk {
         let is_port = d
@@ -195,48 +179,296 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
             .and_then(|n| n.parse::<u8>().ok())
             .is_some_and(|n| n < cli.root_ports && d.bus == format!("rp{n}"));
         if d.bus != "pcie.0" && !is_port {
-            return Err(VmError::Device(format!(
-                "--disk {}: bus '{}' does not exist (this machine has pcie.0{})",
-                d.path.display(),
-                d.bus,
-                match cli.root_ports {
+            return Err(ConfigError::NoSuchDiskBus {
+                path: d.path.display().to_string(),
+                bus: d.bus.clone(),
+                ports: match cli.root_ports {
                     0 => String::new(),
                     1 => " and rp0".to_string(),
                     n => format!(" and rp0..rp{}", n - 1),
-                }
-            )));
+                },
+            }
+            .into());
         }
         if is_port && !ports_taken.insert(d.bus.clone()) {
-            return Err(VmError::Device(format!(
-                "--disk {}: the slot of {} already holds a disk",
-                d.path.display(),
-                d.bus
-            )));
+            return Err(ConfigError::DiskSlotTaken {
+                path: d.path.display().to_string(),
+                port: d.bus.clone(),
+            }
+            .into());
         }
     }
 
-    if let Some(path) = &cli.hotplug_trace {
-        crate::trace::open(path).map_err(|e| VmError::TraceFile(path.display().to_string(), e))?;
+    Ok(())
+}
+
+/// A machine built and ready to run: its vCPUs not started yet.
+struct Machine {
+    exit: Arc<ExitSignal>,
+    serial: Arc<Mutex<SerialDevice>>,
+    /// Signalled when the console's input FIFO drains.
+    drained: EventFd,
+    pci: Arc<PciDevices>,
+    hotplug: Arc<Hotplug>,
+    qmp: Option<crate::qmp::QmpServer>,
+    vcpus: Vec<Vcpu>,
+    stdio: bool,
+}
+
+impl Machine {
+    /// KVM VM, guest memory, platform devices, PCI, ACPI and MP tables, the guest loaded, the
+    /// hot-plug worker and the control socket started, the vCPUs created.
+    fn build(cli: &Cli) -> Result<Self, VmError> {
+        if let Some(path) = &cli.hotplug_trace {
+            crate::trace::open(path)
+                .map_err(|e| VmError::TraceFile(path.display().to_string(), e))?;
+        }
+
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let vm = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| VmError::KvmIoctl("KVM_CREATE_VM", e))?,
+        );
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|e| VmError::KvmIoctl("KVM_SET_TSS_ADDR", e))?;
+        if let Err(e) = vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS) {
+            log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+        }
+        vm.create_irq_chip()
+            .map_err(|e| VmError::KvmIoctl("KVM_CREATE_IRQCHIP", e))?;
+
+        let mem = create_memory(&vm, cli.memory)?;
+        let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Io("eventfd", e))?);
+        let mut io_mgr = IoManager::new();
+        let (serial, drained) = add_console(cli, &vm, &mut io_mgr)?;
+
+        // Power off and reset.
+        let power = Arc::new(Mutex::new(PowerControl::new(Box::new(ExitOnPower(
+            exit.clone(),
+        )))));
+        register_pio(&mut io_mgr, POWER_PORT, POWER_CONTROL_PORTS, power)?;
+
+        // PCI: the root complex with its host bridge, reachable through both configuration mechanisms.
+        let pci_root = Arc::new(Mutex::new(PciRoot::new()));
+        pci_root
+            .lock()
+            .unwrap()
+            .add_device(
+                Bdf::new(0, 0, 0).expect("00:00.0 is a valid address"),
+                Arc::new(Mutex::new(PciHostBridge::new())),
+            )
+            .map_err(|e| VmError::PciBus("host bridge", e))?;
+        let bars = add_bar_windows(cli, &mut io_mgr)?;
+        let acpi_cfg = acpi_config(cli);
+        let acpi_hotplug = add_acpi_hotplug(&vm, &acpi_cfg, &mut io_mgr)?;
+        // What the guest's _OSC asked for and got.
+        let osc_report = Arc::new(Mutex::new(OscReport::new()));
+        register_pio(
+            &mut io_mgr,
+            OSC_REPORT_PORT,
+            OSC_REPORT_PORTS,
+            osc_report.clone(),
+        )?;
+        let router = Arc::new(GsiRouter::new(vm.clone()));
+        let topology = hotplug_topology(cli);
+        let pci = Arc::new(
+            PciDevices::new(
+                vm.clone(),
+                GuestMemoryAtomic::new(mem.clone()),
+                pci_root.clone(),
+                bars,
+                router,
+                (MMIO32_START, MMIO32_SIZE),
+                u16::from(cli.cpus),
+                (&topology, cli.no_command_completed),
+            )?
+            .with_acpi_hotplug(acpi_hotplug)
+            .with_osc_report(osc_report),
+        );
+        let control = cold_plug_disks(cli, &pci, topology)?;
+        let handler: Arc<dyn BarReprogrammingHandler> = pci.clone();
+        register_pio(
+            &mut io_mgr,
+            PCI_CONFIG_IO_PORT,
+            PCI_CONFIG_IO_SIZE,
+            Arc::new(Mutex::new(PciConfigIo::new(
+                pci_root.clone(),
+                Some(handler.clone()),
+            ))),
+        )?;
+        let ecam = PciConfigMmio::new(pci_root.clone(), ECAM_BUSES, Some(handler));
+        io_mgr
+            .register_mmio(
+                MmioRange::new(MmioAddress(ECAM_START), ecam.size())
+                    .map_err(|e| VmError::Bus("ECAM".into(), e))?,
+                Arc::new(Mutex::new(ecam)),
+            )
+            .map_err(|e| VmError::Bus("ECAM".into(), e))?;
+
+        // ACPI tables.
+        for (addr, blob) in acpi::build_tables(&acpi_cfg, ACPI_START)? {
+            mem.write_slice(&blob, GuestAddress(addr))
+                .map_err(|source| VmError::GuestWrite {
+                    what: "the ACPI tables",
+                    addr,
+                    source,
+                })?;
+        }
+
+        // MP table: ignored by Linux next to the MADT, but it ends Linux's slow scan of the BIOS area.
+        let mp = crate::mptable::build(
+            &crate::mptable::MpConfig {
+                cpus: acpi_cfg.cpus,
+                ioapic_id: acpi_cfg.ioapic_id,
+                ioapic_addr: acpi_cfg.ioapic_addr,
+                lapic_addr: acpi_cfg.lapic_addr,
+            },
+            MPTABLE_START as u32,
+        );
+        mem.write_slice(&mp, GuestAddress(MPTABLE_START))
+            .map_err(|source| VmError::GuestWrite {
+                what: "the MP table",
+                addr: MPTABLE_START,
+                source,
+            })?;
+
+        let entry = boot::load_guest(
+            &mem,
+            cli.memory,
+            &cli.kernel,
+            cli.initramfs.as_deref(),
+            &cli.cmdline,
+        )?;
+        log::info!("boot entry: {entry:x?}");
+
+        // Hot-plug (it also follows guest-initiated removals, socket or not), then the control
+        // socket, once the machine it controls exists.
+        let events = crate::qmp::QmpEvents::default();
+        let hotplug = Arc::new(
+            Hotplug::start(pci.clone(), events.clone(), control)
+                .map_err(|e| VmError::Io("hotplug thread", e))?,
+        );
+        let qmp = match &cli.qmp {
+            Some(path) => Some(
+                crate::qmp::QmpServer::start_with_events(
+                    path,
+                    Arc::new(MachineControl::new(
+                        exit.clone(),
+                        pci.clone(),
+                        hotplug.clone(),
+                    )),
+                    events,
+                )
+                .map_err(|e| VmError::Qmp(path.display().to_string(), e))?,
+            ),
+            None => None,
+        };
+
+        let io = Arc::new(RwLock::new(io_mgr));
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::KvmIoctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut vcpus = Vec::new();
+        for id in 0..cli.cpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| VmError::KvmIoctl("KVM_CREATE_VCPU", e))?;
+            let boot = (id == 0).then_some(entry);
+            vcpus.push(Vcpu::new(
+                fd,
+                id,
+                cli.cpus,
+                &cpuid,
+                boot,
+                mem.clone(),
+                io.clone(),
+                exit.clone(),
+            )?);
+        }
+
+        Ok(Machine {
+            exit,
+            serial,
+            drained,
+            pci,
+            hotplug,
+            qmp,
+            vcpus,
+            stdio: cli.serial == SerialMode::Stdio,
+        })
     }
 
-    let kvm = Kvm::new().map_err(VmError::Kvm)?;
-    let vm = Arc::new(
-        kvm.create_vm()
-            .map_err(|e| VmError::KvmIoctl("KVM_CREATE_VM", e))?,
-    );
-    vm.set_tss_address(KVM_TSS_ADDRESS)
-        .map_err(|e| VmError::KvmIoctl("KVM_SET_TSS_ADDR", e))?;
-    if let Err(e) = vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS) {
-        log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+    /// Starts the vCPUs and serves the console and the exit signal until the VM stops.
+    fn run(self) -> Result<VmExit, VmError> {
+        let Machine {
+            exit,
+            serial,
+            drained,
+            pci,
+            hotplug,
+            qmp,
+            vcpus,
+            stdio,
+        } = self;
+        let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new()
+                .map_err(|e| VmError::Io("epoll", io::Error::other(format!("{e:?}"))))?;
+        em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
+        if stdio {
+            let tty = crate::terminal::stdin_is_tty();
+            em.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
+                serial.clone(),
+                drained,
+                exit.clone(),
+                tty,
+            ))));
+        }
+
+        // A signal that only interrupts KVM_RUN, to kick vCPUs out of the guest.
+        register_signal_handler(SIGRTMIN(), kick_handler)
+            .map_err(|e| VmError::Io("signal handler", io::Error::from_raw_os_error(e.errno())))?;
+        let mut threads = Vec::new();
+        for (id, vcpu) in vcpus.into_iter().enumerate() {
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu.run())
+                .map_err(|e| VmError::Io("spawning a vCPU thread", e))?;
+            threads.push(t);
+        }
+        if let Some(ms) = std::env::var(crate::vcpu::SAMPLE_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            let tids: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
+            std::thread::spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_millis(ms.max(10)));
+                for &tid in &tids {
+                    // SAFETY: the vCPU threads never exit before the process does, so the handles
+                    // stay valid; SIGRTMIN has a no-op handler installed above.
+                    unsafe { libc::pthread_kill(tid, SIGRTMIN()) };
+                }
+            });
+        }
+
+        while !exit.is_requested() {
+            if let Err(e) = em.run() {
+                log::warn!("event loop: {e:?}");
+            }
+        }
+        drop(qmp);
+        hotplug.stop();
+        pci.shutdown();
+        Ok(exit.reason().unwrap_or(VmExit::Quit))
     }
-    vm.create_irq_chip()
-        .map_err(|e| VmError::KvmIoctl("KVM_CREATE_IRQCHIP", e))?;
+}
 
-    let mem = create_memory(&vm, cli.memory)?;
-    let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Io("eventfd", e))?);
-    let mut io_mgr = IoManager::new();
-
-    // Console.
+/// The 16550 console on `SERIAL_PORT` (IRQ 4 through an irqfd), writing where `cli.serial`
+/// says; also returns the eventfd it signals when its input FIFO drains.
+fn add_console(
+    cli: &Cli,
+    vm: &VmFd,
+    io_mgr: &mut IoManager,
+) -> Result<(Arc<Mutex<SerialDevice>>, EventFd), VmError> {
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Io("eventfd", e))?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(|e| VmError::KvmIoctl("KVM_IRQFD", e))?;
@@ -258,24 +490,13 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         out,
         Some(Box::new(notifier)),
     )));
-    register_pio(&mut io_mgr, SERIAL_PORT, SERIAL_PORT_SIZE, serial.clone())?;
+    register_pio(io_mgr, SERIAL_PORT, SERIAL_PORT_SIZE, serial.clone())?;
 
-    // Power off and reset.
-    let power = Arc::new(Mutex::new(PowerControl::new(Box::new(ExitOnPower(
-        exit.clone(),
-    )))));
-    register_pio(&mut io_mgr, POWER_PORT, POWER_CONTROL_PORTS, power)?;
+    Ok((serial, drained))
+}
 
-    // PCI: the root complex with its host bridge, reachable through both configuration mechanisms.
-    let pci_root = Arc::new(Mutex::new(PciRoot::new()));
-    pci_root
-        .lock()
-        .unwrap()
-        .add_device(
-            Bdf::new(0, 0, 0).expect("00:00.0 is a valid address"),
-            Arc::new(Mutex::new(PciHostBridge::new())),
-        )
-        .map_err(|e| VmError::Bus(format!("host bridge: {e}")))?;
+/// The BAR space over the host bridge's 32- and 64-bit MMIO windows and its I/O window.
+fn add_bar_windows(cli: &Cli, io_mgr: &mut IoManager) -> Result<Arc<BarSpace>, VmError> {
     // BARs live in a space of their own over the host bridge's windows, so that a configuration
     // write can move them while the vCPU dispatching it holds the main bus.
     let bars = Arc::new(BarSpace::new());
@@ -286,21 +507,29 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         io_mgr
             .register_mmio(
                 MmioRange::new(MmioAddress(start), size)
-                    .map_err(|e| VmError::Bus(format!("{e:?}")))?,
+                    .map_err(|e| VmError::Bus(format!("BAR window at {start:#x}"), e))?,
                 bars.clone(),
             )
-            .map_err(|e| VmError::Bus(format!("BAR window at {start:#x}: {e:?}")))?;
+            .map_err(|e| VmError::Bus(format!("BAR window at {start:#x}"), e))?;
     }
     let (io_start, io_end) = PCI_IO_WINDOW;
     io_mgr
         .register_pio(
             PioRange::new(PioAddress(io_start), io_end - io_start)
-                .map_err(|e| VmError::Bus(format!("{e:?}")))?,
+                .map_err(|e| VmError::Bus("I/O BAR window".into(), e))?,
             bars.clone(),
         )
-        .map_err(|e| VmError::Bus(format!("I/O BAR window: {e:?}")))?;
+        .map_err(|e| VmError::Bus("I/O BAR window".into(), e))?;
+    Ok(bars)
+}
+
+/// The ACPI hot-plug controller's register block, raising the Generic Event Device's GSI.
+fn add_acpi_hotplug(
+    vm: &VmFd,
+    acpi_cfg: &acpi::MachineConfig,
+    io_mgr: &mut IoManager,
+) -> Result<Arc<Mutex<AcpiHotplugController>>, VmError> {
     // ACPI hot-plug of the root bus's slots: its register block and the GED interrupt.
-    let acpi_cfg = acpi_config(cli);
     let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Io("eventfd", e))?;
     vm.register_irqfd(&ged_irq, GED_GSI)
         .map_err(|e| VmError::KvmIoctl("KVM_IRQFD", e))?;
@@ -309,6 +538,7 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         .as_ref()
         .map(|hp| hp.hotpluggable_masks())
         .unwrap_or_default();
+    // The same buses as the control plane's topology (checked in the tests).
     let acpi_hotplug = Arc::new(Mutex::new(AcpiHotplugController::new(
         &masks,
         Arc::new(IrqfdLine(ged_irq)),
@@ -320,41 +550,22 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
             .set_tracer(Some(Arc::new(crate::trace::TraceRegisters)));
     }
     register_pio(
-        &mut io_mgr,
+        io_mgr,
         ACPI_HOTPLUG_PORT,
         ACPI_HOTPLUG_PORTS,
         acpi_hotplug.clone(),
     )?;
-    // What the guest's _OSC asked for and got.
-    let osc_report = Arc::new(Mutex::new(OscReport::new()));
-    register_pio(
-        &mut io_mgr,
-        OSC_REPORT_PORT,
-        OSC_REPORT_PORTS,
-        osc_report.clone(),
-    )?;
-    let router = Arc::new(GsiRouter::new(vm.clone()));
-    let port_modes: Vec<PortMode> = (0..cli.root_ports)
-        .map(|n| cli.root_port_hotplug.mode(n))
-        .collect();
-    let pci = Arc::new(
-        PciDevices::new(
-            vm.clone(),
-            GuestMemoryAtomic::new(mem.clone()),
-            pci_root.clone(),
-            bars,
-            router,
-            (MMIO32_START, MMIO32_SIZE),
-            u16::from(cli.cpus),
-            (&port_modes, cli.no_command_completed),
-        )
-        .map_err(|e| VmError::Device(e.to_string()))?
-        .with_acpi_hotplug(acpi_hotplug)
-        .with_osc_report(osc_report),
-    );
-    // The hot-plug control plane knows every disk from the start.
+    Ok(acpi_hotplug)
+}
+
+/// The hot-plug control plane, knowing every `--disk` from the start, and the disks plugged.
+fn cold_plug_disks(
+    cli: &Cli,
+    pci: &PciDevices,
+    topology: Topology,
+) -> Result<HotplugControl, VmError> {
     let mut control = HotplugControl::new(
-        Topology::new(&port_modes, true),
+        topology,
         HotplugOptions {
             stall_after: std::time::Duration::from_secs(cli.unplug_stall_timeout),
             surprise: SurprisePolicy {
@@ -374,18 +585,18 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
                 next_root_slot += 1;
                 SlotId::RootBus(next_root_slot - 1)
             }
-            _ => {
-                return Err(VmError::Device(format!(
-                    "--disk {id}: no free slot on pcie.0"
-                )))
-            }
+            _ => return Err(ConfigError::NoRootBusSlot(id).into()),
         };
         let key = control
             .cold_plug(&id, slot, d.path.clone(), d.readonly)
-            .map_err(|e| VmError::Device(format!("--disk {id}: {e}")))?;
-        let placement = pci
-            .slot_placement(slot)
-            .ok_or_else(|| VmError::Device(format!("--disk {id}: no slot {slot:?}")))?;
+            .map_err(|source| VmError::ColdPlug {
+                id: id.clone(),
+                source,
+            })?;
+        let placement = pci.slot_placement(slot).ok_or_else(|| VmError::ColdPlug {
+            id: id.clone(),
+            source: devices::hotplug::HotplugError::NoSuchBus(slot.bus()),
+        })?;
         let disk = DiskSpec {
             key,
             id,
@@ -394,151 +605,9 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
             file: None,
             node: None,
         };
-        pci.plug_disk(disk, placement, false)
-            .map_err(|e| VmError::Device(e.to_string()))?;
+        pci.plug_disk(disk, placement, false)?;
     }
-    let handler: Arc<dyn BarReprogrammingHandler> = pci.clone();
-    register_pio(
-        &mut io_mgr,
-        PCI_CONFIG_IO_PORT,
-        PCI_CONFIG_IO_SIZE,
-        Arc::new(Mutex::new(PciConfigIo::new(
-            pci_root.clone(),
-            Some(handler.clone()),
-        ))),
-    )?;
-    let ecam = PciConfigMmio::new(pci_root.clone(), ECAM_BUSES, Some(handler));
-    io_mgr
-        .register_mmio(
-            MmioRange::new(MmioAddress(ECAM_START), ecam.size())
-                .map_err(|e| VmError::Bus(format!("{e:?}")))?,
-            Arc::new(Mutex::new(ecam)),
-        )
-        .map_err(|e| VmError::Bus(format!("ECAM: {e:?}")))?;
-
-    // ACPI tables.
-    for (addr, blob) in
-        acpi::build_tables(&acpi_cfg, ACPI_START).map_err(|e| VmError::Acpi(format!("{e:?}")))?
-    {
-        mem.write_slice(&blob, GuestAddress(addr))
-            .map_err(|e| VmError::Acpi(format!("writing at {addr:#x}: {e}")))?;
-    }
-
-    // MP table: ignored by Linux next to the MADT, but it ends Linux's slow scan of the BIOS area.
-    let mp = crate::mptable::build(
-        &crate::mptable::MpConfig {
-            cpus: acpi_cfg.cpus,
-            ioapic_id: acpi_cfg.ioapic_id,
-            ioapic_addr: acpi_cfg.ioapic_addr,
-            lapic_addr: acpi_cfg.lapic_addr,
-        },
-        MPTABLE_START as u32,
-    );
-    mem.write_slice(&mp, GuestAddress(MPTABLE_START))
-        .map_err(|e| VmError::MpTable(e.to_string()))?;
-
-    let entry = boot::load_guest(
-        &mem,
-        cli.memory,
-        &cli.kernel,
-        cli.initramfs.as_deref(),
-        &cli.cmdline,
-    )?;
-    log::info!("boot entry: {entry:x?}");
-
-    // Hot-plug (it also follows guest-initiated removals, socket or not), then the control
-    // socket, once the machine it controls exists.
-    let events = crate::qmp::QmpEvents::default();
-    let hotplug = Arc::new(
-        Hotplug::start(pci.clone(), events.clone(), control)
-            .map_err(|e| VmError::Io("hotplug thread", e))?,
-    );
-    let qmp = match &cli.qmp {
-        Some(path) => Some(
-            crate::qmp::QmpServer::start_with_events(
-                path,
-                Arc::new(MachineControl::new(
-                    exit.clone(),
-                    pci.clone(),
-                    hotplug.clone(),
-                )),
-                events,
-            )
-            .map_err(|e| VmError::Qmp(path.display().to_string(), e))?,
-        ),
-        None => None,
-    };
-
-    let io = Arc::new(RwLock::new(io_mgr));
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| VmError::KvmIoctl("KVM_GET_SUPPORTED_CPUID", e))?;
-    let mut vcpus = Vec::new();
-    for id in 0..cli.cpus {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|e| VmError::KvmIoctl("KVM_CREATE_VCPU", e))?;
-        let boot = (id == 0).then_some(entry);
-        vcpus.push(Vcpu::new(
-            fd,
-            id,
-            cli.cpus,
-            &cpuid,
-            boot,
-            mem.clone(),
-            io.clone(),
-            exit.clone(),
-        )?);
-    }
-
-    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = EventManager::new()
-        .map_err(|e| VmError::Io("epoll", io::Error::other(format!("{e:?}"))))?;
-    em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
-    if cli.serial == SerialMode::Stdio {
-        let tty = crate::terminal::stdin_is_tty();
-        em.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
-            serial.clone(),
-            drained,
-            exit.clone(),
-            tty,
-        ))));
-    }
-
-    // A signal that only interrupts KVM_RUN, to kick vCPUs out of the guest.
-    register_signal_handler(SIGRTMIN(), kick_handler)
-        .map_err(|e| VmError::Io("signal handler", io::Error::from_raw_os_error(e.errno())))?;
-    let mut threads = Vec::new();
-    for (id, vcpu) in vcpus.into_iter().enumerate() {
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu.run())
-            .map_err(|e| VmError::Io("spawning a vCPU thread", e))?;
-        threads.push(t);
-    }
-    if let Some(ms) = std::env::var(crate::vcpu::SAMPLE_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        let tids: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
-        std::thread::spawn(move || loop {
-            std::thread::sleep(std::time::Duration::from_millis(ms.max(10)));
-            for &tid in &tids {
-                // SAFETY: the vCPU threads never exit before the process does, so the handles
-                // stay valid; SIGRTMIN has a no-op handler installed above.
-                unsafe { libc::pthread_kill(tid, SIGRTMIN()) };
-            }
-        });
-    }
-
-    while !exit.is_requested() {
-        if let Err(e) = em.run() {
-            log::warn!("event loop: {e:?}");
-        }
-    }
-    drop(qmp);
-    hotplug.stop();
-    pci.shutdown();
-    Ok(exit.reason().unwrap_or(VmExit::Quit))
+    Ok(control)
 }
 
 fn register_pio<D>(
@@ -550,10 +619,10 @@ fn register_pio<D>(
 where
     D: vm_device::MutDevicePio + Send + 'static,
 {
-    let range =
-        PioRange::new(PioAddress(base), size).map_err(|e| VmError::Bus(format!("{e:?}")))?;
+    let range = PioRange::new(PioAddress(base), size)
+        .map_err(|e| VmError::Bus(format!("ports {base:#x}+{size}"), e))?;
     io.register_pio(range, dev)
-        .map_err(|e| VmError::Bus(format!("ports {base:#x}+{size}: {e:?}")))
+        .map_err(|e| VmError::Bus(format!("ports {base:#x}+{size}"), e))
 }
 
 fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
@@ -581,6 +650,15 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
             .map_err(|e| VmError::KvmIoctl("KVM_SET_USER_MEMORY_REGION", e))?;
     }
     Ok(mem)
+}
+
+/// The machine's hot-plug places: its root ports in their modes, and the root bus's ACPI
+/// hot-plug slots.
+fn hotplug_topology(cli: &Cli) -> Topology {
+    let modes: Vec<PortMode> = (0..cli.root_ports)
+        .map(|n| cli.root_port_hotplug.mode(n))
+        .collect();
+    Topology::new(&modes, true)
 }
 
 fn acpi_config(cli: &Cli) -> acpi::MachineConfig {
@@ -611,33 +689,29 @@ fn acpi_config(cli: &Cli) -> acpi::MachineConfig {
         pci_hotplug: Some(acpi::PciHotplugConfig {
             port: ACPI_HOTPLUG_PORT,
             gsi: GED_GSI,
-            // Bus select 0 is the root bus; ACPI-mode root ports follow in order (as
-            // PciDevices numbers them).
-            buses: std::iter::once(acpi::AcpiHotplugBus {
-                parent: acpi::SlotParent::RootBus,
-                slots: (FIRST_ROOT_BUS_SLOT..FIRST_ROOT_PORT_SLOT)
-                    .map(|device| acpi::AcpiSlot {
-                        device,
-                        sun: root_bus_slot_number(device),
-                    })
-                    .collect(),
-            })
-            .chain(
-                (0..cli.root_ports)
-                    .filter(|&n| cli.root_port_hotplug.mode(n) == PortMode::Acpi)
-                    .map(|n| acpi::AcpiHotplugBus {
-                        parent: acpi::SlotParent::RootPort {
+            // The buses in bus select order, as the controller numbers them.
+            buses: hotplug_topology(cli)
+                .acpi_buses()
+                .into_iter()
+                .map(|b| acpi::AcpiHotplugBus {
+                    parent: match b.bus {
+                        BusId::RootBus => acpi::SlotParent::RootBus,
+                        BusId::Port(n) => acpi::SlotParent::RootPort {
                             index: n,
                             device: FIRST_ROOT_PORT_SLOT + n,
                             function: 0,
                         },
-                        slots: vec![acpi::AcpiSlot {
-                            device: 0,
-                            sun: u32::from(n),
-                        }],
-                    }),
-            )
-            .collect(),
+                    },
+                    slots: b
+                        .slots
+                        .iter()
+                        .map(|s| acpi::AcpiSlot {
+                            device: s.device(),
+                            sun: s.number(),
+                        })
+                        .collect(),
+                })
+                .collect(),
         }),
     }
 }
@@ -660,16 +734,8 @@ mod tests {
 
     #[test]
     fn acpi_hotplug_registers_agree() {
-        // The AML's register offsets must be what the controller decodes.
-        use acpi::pci_hotplug as aml;
-        use devices::acpi_hotplug as dev;
-        assert_eq!(aml::REG_SELECT, dev::REG_SELECT);
-        assert_eq!(aml::REG_INSERT, dev::REG_INSERT);
-        assert_eq!(aml::REG_REMOVE, dev::REG_REMOVE);
-        assert_eq!(aml::REG_EJECT, dev::REG_EJECT);
-        assert_eq!(aml::REG_BUS_CHECK, dev::REG_BUS_CHECK);
-        assert_eq!(aml::REG_PENDING, dev::REG_PENDING);
-        assert_eq!(aml::PCI_HOTPLUG_PORTS, dev::ACPI_HOTPLUG_PORTS);
+        // The register layout is platform::acpi_hotplug's for both sides; the buses and their
+        // slots come from the one Topology, in bus select order.
         let cli = <Cli as clap::Parser>::parse_from(["hotplug-vmm", "--kernel", "k"]);
         let hp = acpi_config(&cli).pci_hotplug.expect("root bus slots");
         assert_eq!(hp.hotpluggable_masks(), [0xfffe]);
@@ -683,6 +749,10 @@ mod tests {
         ]);
         let hp = acpi_config(&cli).pci_hotplug.expect("slots");
         assert_eq!(hp.hotpluggable_masks(), [0xfffe, 1, 1]);
+        assert_eq!(
+            hp.hotpluggable_masks(),
+            hotplug_topology(&cli).acpi_hotpluggable_masks()
+        );
         let parents: Vec<_> = hp.buses.iter().map(|b| b.parent.clone()).collect();
         assert_eq!(
             parents[1..],
@@ -705,14 +775,6 @@ mod tests {
 
     #[test]
     fn osc_report_registers_agree() {
-        use acpi::host_bridge as aml;
-        use devices::osc_report as dev;
-        assert_eq!(aml::OSC_REPORT_LEN, dev::OSC_REPORT_PORTS);
-        assert_eq!(aml::OSC_REPORT_STATUS, dev::REG_STATUS);
-        assert_eq!(aml::OSC_REPORT_SUPPORT, dev::REG_SUPPORT);
-        assert_eq!(aml::OSC_REPORT_REQUESTED, dev::REG_REQUESTED);
-        assert_eq!(aml::OSC_REPORT_GRANTED, dev::REG_GRANTED);
-        assert_eq!(aml::OSC_CDW1_QUERY, dev::CDW1_QUERY);
         let cli = <Cli as clap::Parser>::parse_from(["hotplug-vmm", "--kernel", "k"]);
         let osc = acpi_config(&cli).pci.osc;
         assert_eq!(osc.report_port, Some(OSC_REPORT_PORT));

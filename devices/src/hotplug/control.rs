@@ -535,14 +535,9 @@ impl HotplugControl {
         id: &str,
         regs: &dyn SlotRegisters,
     ) -> Result<Vec<Action>, HotplugError> {
-        let f = self
-            .device(id)
-            .ok_or_else(|| HotplugError::DeviceNotFound(id.to_string()))?;
-        let (key, slot) = (f.key, f.slot);
+        let (key, slot) = self.removable(id)?;
+        let f = &self.functions[&key];
         let acpi = self.topology.acpi_select(slot);
-        if let (None, SlotId::RootBus(_)) = (acpi, slot) {
-            return Err(HotplugError::CannotRemove(id.to_string()));
-        }
         if let (None, SlotId::Port(port)) = (acpi, slot) {
             // pciehp blinks while it works on the slot (the grace period after a press, or
             // bringing it up); a press now would cancel or be ignored.
@@ -619,13 +614,7 @@ impl HotplugControl {
         bar_reads: Option<BarReads>,
         regs: &dyn SlotRegisters,
     ) -> Result<Vec<Action>, HotplugError> {
-        let f = self
-            .device(id)
-            .ok_or_else(|| HotplugError::DeviceNotFound(id.to_string()))?;
-        let (key, slot) = (f.key, f.slot);
-        if matches!(slot, SlotId::RootBus(_)) && self.topology.acpi_select(slot).is_none() {
-            return Err(HotplugError::CannotRemove(id.to_string()));
-        }
+        let (key, _) = self.removable(id)?;
         let policy = SurprisePolicy {
             in_flight: in_flight.unwrap_or(self.options.surprise.in_flight),
             bar_reads: bar_reads.unwrap_or(self.options.surprise.bar_reads),
@@ -774,7 +763,7 @@ impl HotplugControl {
         if f.backend_error_reported {
             return Vec::new();
         }
-        let (key, slot, remove) = (f.key, f.slot, f.remove_on_backend_error);
+        let (key, remove) = (f.key, f.remove_on_backend_error);
         self.functions
             .get_mut(&key)
             .expect("found")
@@ -786,20 +775,33 @@ impl HotplugControl {
             remove,
         })];
         if remove {
-            if matches!(slot, SlotId::RootBus(_)) && self.topology.acpi_select(slot).is_none() {
-                actions.push(Action::Warn(format!(
-                    "{id}: backend failed, cannot pull it out: {}",
-                    HotplugError::CannotRemove(id.to_string())
-                )));
-            } else {
-                let policy = SurprisePolicy {
-                    in_flight: InFlightPolicy::Fail,
-                    bar_reads: self.options.surprise.bar_reads,
-                };
-                actions.extend(self.pull(now, key, policy, regs));
+            match self.removable(id) {
+                Ok(_) => {
+                    let policy = SurprisePolicy {
+                        in_flight: InFlightPolicy::Fail,
+                        bar_reads: self.options.surprise.bar_reads,
+                    };
+                    actions.extend(self.pull(now, key, policy, regs));
+                }
+                Err(e) => actions.push(Action::Warn(format!(
+                    "{id}: backend failed, cannot pull it out: {e}"
+                ))),
             }
         }
         actions
+    }
+
+    /// The attached function `id` and its slot, if it can be taken away: its slot is a root
+    /// port's or an ACPI hot-plug slot (not a root bus place of a machine without ACPI
+    /// hot-plug).
+    fn removable(&self, id: &str) -> Result<(FunctionKey, SlotId), HotplugError> {
+        let f = self
+            .device(id)
+            .ok_or_else(|| HotplugError::DeviceNotFound(id.to_string()))?;
+        if matches!(f.slot, SlotId::RootBus(_)) && self.topology.acpi_select(f.slot).is_none() {
+            return Err(HotplugError::CannotRemove(f.id.clone()));
+        }
+        Ok((f.key, f.slot))
     }
 
     fn add_function(

@@ -57,7 +57,23 @@ pub struct UnplugRequest {
     pub serviced_at_request: u64,
 }
 
-/// Where a function is in its life. See the [module documentation](self).
+/// Where a function is in its life.
+///
+/// ```text
+///              device_del                     guest powers the slot off (native)
+///   Present ───────────────▶ UnplugRequested ──────────────────────────────▶ PoweredOff
+///      │  ◀── guest powers on again ───────────────────────────────────────────┘   │
+///      │                          │ guest's _EJ0 (ACPI)                              │ indicator off,
+///      │                          ▼                                                  │ or 3 s
+///      │                       released ◀──────────────────────────────────────────┘
+///      │ x-surprise-remove (any state before released)
+///      ▼
+///    Pulled ──── driver resets the device, slot reused, BAR mapped over it ────▶ released
+/// ```
+///
+/// A released function is no longer kept. A pulled one is no longer *attached*: its id is
+/// free and `DEVICE_DELETED` has been sent, but its device may still be failing its driver's
+/// requests until that driver resets it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lifecycle {
     /// In its slot, in use by the guest.
@@ -82,7 +98,7 @@ pub enum Lifecycle {
     },
 }
 
-/// One function. See the [module documentation](self).
+/// One function: where it sits, what backs it, and its [`Lifecycle`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Function {
     /// Its key.

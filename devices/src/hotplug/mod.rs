@@ -75,4 +75,4 @@ pub use error::HotplugError;
 pub use function::{Backing, Function, FunctionKey, Lifecycle, UnplugRequest};
 pub use policy::{BarReads, InFlightPolicy, PortMode, SurprisePolicy};
 pub use registers::{PortSlotView, SlotRegisters};
-pub use topology::{BusId, DeviceAddr, SlotId, Topology};
+pub use topology::{AcpiBus, BusId, DeviceAddr, SlotId, Topology};

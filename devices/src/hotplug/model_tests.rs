@@ -659,7 +659,7 @@ fn random_sequences_keep_every_invariant() {
     let start = Instant::now();
     for &seed in &seeds {
         if catch_unwind(AssertUnwindSafe(|| run(seed, STEPS))).is_err() {
-            panic!("model test failed with seed {seed}: rerun with HOTPLUG_MODEL_SEED={seed} cargo test -p devices random_sequences");
+            panic!("model test failed with seed {seed}: rerun with HOTPLUG_MODEL_SEED={seed} cargo test -p hotplug-vmm-devices random_sequences");
         }
     }
     let secs = start.elapsed().as_secs_f64();

@@ -1,4 +1,4 @@
-//! One test per rule of the control plane (SPEC.md §5/§6, the README's hot-plug section), each
+//! One test per rule of the control plane (SPEC.md §5/§6, docs/hotplug.md), each
 //! against registers a test sets by hand.
 
 use std::path::PathBuf;

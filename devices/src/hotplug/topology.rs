@@ -15,8 +15,7 @@ pub const FIRST_ROOT_PORT_SLOT: u8 = 0x10;
 /// Device numbers from this one up to (not including) [`FIRST_ROOT_PORT_SLOT`] of the root bus
 /// are ACPI hot-plug slots.
 pub const FIRST_ROOT_BUS_SLOT: u8 = 1;
-/// The ACPI hot-plug controller's bus select value of the root bus.
-pub const ROOT_BUS_SELECT: u8 = 0;
+pub use platform::acpi_hotplug::ROOT_BUS_SELECT;
 /// The root bus's name on the control socket.
 pub const ROOT_BUS_NAME: &str = "pcie.0";
 
@@ -132,6 +131,17 @@ impl std::str::FromStr for DeviceAddr {
     }
 }
 
+/// One bus of the ACPI hot-plug controller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcpiBus {
+    /// Its bus select value.
+    pub select: u8,
+    /// The bus.
+    pub bus: BusId,
+    /// Its hot-pluggable slots.
+    pub slots: Vec<SlotId>,
+}
+
 /// The machine's hot-plug places: its root ports and their modes, and whether the root bus has
 /// ACPI hot-plug slots.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -212,19 +222,36 @@ impl Topology {
             .map(SlotId::Port)
     }
 
-    /// The hot-pluggable device numbers of every ACPI hot-plug bus, one mask per bus select
-    /// value: what the controller and the DSDT are built from.
-    pub fn acpi_hotpluggable_masks(&self) -> Vec<u32> {
-        let root = (FIRST_ROOT_BUS_SLOT..FIRST_ROOT_PORT_SLOT)
-            .filter(|_| self.root_bus_hotplug)
-            .fold(0u32, |m, d| m | 1 << d);
+    /// Every ACPI hot-plug bus, in bus select order (the index of each is its select value):
+    /// the root bus (its slots empty without root bus hot-plug), then each ACPI-mode port's.
+    /// The controller's buses and the DSDT's slot devices are both built from this.
+    pub fn acpi_buses(&self) -> Vec<AcpiBus> {
+        let root = AcpiBus {
+            select: ROOT_BUS_SELECT,
+            bus: BusId::RootBus,
+            slots: (FIRST_ROOT_BUS_SLOT..FIRST_ROOT_PORT_SLOT)
+                .filter(|_| self.root_bus_hotplug)
+                .map(SlotId::RootBus)
+                .collect(),
+        };
         std::iter::once(root)
-            .chain(
-                self.ports
-                    .iter()
-                    .filter(|m| **m == PortMode::Acpi)
-                    .map(|_| 1u32),
-            )
+            .chain((0..self.port_count()).filter_map(|n| {
+                let (select, _) = self.acpi_select(SlotId::Port(n))?;
+                Some(AcpiBus {
+                    select,
+                    bus: BusId::Port(n),
+                    slots: vec![SlotId::Port(n)],
+                })
+            }))
+            .collect()
+    }
+
+    /// The hot-pluggable device numbers of every ACPI hot-plug bus, one mask per bus select
+    /// value.
+    pub fn acpi_hotpluggable_masks(&self) -> Vec<u32> {
+        self.acpi_buses()
+            .iter()
+            .map(|b| b.slots.iter().fold(0u32, |m, s| m | 1 << s.device()))
             .collect()
     }
 }
@@ -278,6 +305,15 @@ mod tests {
         assert_eq!(t.acpi_slot(0, 16), None, "rp0's own device number");
         assert_eq!(t.acpi_slot(0, 0), None, "the host bridge");
         assert_eq!(t.acpi_hotpluggable_masks(), vec![0xfffe, 1, 1]);
+        let buses = t.acpi_buses();
+        for (i, b) in buses.iter().enumerate() {
+            assert_eq!(usize::from(b.select), i, "index is select");
+            for s in &b.slots {
+                assert_eq!(t.acpi_select(*s), Some((b.select, s.device())));
+                assert_eq!(t.acpi_slot(b.select, s.device()), Some(*s));
+            }
+        }
+        assert_eq!(buses[2].bus, BusId::Port(3));
         let no_acpi = Topology::new(&[Native], false);
         assert_eq!(no_acpi.acpi_select(SlotId::RootBus(1)), None);
         assert_eq!(no_acpi.acpi_hotpluggable_masks(), vec![0]);

@@ -111,7 +111,7 @@ pub enum PciBusError {
 /// The functions of one PCI segment: those on bus 0, keyed by [`Bdf`], and those below bridges
 /// on bus 0 (the device in a root port's slot), keyed by the bridge and their device/function
 /// number. A function below a bridge answers at `(b, devfn)` while the bridge reports `b` as its
-/// [`downstream_bus`](PciDevice::downstream_bus): the guest numbers buses, and a link that is
+/// [`downstream_bus`](super::device::PciDevice::downstream_bus): the guest numbers buses, and a link that is
 /// down hides the functions behind it.
 #[derive(Default)]
 pub struct PciRoot {

@@ -5,7 +5,7 @@
 //!
 //! ```
 //! use std::sync::{Arc, Mutex};
-//! use devices::pci::{
+//! use hotplug_vmm_devices::pci::{
 //!     BarReprogram, BarReprogrammingHandler, Bdf, PciConfigIo, PciConfigMmio, PciHostBridge,
 //!     PciRoot, SharedPciDevice, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_COUNT,
 //! };
@@ -57,6 +57,7 @@ pub mod bus;
 pub mod configuration;
 pub mod device;
 pub mod host_bridge;
+pub mod msix;
 pub mod root_port;
 pub mod slot;
 
@@ -70,5 +71,5 @@ pub use configuration::{
 };
 pub use device::{same_device, ConfigWriteResult, PciBarIo, PciDevice, SharedPciDevice};
 pub use host_bridge::PciHostBridge;
-pub use root_port::{MsiSink, PcieRootPort, RootPortOptions, SlotObserver};
+pub use root_port::{PcieRootPort, RootPortOptions, SlotObserver};
 pub use slot::{HotplugSlot, Indicator, SlotCapabilities, SlotError, SlotEvent, SlotNotifications};

@@ -39,7 +39,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::Mutex;
 
-use super::{MsiInterruptGroup, MsiMessage};
+use crate::interrupt::{MsiInterruptGroup, MsiMessage};
 use crate::pci::device::lock;
 
 // ---- The capability (PCI Local Bus Spec 3.0 §6.8.2.1–§6.8.2.5) ----

@@ -22,19 +22,15 @@
 //!   ignored), No_Soft_Reset, no PME. Without PME Linux never relies on a wake-up from a
 //!   suspended port.
 //!
-//! # Slot events: queue and observer
+//! # Slot events
 //!
 //! A guest write to Slot Control is a command whose effects the VMM must act on — above all
 //! [`SlotEvent::PowerOff`], after which (and only after which) the VMM releases a gracefully
 //! removed device. [`PciDevice::config_write`] cannot return them, so the port hands every
-//! [`SlotEvent`] to two places:
-//!
-//! - the [`SlotObserver`] set with [`PcieRootPort::set_observer`], called synchronously on the
-//!   thread of the guest's access *while the port is locked*: it must not lock the port again
-//!   (queue work for another thread, or just record);
-//! - a queue that [`PcieRootPort::take_slot_events`] drains, holding at most
-//!   [`SLOT_EVENT_QUEUE_LEN`] events (older ones are dropped and counted: a guest cannot grow it
-//!   without bound).
+//! [`SlotEvent`] to the [`SlotObserver`] set with [`PcieRootPort::set_observer`], called
+//! synchronously on the thread of the guest's access *while the port is locked*: it must not
+//! lock the port again (it queues work for another thread, or just records). That is the one
+//! way events leave the port.
 //!
 //! The VMM's own operations ([`PcieRootPort::insert_card`] and friends) send the MSI themselves
 //! when one is due.
@@ -44,8 +40,6 @@
 //! With a [`RegisterTracer`] set ([`PcieRootPort::set_tracer`]) every guest access touching Slot
 //! Control, Slot Status or Link Status is reported, one record per register touched.
 
-use std::collections::VecDeque;
-use std::io;
 use std::sync::Arc;
 
 use super::configuration::{
@@ -56,8 +50,8 @@ use super::configuration::{
 };
 use super::device::{ConfigWriteResult, PciDevice};
 use super::slot::{HotplugSlot, SlotCapabilities, SlotError, SlotEvent};
+use crate::interrupt::{MsiMessage, MsiSink};
 use crate::register_trace::{RegisterAccess, RegisterTracer};
-use crate::virtio::MsiMessage;
 
 /// Vendor ID of the root port: Red Hat, Inc.
 pub const ROOT_PORT_VENDOR_ID: u16 = 0x1b36;
@@ -67,8 +61,6 @@ pub const ROOT_PORT_DEVICE_ID: u16 = 0x000c;
 pub const CLASS_BRIDGE: u8 = 0x06;
 /// Sub-class of [`CLASS_BRIDGE`]: PCI-to-PCI bridge.
 pub const SUBCLASS_PCI_TO_PCI: u8 = 0x04;
-/// How many slot events [`PcieRootPort::take_slot_events`] keeps.
-pub const SLOT_EVENT_QUEUE_LEN: usize = 256;
 
 // ---- PCI Express Capability (PCI Express Base Spec 5.0 §7.5.3), offsets in the capability ----
 
@@ -180,12 +172,6 @@ pub const PM_PMCSR_POWER_STATE: u16 = 0x3;
 /// PMCSR: No_Soft_Reset (bit 3): D3hot to D0 keeps the state.
 pub const PM_PMCSR_NO_SOFT_RESET: u16 = 1 << 3;
 
-/// Where the port's hot-plug MSI goes: the hypervisor (on KVM, `KVM_SIGNAL_MSI`).
-pub trait MsiSink: Send + Sync {
-    /// Delivers one MSI with the address and data the guest programmed.
-    fn send(&self, message: MsiMessage) -> io::Result<()>;
-}
-
 /// Learns of every [`SlotEvent`] as it happens. Called with the port locked: must not lock the
 /// port.
 pub trait SlotObserver: Send + Sync {
@@ -228,8 +214,6 @@ pub struct PcieRootPort {
     msi: Arc<dyn MsiSink>,
     observer: Option<Arc<dyn SlotObserver>>,
     tracer: Option<Arc<dyn RegisterTracer>>,
-    events: VecDeque<SlotEvent>,
-    dropped_events: u64,
 }
 
 /// The registers of the PCI Express capability a trace reports, by offset in it.
@@ -319,8 +303,6 @@ impl PcieRootPort {
             msi,
             observer: None,
             tracer: None,
-            events: VecDeque::new(),
-            dropped_events: 0,
         };
         port.sync_slot_registers();
         port
@@ -424,11 +406,6 @@ impl PcieRootPort {
         if let Some(observer) = &self.observer {
             observer.slot_event(&self.id, event);
         }
-        if self.events.len() >= SLOT_EVENT_QUEUE_LEN {
-            self.events.pop_front();
-            self.dropped_events += 1;
-        }
-        self.events.push_back(event);
     }
 
     // ---- The VMM's side ----
@@ -474,16 +451,6 @@ impl PcieRootPort {
             };
             tracer.access(&access);
         }
-    }
-
-    /// The slot events since the last call, oldest first.
-    pub fn take_slot_events(&mut self) -> Vec<SlotEvent> {
-        self.events.drain(..).collect()
-    }
-
-    /// How many events the queue dropped because nobody drained it.
-    pub fn dropped_slot_events(&self) -> u64 {
-        self.dropped_events
     }
 
     /// The slot, for diagnostics (presence, power, indicators, whether the guest armed it,
@@ -683,6 +650,7 @@ mod tests {
     };
     use super::super::slot::*;
     use super::*;
+    use std::io;
 
     #[derive(Default)]
     struct RecordingMsi {
@@ -713,17 +681,35 @@ mod tests {
         }
     }
 
-    /// A port and its MSI recorder, with the guest's view of configuration space.
+    /// A port with its MSI recorder and slot event observer, with the guest's view of
+    /// configuration space.
     struct Guest {
         port: PcieRootPort,
         msi: Arc<RecordingMsi>,
+        observer: Arc<RecordingObserver>,
     }
 
     impl Guest {
         fn new(options: RootPortOptions) -> Self {
             let msi = Arc::new(RecordingMsi::default());
-            let port = PcieRootPort::new("rp1", 7, options, msi.clone());
-            Guest { port, msi }
+            let observer = Arc::new(RecordingObserver::default());
+            let mut port = PcieRootPort::new("rp1", 7, options, msi.clone());
+            port.set_observer(Some(observer.clone()));
+            Guest {
+                port,
+                msi,
+                observer,
+            }
+        }
+
+        /// The slot events the observer heard since the last call, oldest first.
+        fn take_events(&mut self) -> Vec<SlotEvent> {
+            let mut seen = self.observer.seen.lock().unwrap();
+            assert!(
+                seen.iter().all(|(id, _)| id == "rp1"),
+                "tagged with the port id"
+            );
+            seen.drain(..).map(|(_, e)| e).collect()
         }
 
         fn read16(&mut self, offset: u16) -> u16 {
@@ -1070,8 +1056,6 @@ mod tests {
     #[test]
     fn pciehp_replay() {
         let mut g = Guest::new(RootPortOptions::default());
-        let observer = Arc::new(RecordingObserver::default());
-        g.port.set_observer(Some(observer.clone()));
         g.enable_msi();
 
         // ---- Probe (pcie_init, pcie_enable_notification) ----
@@ -1081,7 +1065,7 @@ mod tests {
         assert_eq!(g.isr(), SLTSTA_CC);
         assert!(g.port.slot().is_armed());
         assert_eq!(
-            g.port.take_slot_events(),
+            g.take_events(),
             vec![SlotEvent::Notifications(SlotNotifications {
                 hot_plug_interrupt: true,
                 attention_button: true,
@@ -1105,7 +1089,7 @@ mod tests {
         assert_eq!(g.msi.count(), 2);
         // board_added: power on (PCC = 0 is on), then indicators.
         g.write_cmd(0, SLTCTL_PCC);
-        assert_eq!(g.port.take_slot_events(), vec![SlotEvent::PowerOn]);
+        assert_eq!(g.take_events(), vec![SlotEvent::PowerOn]);
         assert_eq!(g.msi.count(), 3, "Command Completed");
         assert_eq!(g.isr(), SLTSTA_CC);
         g.write_cmd(
@@ -1114,7 +1098,7 @@ mod tests {
             SLTCTL_PIC | SLTCTL_AIC,
         );
         assert_eq!(
-            g.port.take_slot_events(),
+            g.take_events(),
             vec![SlotEvent::PowerIndicator(Indicator::Blinking)]
         );
         assert_eq!(g.isr(), SLTSTA_CC);
@@ -1125,7 +1109,7 @@ mod tests {
         assert_ne!(lnksta & 0x03f0, 0);
         set_pic(&mut g, Indicator::On);
         assert_eq!(
-            g.port.take_slot_events(),
+            g.take_events(),
             vec![SlotEvent::PowerIndicator(Indicator::On)]
         );
         assert_eq!(g.isr(), SLTSTA_CC);
@@ -1143,12 +1127,12 @@ mod tests {
         );
         assert_eq!(g.isr(), SLTSTA_CC);
         assert_eq!(
-            g.port.take_slot_events(),
+            g.take_events(),
             vec![SlotEvent::PowerIndicator(Indicator::Blinking)]
         );
         g.write_cmd(SLTCTL_PCC, SLTCTL_PCC);
         assert_eq!(
-            g.port.take_slot_events(),
+            g.take_events(),
             vec![SlotEvent::PowerOff, SlotEvent::LinkActive(false)]
         );
         assert_eq!(g.cap_read16(PCI_EXP_LNKSTA) & LNKSTA_DLLLA, 0);
@@ -1157,7 +1141,7 @@ mod tests {
         assert_eq!(g.isr(), SLTSTA_CC | SLTSTA_DLLSC);
         set_pic(&mut g, Indicator::Off);
         assert_eq!(
-            g.port.take_slot_events(),
+            g.take_events(),
             vec![SlotEvent::PowerIndicator(Indicator::Off)]
         );
         assert_eq!(g.isr(), SLTSTA_CC);
@@ -1172,7 +1156,7 @@ mod tests {
         assert_eq!(g.msi.count(), 10);
         assert_eq!(g.isr(), SLTSTA_PDC | SLTSTA_DLLSC);
         g.write_cmd(0, SLTCTL_PCC);
-        assert_eq!(g.port.take_slot_events(), vec![SlotEvent::PowerOn]);
+        assert_eq!(g.take_events(), vec![SlotEvent::PowerOn]);
         assert_eq!(g.isr(), SLTSTA_CC);
         assert_ne!(g.cap_read16(PCI_EXP_LNKSTA) & LNKSTA_DLLLA, 0);
 
@@ -1183,19 +1167,8 @@ mod tests {
         assert_eq!(g.cap_read16(PCI_EXP_LNKSTA) & LNKSTA_DLLLA, 0);
         // pciehp powers the empty slot off: a PowerOff for a device already gone, no link event.
         g.write_cmd(SLTCTL_PCC, SLTCTL_PCC);
-        assert_eq!(g.port.take_slot_events(), vec![SlotEvent::PowerOff]);
+        assert_eq!(g.take_events(), vec![SlotEvent::PowerOff]);
         assert_eq!(g.isr(), SLTSTA_CC);
-
-        // The observer saw everything the queue saw, tagged with the port id.
-        let seen = observer.seen.lock().unwrap();
-        assert!(seen.iter().all(|(id, _)| id == "rp1"));
-        assert_eq!(
-            seen.iter()
-                .filter(|(_, e)| *e == SlotEvent::PowerOff)
-                .count(),
-            2
-        );
-        assert_eq!(g.port.dropped_slot_events(), 0);
     }
 
     #[test]
@@ -1204,7 +1177,7 @@ mod tests {
         g.enable_msi();
         let _ = g.pciehp_probe();
         let _ = g.isr();
-        let _ = g.port.take_slot_events();
+        let _ = g.take_events();
         g.port.insert_card().unwrap();
         // Byte write to the high byte of Slot Status clears DLLSC only.
         let sta = g.exp(PCI_EXP_SLTSTA);
@@ -1216,7 +1189,7 @@ mod tests {
         assert!(g.port.config_write(ctl, &[0x00]).is_empty());
         assert_eq!(g.cap_read16(PCI_EXP_SLTCTL), before & 0xff00);
         assert_eq!(
-            g.port.take_slot_events(),
+            g.take_events(),
             vec![
                 SlotEvent::AttentionIndicator(Indicator::Reserved),
                 // DLLSCE is in the high byte: it stays.
@@ -1241,22 +1214,6 @@ mod tests {
         assert_eq!(g.cap_read16(PCI_EXP_SLTSTA), SLTSTA_PDS | SLTSTA_CC);
         g.cap_write16(PCI_EXP_SLTCTL, 0xffff);
         assert_eq!(g.cap_read16(PCI_EXP_SLTCTL) & 0xe804, 0);
-    }
-
-    #[test]
-    fn event_queue_is_bounded() {
-        let mut g = Guest::new(RootPortOptions::default());
-        for i in 0..(SLOT_EVENT_QUEUE_LEN + 10) {
-            let pic = if i % 2 == 0 {
-                Indicator::On
-            } else {
-                Indicator::Off
-            };
-            set_pic(&mut g, pic);
-        }
-        assert_eq!(g.port.take_slot_events().len(), SLOT_EVENT_QUEUE_LEN);
-        assert_eq!(g.port.dropped_slot_events(), 10);
-        assert!(g.port.take_slot_events().is_empty());
     }
 
     #[test]
@@ -1289,7 +1246,7 @@ mod tests {
             assert!(g.port.config_write(u16::MAX, &[0xff; 4]).is_empty());
             // Still a root port with its identity.
             assert_eq!(g.read32(0), 0x000c_1b36);
-            let _ = g.port.take_slot_events();
+            let _ = g.take_events();
         }
     }
 }

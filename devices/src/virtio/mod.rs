@@ -7,7 +7,7 @@
 //! device ready [`Queue`]s when the driver sets DRIVER_OK.
 //!
 //! Nothing here depends on KVM. The hypervisor side comes in through two small traits:
-//! [`MsiInterruptGroup`] delivers MSI-X messages (a KVM VMM backs each vector with an irqfd and a
+//! [`MsiInterruptGroup`](crate::interrupt::MsiInterruptGroup) delivers MSI-X messages (a KVM VMM backs each vector with an irqfd and a
 //! GSI route) and the queue notification [`EventFd`]s, which a KVM VMM registers as ioeventfds
 //! on the notify addresses the transport reports, so that a guest's queue kick never runs device
 //! code on a vCPU thread.
@@ -20,7 +20,6 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
-pub mod msix;
 pub mod pci;
 
 /// Guest memory as devices see it: swapped atomically by the VMM if the layout ever changes.
@@ -54,30 +53,6 @@ pub mod features {
 
 /// MSI-X "no vector" (Virtio 1.2 §4.1.5.1.2).
 pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
-
-/// One MSI message as the guest programmed it into an MSI-X table entry.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MsiMessage {
-    /// Message address (low and high dwords combined).
-    pub address: u64,
-    /// Message data.
-    pub data: u32,
-}
-
-/// The hypervisor's MSI delivery for one device: a group of vectors.
-///
-/// The transport calls [`MsiInterruptGroup::update`] from the vCPU thread whenever the guest
-/// changes a vector's message or mask state, and [`MsiInterruptGroup::trigger`] from whichever
-/// thread has an interrupt to deliver (the device's I/O thread for used-buffer notifications).
-/// Masking and the Pending Bit Array are handled by the transport: `trigger` is only called for
-/// an unmasked vector with MSI-X enabled.
-pub trait MsiInterruptGroup: Send + Sync {
-    /// Vector `vector` now carries `message`; `enabled` is false while it is masked or MSI-X is
-    /// disabled (a KVM VMM may then drop the route).
-    fn update(&self, vector: u16, message: MsiMessage, enabled: bool) -> io::Result<()>;
-    /// Delivers vector `vector`'s message now.
-    fn trigger(&self, vector: u16) -> io::Result<()>;
-}
 
 /// Which interrupt a device raises (Virtio 1.2 §4.1.4.5 and §4.1.5.1.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

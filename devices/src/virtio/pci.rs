@@ -62,18 +62,19 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::msix::{
-    Msix, MsixCapability, MsixDelivery, MsixError, MSIX_CAP_LEN, MSIX_CAP_MESSAGE_CONTROL,
-};
 use super::{
-    features, status, ActiveQueue, GuestMemory, InFlightOutcome, InFlightPolicy, MsiInterruptGroup,
-    VirtioDevice, VirtioInterrupt, VirtioInterruptType, VIRTIO_MSI_NO_VECTOR,
+    features, status, ActiveQueue, GuestMemory, InFlightOutcome, InFlightPolicy, VirtioDevice,
+    VirtioInterrupt, VirtioInterruptType, VIRTIO_MSI_NO_VECTOR,
 };
+use crate::interrupt::MsiInterruptGroup;
 use crate::pci::configuration::{
     BarKind, BarRegion, PciConfigError, PciConfiguration, PciIdentity, CAP_ID_MSIX,
     CAP_ID_VENDOR_SPECIFIC,
 };
 use crate::pci::device::{ConfigWriteResult, PciDevice};
+use crate::pci::msix::{
+    Msix, MsixCapability, MsixDelivery, MsixError, MSIX_CAP_LEN, MSIX_CAP_MESSAGE_CONTROL,
+};
 
 // ---- Identity (Virtio 1.2 §4.1.2) ----
 
@@ -1157,14 +1158,15 @@ mod tests {
 
     use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-    use super::super::msix::tests::{MsiEvent, RecordingGroup};
-    use super::super::msix::{MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK};
-    use super::super::{ActivateError, MsiMessage};
+    use super::super::ActivateError;
     use super::*;
+    use crate::interrupt::MsiMessage;
     use crate::pci::configuration::{
         BAR0, CAPABILITIES_POINTER, COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY_SPACE,
         CONFIG_SPACE_SIZE, INTERRUPT_PIN, STATUS, STATUS_CAPABILITIES_LIST,
     };
+    use crate::pci::msix::tests::{MsiEvent, RecordingGroup};
+    use crate::pci::msix::{MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK};
 
     const VERSION_1: u64 = 1 << features::VIRTIO_F_VERSION_1;
     const EVENT_IDX: u64 = 1 << features::VIRTIO_RING_F_EVENT_IDX;

@@ -5,14 +5,11 @@
 //! [`server`] serves it on a Unix socket to several clients at once. The VM plugs in through
 //! [`QmpHandler`], which runs every command the server does not answer itself
 //! (`qmp_capabilities`, `query-version`, `query-commands`), and sends events with
-//! [`QmpServer::emit`] or a [`QmpEvents`] handle.
-
-// Part of the protocol toolkit (integer and object argument helpers, the DeviceNotActive class,
-// the server's own accessors) serves no command of this VM yet; its unit tests use it.
-#![allow(dead_code)]
+//! a [`QmpEvents`] handle.
 
 pub mod protocol;
 pub mod server;
+pub mod typed;
 
-pub use protocol::{arg_obj, arg_opt_bool, arg_opt_str, arg_str, check_args, QmpError, QmpHandler};
+pub use protocol::{QmpError, QmpHandler};
 pub use server::{QmpEvents, QmpServer};

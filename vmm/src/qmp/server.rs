@@ -87,6 +87,7 @@ impl QmpEvents {
         self.lock().list.retain(|c| c.id != id);
     }
 
+    #[cfg(test)]
     fn client_count(&self) -> usize {
         self.lock().list.len()
     }
@@ -104,14 +105,9 @@ pub struct QmpServer {
 }
 
 impl QmpServer {
-    /// Listens on `path`. A stale socket file there (nobody listening) is replaced; a live one,
-    /// or a path that is not a socket, is an error.
-    pub fn start(path: impl AsRef<Path>, handler: Arc<dyn QmpHandler>) -> io::Result<QmpServer> {
-        Self::start_with_events(path, handler, QmpEvents::default())
-    }
-
-    /// [`start`](Self::start), sending events emitted through `events` (a handle made before the
-    /// server, e.g. for the handler itself).
+    /// Listens on `path`, sending the events emitted through `events` (a handle made before
+    /// the server, e.g. for the handler itself). A stale socket file there (nobody listening)
+    /// is replaced; a live one, or a path that is not a socket, is an error.
     pub fn start_with_events(
         path: impl AsRef<Path>,
         handler: Arc<dyn QmpHandler>,
@@ -158,7 +154,11 @@ impl QmpServer {
             accept_thread: Some(accept_thread),
         })
     }
+}
 
+/// What the tests use of a running server.
+#[cfg(test)]
+impl QmpServer {
     /// See [`QmpEvents::emit`].
     pub fn emit(&self, name: &str, data: Value) {
         self.events.emit(name, data);
@@ -167,6 +167,11 @@ impl QmpServer {
     /// A handle for emitting events from elsewhere.
     pub fn events(&self) -> QmpEvents {
         self.events.clone()
+    }
+
+    /// Listens on `path` with events of its own.
+    pub fn start(path: impl AsRef<Path>, handler: Arc<dyn QmpHandler>) -> io::Result<QmpServer> {
+        Self::start_with_events(path, handler, QmpEvents::default())
     }
 
     pub fn path(&self) -> &Path {
@@ -363,7 +368,7 @@ fn write_loop(mut stream: UnixStream, pending: Receiver<Line>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmp::protocol::{arg_str, QmpError};
+    use crate::qmp::protocol::QmpError;
     use serde_json::{json, Map};
     use std::io::{BufRead, BufReader};
     use std::sync::atomic::AtomicUsize;
@@ -380,9 +385,13 @@ mod tests {
             match command {
                 "query-status" => Ok(json!({"running": true, "status": "running"})),
                 "device_del" => {
-                    let id = arg_str(args, "id")?;
+                    #[derive(serde::Deserialize)]
+                    struct Id {
+                        id: String,
+                    }
+                    let Id { id } = crate::qmp::typed::parse_args(args)?;
                     if id != "disk1" {
-                        return Err(QmpError::device_not_found(id));
+                        return Err(QmpError::device_not_found(&id));
                     }
                     if let Some(events) = self.events.get() {
                         events.emit("DEVICE_DELETED", json!({"device": id, "path": "/x"}));
