@@ -301,7 +301,16 @@ fn pin_virtio_reset_spin(version: &str, g: &mut Guest, q: &mut QmpClient, dir: &
     // ... then virtio_pci_remove -> vp_reset polls device_status, which reads 0xff, forever:
     // pciehp's thread for rp2 sleeps in D state and the function never leaves the bus.
     g.run("sleep 5");
-    let stuck = d_state_tasks(g);
+    // The spinning thread alternates between msleep (D) and the status read (R): one look can
+    // catch it reading, so look up to five times, a second apart.
+    let mut stuck = Vec::new();
+    for _ in 0..5 {
+        stuck = d_state_tasks(g);
+        if stuck.iter().any(|t| t.contains("pciehp")) {
+            break;
+        }
+        g.run("sleep 1");
+    }
     eprintln!("{version}: tasks in D state after pulling with all-ones BARs: {stuck:?}");
     assert!(
         stuck.iter().any(|t| t.contains("pciehp")),
