@@ -98,15 +98,11 @@ fn main() {
     let slot = |port, event| GuestEvent::SlotControl { port, event };
     run(
         "guest: power off",
-        control.guest_event(ms(6000), slot(0, SlotEvent::PowerOff), &regs),
+        control.guest_event(ms(6000), slot(0, SlotEvent::PowerOff)),
     );
     let actions = run(
         "guest: power indicator off",
-        control.guest_event(
-            ms(7000),
-            slot(0, SlotEvent::PowerIndicator(Indicator::Off)),
-            &regs,
-        ),
+        control.guest_event(ms(7000), slot(0, SlotEvent::PowerIndicator(Indicator::Off))),
     );
     assert!(actions.contains(&Action::Emit(Event::DeviceDeleted { id: "d0".into() })));
     run(

@@ -451,18 +451,14 @@ impl Inner {
         let now = self.now();
         let actions = match msg {
             Some(Msg::Slot(port, event)) => match port.parse::<BusId>() {
-                Ok(BusId::Port(port)) => {
-                    plane
-                        .control
-                        .guest_event(now, GuestEvent::SlotControl { port, event }, &regs)
-                }
+                Ok(BusId::Port(port)) => plane
+                    .control
+                    .guest_event(now, GuestEvent::SlotControl { port, event }),
                 _ => Vec::new(),
             },
-            Some(Msg::AcpiEject(select, device)) => {
-                plane
-                    .control
-                    .guest_event(now, GuestEvent::Eject { select, device }, &regs)
-            }
+            Some(Msg::AcpiEject(select, device)) => plane
+                .control
+                .guest_event(now, GuestEvent::Eject { select, device }),
             Some(Msg::BackendError(id, operation, error)) => plane.control.host_event(
                 now,
                 HostEvent::BackendFailed {
@@ -493,7 +489,7 @@ impl Inner {
         for key in self.pci.reset_pulled() {
             let actions = plane
                 .control
-                .guest_event(now, GuestEvent::DriverReset { key }, &regs);
+                .guest_event(now, GuestEvent::DriverReset { key });
             self.carry_out_all(plane, actions);
         }
     }

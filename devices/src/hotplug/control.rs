@@ -215,13 +215,7 @@ impl HotplugControl {
     }
 
     /// Something the guest did, at `now`.
-    pub fn guest_event(
-        &mut self,
-        now: Duration,
-        event: GuestEvent,
-        regs: &dyn SlotRegisters,
-    ) -> Vec<Action> {
-        let _ = regs;
+    pub fn guest_event(&mut self, now: Duration, event: GuestEvent) -> Vec<Action> {
         match event {
             GuestEvent::SlotControl { port, event } => self.on_slot_control(now, port, event),
             GuestEvent::Eject { select, device } => self.on_eject(select, device),

@@ -460,8 +460,7 @@ impl Sim {
             _ => self.slots[i].write_control(rng.next() as u16),
         };
         for event in events {
-            let actions =
-                core.guest_event(self.now, GuestEvent::SlotControl { port: n, event }, self);
+            let actions = core.guest_event(self.now, GuestEvent::SlotControl { port: n, event });
             self.execute(core, actions, rng);
         }
     }
@@ -502,7 +501,7 @@ impl Sim {
         self.pio_write(REG_EJECT, 1 << device);
         let ejects: Vec<(u8, u8)> = std::mem::take(&mut *self.ejects.lock().unwrap());
         for (select, device) in ejects {
-            let actions = core.guest_event(self.now, GuestEvent::Eject { select, device }, self);
+            let actions = core.guest_event(self.now, GuestEvent::Eject { select, device });
             self.execute(core, actions, rng);
         }
     }
@@ -525,7 +524,7 @@ impl Sim {
                 } else {
                     *rng.pick(&pulled)
                 };
-                let actions = core.guest_event(self.now, GuestEvent::DriverReset { key }, self);
+                let actions = core.guest_event(self.now, GuestEvent::DriverReset { key });
                 self.execute(core, actions, rng);
             }
             16 => {

@@ -317,10 +317,9 @@ fn native_removal_waits_for_power_off_and_indicator_off() {
     let a = c.guest_event(
         ms(200),
         slot_event(1, SlotEvent::PowerIndicator(Indicator::Blinking)),
-        &regs,
     );
     assert!(deleted(&a).is_empty());
-    let a = c.guest_event(ms(5200), slot_event(1, SlotEvent::PowerOff), &regs);
+    let a = c.guest_event(ms(5200), slot_event(1, SlotEvent::PowerOff));
     assert!(deleted(&a).is_empty(), "released at power-off: {a:?}");
     assert!(matches!(
         c.device("d").unwrap().lifecycle,
@@ -333,7 +332,6 @@ fn native_removal_waits_for_power_off_and_indicator_off() {
     let a = c.guest_event(
         ms(6200),
         slot_event(1, SlotEvent::PowerIndicator(Indicator::Off)),
-        &regs,
     );
     assert_eq!(
         a[1..],
@@ -352,7 +350,6 @@ fn native_removal_waits_for_power_off_and_indicator_off() {
     let a = c.guest_event(
         ms(6300),
         slot_event(1, SlotEvent::PowerIndicator(Indicator::Off)),
-        &regs,
     );
     assert!(deleted(&a).is_empty());
     assert!(deleted(&c.tick(ms(60_000), &regs)).is_empty());
@@ -363,7 +360,7 @@ fn a_power_off_without_indicator_off_releases_after_release_after() {
     let (mut c, mut regs) = machine();
     plugged(&mut c, &mut regs, "d", "rp0");
     // Guest-initiated (echo 0 > /sys/bus/pci/slots/0/power): no device_del.
-    c.guest_event(ms(1000), slot_event(0, SlotEvent::PowerOff), &regs);
+    c.guest_event(ms(1000), slot_event(0, SlotEvent::PowerOff));
     assert!(deleted(&c.tick(ms(3999), &regs)).is_empty());
     let a = c.tick(ms(4000), &regs);
     assert_eq!(deleted(&a), ["d"]);
@@ -380,8 +377,8 @@ fn powering_the_slot_on_again_keeps_the_device_and_its_request() {
     let (mut c, mut regs) = machine();
     plugged(&mut c, &mut regs, "d", "rp0");
     c.command(ms(0), del("d"), &regs).unwrap();
-    c.guest_event(ms(1000), slot_event(0, SlotEvent::PowerOff), &regs);
-    c.guest_event(ms(1500), slot_event(0, SlotEvent::PowerOn), &regs);
+    c.guest_event(ms(1000), slot_event(0, SlotEvent::PowerOff));
+    c.guest_event(ms(1500), slot_event(0, SlotEvent::PowerOn));
     assert!(matches!(
         c.device("d").unwrap().lifecycle,
         Lifecycle::UnplugRequested(_)
@@ -457,7 +454,6 @@ fn a_press_the_guest_ignored_while_enabling_is_repeated_once_it_is_enabled() {
     c.guest_event(
         ms(500),
         slot_event(0, SlotEvent::PowerIndicator(Indicator::On)),
-        &regs,
     );
     assert!(c.tick(ms(1499), &regs).is_empty());
     assert_eq!(
@@ -479,7 +475,6 @@ fn a_press_the_guest_ignored_while_enabling_is_repeated_once_it_is_enabled() {
         c.guest_event(
             ms(500),
             slot_event(0, SlotEvent::PowerIndicator(Indicator::On)),
-            &regs,
         );
         regs.ports[0].power_indicator = indicator;
         regs.ports[0].attention_pressed = pressed;
@@ -589,7 +584,6 @@ fn acpi_removal_waits_for_the_guests_eject() {
             select: 0,
             device: 4,
         },
-        &regs,
     );
     assert_eq!(
         a,
@@ -606,8 +600,7 @@ fn acpi_removal_waits_for_the_guests_eject() {
             GuestEvent::Eject {
                 select: 9,
                 device: 0
-            },
-            &regs
+            }
         )
         .is_empty());
     let a = c.guest_event(
@@ -616,7 +609,6 @@ fn acpi_removal_waits_for_the_guests_eject() {
             select: 1,
             device: 0,
         },
-        &regs,
     );
     assert_eq!(
         a,
@@ -646,7 +638,6 @@ fn acpi_removal_waits_for_the_guests_eject() {
             select: 0,
             device: 1,
         },
-        &regs,
     );
     assert!(a.contains(&Action::Release {
         key: k,
@@ -710,14 +701,14 @@ fn a_surprise_removal_pulls_at_once_and_the_slot_takes_a_new_card() {
     );
     regs.enabled(0);
     // pciehp's power-off for the pull comes after the new card went in: not an answer about it.
-    let a = c.guest_event(ms(40), slot_event(0, SlotEvent::PowerOff), &regs);
+    let a = c.guest_event(ms(40), slot_event(0, SlotEvent::PowerOff));
     assert!(
         matches!(c.device("d").unwrap().lifecycle, Lifecycle::Present),
         "{a:?}"
     );
     assert!(deleted(&c.tick(ms(10_000), &regs)).is_empty());
     // The next one is.
-    c.guest_event(ms(50), slot_event(0, SlotEvent::PowerOff), &regs);
+    c.guest_event(ms(50), slot_event(0, SlotEvent::PowerOff));
     assert_eq!(deleted(&c.tick(ms(10_000), &regs)), ["d"]);
 }
 
@@ -741,12 +732,11 @@ fn a_pulled_device_is_let_go_when_its_driver_resets_it() {
             ms(1),
             GuestEvent::DriverReset {
                 key: FunctionKey(99)
-            },
-            &regs
+            }
         )
         .is_empty());
     assert_eq!(
-        c.guest_event(ms(1), GuestEvent::DriverReset { key }, &regs),
+        c.guest_event(ms(1), GuestEvent::DriverReset { key }),
         vec![Action::ReleasePulled {
             key,
             id: "d".into(),
@@ -871,7 +861,7 @@ fn a_failing_backend_is_reported_once_and_pulls_the_disk_if_asked() {
 fn device_del_after_the_guest_powered_off_presses_nothing() {
     let (mut c, mut regs) = machine();
     plugged(&mut c, &mut regs, "d", "rp0");
-    c.guest_event(ms(0), slot_event(0, SlotEvent::PowerOff), &regs);
+    c.guest_event(ms(0), slot_event(0, SlotEvent::PowerOff));
     regs.ports[0].powered = false;
     regs.ports[0].power_indicator = Indicator::Off;
     assert_eq!(c.command(ms(100), del("d"), &regs).unwrap(), vec![]);
@@ -919,7 +909,7 @@ fn cold_plugged_disks_are_managed_like_hot_added_ones() {
 #[test]
 fn slot_control_writes_are_reported_with_the_occupant() {
     let (mut c, mut regs) = machine();
-    let a = c.guest_event(ms(0), slot_event(1, SlotEvent::LinkActive(true)), &regs);
+    let a = c.guest_event(ms(0), slot_event(1, SlotEvent::LinkActive(true)));
     assert_eq!(
         a,
         vec![Action::Emit(Event::Slot {
@@ -930,9 +920,9 @@ fn slot_control_writes_are_reported_with_the_occupant() {
         })]
     );
     plugged(&mut c, &mut regs, "d", "rp1");
-    let a = c.guest_event(ms(0), slot_event(1, SlotEvent::PowerOn), &regs);
+    let a = c.guest_event(ms(0), slot_event(1, SlotEvent::PowerOn));
     assert!(matches!(&a[0], Action::Emit(Event::Slot { device: Some(d), .. }) if d == "d"));
     assert!(c
-        .guest_event(ms(0), slot_event(7, SlotEvent::PowerOn), &regs)
+        .guest_event(ms(0), slot_event(7, SlotEvent::PowerOn))
         .is_empty());
 }
