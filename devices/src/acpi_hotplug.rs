@@ -50,6 +50,7 @@ use vm_device::MutDevicePio;
 
 use crate::interrupt::InterruptLine;
 use crate::register_trace::{RegisterAccess, RegisterTracer};
+use crate::state::StateError;
 
 pub use platform::acpi_hotplug::{
     ACPI_HOTPLUG_PORTS, REG_BUS_CHECK, REG_EJECT, REG_INSERT, REG_PENDING, REG_REMOVE, REG_SELECT,
@@ -99,7 +100,7 @@ pub enum AcpiHotplugError {
 }
 
 /// State of one bus's slots, one bit per device number.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AcpiBusState {
     /// Device numbers the DSDT describes as hot-pluggable slots.
     pub hotpluggable: u32,
@@ -412,6 +413,48 @@ impl MutDevicePio for AcpiHotplugController {
     }
 }
 
+/// The saved state of an [`AcpiHotplugController`]: every bus's slot bitmaps (pending eject
+/// requests, device checks, ejects and bus checks included), the bus the guest selected, and
+/// the count of ignored accesses.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AcpiHotplugState {
+    /// Each bus, in bus select order.
+    pub buses: Vec<AcpiBusState>,
+    /// The bus select register.
+    pub select: u32,
+    /// Accesses the controller ignored.
+    pub ignored_accesses: u64,
+}
+
+impl AcpiHotplugController {
+    /// The controller's state now.
+    pub fn state(&self) -> AcpiHotplugState {
+        AcpiHotplugState {
+            buses: self.buses.clone(),
+            select: self.select,
+            ignored_accesses: self.ignored_accesses,
+        }
+    }
+
+    /// Puts `state` back. Refused, changing nothing, unless it has the same buses with the same
+    /// hot-pluggable slots. Nothing is signalled: an event the guest has not serviced yet is in
+    /// the restored bitmaps, and its interrupt in the interrupt controller's own state.
+    pub fn restore(&mut self, state: &AcpiHotplugState) -> Result<(), StateError> {
+        let masks =
+            |buses: &[AcpiBusState]| -> Vec<u32> { buses.iter().map(|b| b.hotpluggable).collect() };
+        crate::state::expect_same(
+            "ACPI hot-plug controller",
+            "hot-pluggable slots per bus",
+            masks(&state.buses),
+            masks(&self.buses),
+        )?;
+        self.buses.clone_from(&state.buses);
+        self.select = state.select;
+        self.ignored_accesses = state.ignored_accesses;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -717,5 +760,34 @@ mod tests {
         let mut b = [0u8; 4];
         c.pio_read(B, ACPI_HOTPLUG_PORTS, &mut b);
         assert_eq!(b, [0xff; 4]);
+    }
+
+    /// An eject request the guest has not serviced yet survives a save and restore: the
+    /// restored controller reports it to the event method and takes the `_EJ0`.
+    #[test]
+    fn a_pending_eject_request_survives_a_restore() {
+        let (mut c, irq, _) = controller();
+        c.insert(0, 3).unwrap();
+        service(&mut c, 0);
+        c.request_eject(0, 3).unwrap();
+        wr(&mut c, REG_SELECT, 1);
+        let state = c.state();
+
+        let (mut r, r_irq, r_ejects) = controller();
+        r.restore(&state).unwrap();
+        assert_eq!(r.state(), state);
+        assert_eq!(r_irq.count(), 0, "restoring raises nothing");
+        assert_eq!(rd(&mut r, REG_SELECT), 1, "the guest's bus select");
+        assert_eq!(service(&mut r, 0), (0, 1 << 3));
+        wr(&mut r, REG_EJECT, 1 << 3);
+        assert_eq!(*r_ejects.0.lock().unwrap(), [(0, 3)]);
+        assert_eq!(irq.count(), 2);
+
+        // Other buses are refused, changing nothing.
+        let mut other =
+            AcpiHotplugController::new(&[0xfffe], Arc::new(CountingInterrupt::default()));
+        let before = other.state();
+        assert!(other.restore(&state).is_err());
+        assert_eq!(other.state(), before);
     }
 }

@@ -16,4 +16,5 @@ pub mod pci;
 pub mod power_control;
 pub mod register_trace;
 pub mod serial;
+pub mod state;
 pub mod virtio;

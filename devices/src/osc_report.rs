@@ -34,7 +34,7 @@ pub use platform::osc_report::{
 };
 
 /// One evaluation of the host bridge's `_OSC`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OscEvaluation {
     /// CDW1 had the query flag: the OS only asked what it would get.
     pub query: bool,
@@ -47,7 +47,10 @@ pub struct OscEvaluation {
 }
 
 /// What the guest's `_OSC` evaluations reported. See the module documentation.
-#[derive(Debug, Default)]
+///
+/// It has no handles, so it is its own saved state ([`state`](Self::state),
+/// [`restore`](Self::restore)).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OscReport {
     status: u32,
     support: u32,
@@ -84,6 +87,17 @@ impl OscReport {
     /// Accesses of the wrong size or alignment, which were ignored.
     pub fn ignored_accesses(&self) -> u64 {
         self.ignored_accesses
+    }
+
+    /// The registers and what was reported so far, to save.
+    pub fn state(&self) -> OscReport {
+        self.clone()
+    }
+
+    /// Puts a saved report back: the registers as the guest left them (an evaluation may be
+    /// half written) and what it reported before.
+    pub fn restore(&mut self, state: &OscReport) {
+        self.clone_from(state);
     }
 
     fn decode(&mut self, offset: PioAddressOffset, len: usize) -> Option<u16> {

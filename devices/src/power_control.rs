@@ -55,6 +55,16 @@ impl PowerControl {
             sleep_status: 0,
         }
     }
+
+    /// The sleep status register: the device's only state.
+    pub fn sleep_status(&self) -> u8 {
+        self.sleep_status
+    }
+
+    /// Puts a saved sleep status register back.
+    pub fn restore_sleep_status(&mut self, value: u8) {
+        self.sleep_status = value & WAK_STS;
+    }
 }
 
 impl MutDevicePio for PowerControl {

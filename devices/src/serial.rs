@@ -10,10 +10,11 @@ use std::sync::Arc;
 
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
-use vm_superio::serial::SerialEvents;
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 use crate::interrupt::InterruptLine;
+use crate::state::StateError;
 
 /// Number of I/O ports a 16550 decodes (THR/RBR .. SCR).
 pub const SERIAL_PORT_SIZE: u16 = 8;
@@ -84,6 +85,30 @@ impl SerialDevice {
         }
     }
 
+    /// Like [`SerialDevice::with_drain_notifier`], with the registers and the receive FIFO as
+    /// `state` saved them: the guest finds the UART as it left it, input it had not read yet
+    /// included.
+    pub fn restored(
+        irq: Arc<dyn InterruptLine>,
+        out: Box<dyn Write + Send>,
+        notifier: Option<Box<dyn DrainNotifier>>,
+        state: &SerialDeviceState,
+    ) -> Result<Self, StateError> {
+        let uart = Serial::from_state(
+            &state.to_superio(),
+            LineTrigger(irq.clone()),
+            DrainEvents(notifier),
+            out,
+        )
+        .map_err(|e| StateError::new("serial", format!("{e:?}")))?;
+        Ok(SerialDevice { uart, irq })
+    }
+
+    /// The registers and the receive FIFO now.
+    pub fn state(&self) -> SerialDeviceState {
+        SerialDeviceState::from_superio(&self.uart.state())
+    }
+
     /// Queues host input for the guest; returns how many bytes fitted into the receive FIFO.
     pub fn enqueue_input(&mut self, input: &[u8]) -> io::Result<usize> {
         let room = self.uart.fifo_capacity();
@@ -120,6 +145,61 @@ impl SerialDevice {
     /// Free space in the receive FIFO.
     pub fn input_room(&self) -> usize {
         self.uart.fifo_capacity()
+    }
+}
+
+/// The saved state of a [`SerialDevice`]: the 16550's registers and its receive FIFO.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialDeviceState {
+    /// Divisor latch, low and high byte.
+    pub divisor: [u8; 2],
+    /// Interrupt Enable Register.
+    pub interrupt_enable: u8,
+    /// Interrupt Identification Register.
+    pub interrupt_identification: u8,
+    /// Line Control Register.
+    pub line_control: u8,
+    /// Line Status Register.
+    pub line_status: u8,
+    /// Modem Control Register.
+    pub modem_control: u8,
+    /// Modem Status Register.
+    pub modem_status: u8,
+    /// Scratch Register.
+    pub scratch: u8,
+    /// Received bytes the guest has not read yet.
+    #[serde(with = "hex")]
+    pub input: Vec<u8>,
+}
+
+impl SerialDeviceState {
+    fn from_superio(s: &SerialState) -> Self {
+        SerialDeviceState {
+            divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            input: s.in_buffer.clone(),
+        }
+    }
+
+    fn to_superio(&self) -> SerialState {
+        SerialState {
+            baud_divisor_low: self.divisor[0],
+            baud_divisor_high: self.divisor[1],
+            interrupt_enable: self.interrupt_enable,
+            interrupt_identification: self.interrupt_identification,
+            line_control: self.line_control,
+            line_status: self.line_status,
+            modem_control: self.modem_control,
+            modem_status: self.modem_status,
+            scratch: self.scratch,
+            in_buffer: self.input.clone(),
+        }
     }
 }
 
@@ -262,5 +342,31 @@ mod tests {
             }
         }
         s.pio_write(BASE, 0xffff, &[1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn restored_uart_keeps_its_registers_and_unread_input() {
+        let irq = Arc::new(CountingInterrupt::default());
+        let mut s = SerialDevice::new(irq.clone(), Box::new(io::sink()));
+        s.pio_write(BASE, 3, &[0x03]); // 8N1
+        s.pio_write(BASE, 7, &[0x5a]); // scratch
+        s.pio_write(BASE, 1, &[0x01]);
+        s.enqueue_input(b"xyz").unwrap();
+        let state = s.state();
+        assert_eq!(state.input, b"xyz");
+
+        let irq2 = Arc::new(CountingInterrupt::default());
+        let mut r =
+            SerialDevice::restored(irq2.clone(), Box::new(io::sink()), None, &state).unwrap();
+        assert_eq!(r.state(), state);
+        let mut b = [0u8; 1];
+        for (offset, want) in [(3u16, 0x03u8), (7, 0x5a), (1, 0x01)] {
+            r.pio_read(BASE, offset, &mut b);
+            assert_eq!(b[0], want, "register {offset}");
+        }
+        for want in b"xyz" {
+            r.pio_read(BASE, 0, &mut b);
+            assert_eq!(b[0], *want);
+        }
     }
 }

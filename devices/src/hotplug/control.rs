@@ -29,7 +29,7 @@ pub const RECHECK_AFTER: Duration = Duration::from_secs(1);
 pub const REPRESS_AFTER: Duration = Duration::from_secs(2);
 
 /// The control plane's settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Options {
     /// How long a `device_del` may go unanswered before `X_UNPLUG_STALLED`.
     pub stall_after: Duration,
@@ -60,7 +60,7 @@ impl Default for Options {
 }
 
 /// A `blockdev-add` node.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Node {
     /// The image.
     pub path: PathBuf,
@@ -75,7 +75,7 @@ pub struct Node {
 ///
 /// `Clone` and `PartialEq` are part of the contract: a VMM saves a copy before a command and
 /// restores it if carrying out the answer fails, and tests compare states.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HotplugControl {
     topology: Topology,
     options: Options,

@@ -24,11 +24,13 @@ use super::policy::SurprisePolicy;
 use super::topology::SlotId;
 
 /// Identifies one function for the whole of its life: ids are reused, keys never.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct FunctionKey(pub u64);
 
 /// What a function's block device reads and writes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Backing {
     /// The `blockdev-add` node it uses; `None` for a disk given on the command line.
     pub node: Option<String>,
@@ -39,7 +41,7 @@ pub struct Backing {
 }
 
 /// A removal the guest was asked for (`device_del`) and has not finished.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UnplugRequest {
     /// When the first request was made.
     pub since: Duration,
@@ -74,7 +76,7 @@ pub struct UnplugRequest {
 /// A released function is no longer kept. A pulled one is no longer *attached*: its id is
 /// free and `DEVICE_DELETED` has been sent, but its device may still be failing its driver's
 /// requests until that driver resets it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Lifecycle {
     /// In its slot, in use by the guest.
     Present,
@@ -99,7 +101,7 @@ pub enum Lifecycle {
 }
 
 /// One function: where it sits, what backs it, and its [`Lifecycle`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Function {
     /// Its key.
     pub key: FunctionKey,

@@ -506,8 +506,43 @@ impl Sim {
         }
     }
 
+    /// A migration at this step: the control plane through its serialized form, the slots
+    /// and the ACPI controller through their saved states into ones built anew. Whatever was
+    /// under way — a press the guest has not answered, an eject request, a pulled device —
+    /// goes on from the restored copies, and every invariant keeps holding.
+    fn migrate(&mut self, core: &mut HotplugControl) {
+        let unfinished = core
+            .functions()
+            .any(|f| !matches!(f.lifecycle, Lifecycle::Present));
+        let json = serde_json::to_string(&*core).expect("the control plane serializes");
+        let restored: HotplugControl = serde_json::from_str(&json).expect("and deserializes");
+        assert_eq!(
+            restored, *core,
+            "the control plane survives its serialization"
+        );
+        *core = restored;
+        let mut fresh = Sim::new(&self.topology);
+        for (slot, old) in fresh.slots.iter_mut().zip(&self.slots) {
+            slot.restore(&old.state());
+            assert_eq!(slot.state(), old.state());
+        }
+        fresh
+            .acpi
+            .restore(&self.acpi.state())
+            .expect("the same buses");
+        fresh
+            .acpi
+            .set_observer(Some(Arc::new(EjectLog(self.ejects.clone()))));
+        self.slots = fresh.slots;
+        self.acpi = fresh.acpi;
+        *self.stats.entry("migrate").or_default() += 1;
+        if unfinished {
+            *self.stats.entry("migrate-unfinished").or_default() += 1;
+        }
+    }
+
     fn step(&mut self, core: &mut HotplugControl, rng: &mut Rng) {
-        match rng.below(20) {
+        match rng.below(21) {
             0..=6 => {
                 let command = self.random_command(rng);
                 self.command(core, command, rng);
@@ -536,6 +571,7 @@ impl Sim {
                 let actions = core.host_event(self.now, event, self);
                 self.execute(core, actions, rng);
             }
+            20 => self.migrate(core),
             _ => {
                 self.now += Duration::from_millis(rng.below(4000));
                 let actions = core.tick(self.now, self);
@@ -708,6 +744,8 @@ fn random_sequences_reach_every_outcome() {
         "stalled",
         "backend-error",
         "close",
+        "migrate",
+        "migrate-unfinished",
     ] {
         assert!(
             stats.get(outcome).copied().unwrap_or(0) > 0,

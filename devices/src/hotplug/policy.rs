@@ -4,7 +4,19 @@
 pub use crate::virtio::InFlightPolicy;
 
 /// How the guest drives a root port's slot.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum PortMode {
     /// PCI Express native hot-plug: the guest's pciehp drives the slot registers.
     #[default]
@@ -36,7 +48,7 @@ impl std::str::FromStr for PortMode {
 }
 
 /// What the BARs of a device pulled out by surprise read from then on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BarReads {
     /// All-ones, writes dropped: the device is gone, as on hardware (the cycle is not claimed).
     #[default]
@@ -71,7 +83,7 @@ impl std::str::FromStr for BarReads {
 
 /// What a surprise removal does to the device it pulls out: its requests in flight, and what
 /// its BARs read afterwards.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SurprisePolicy {
     /// The requests the guest made available and the device has not completed.
     pub in_flight: InFlightPolicy,

@@ -26,7 +26,9 @@ pub fn root_bus_slot_number(device: u8) -> u32 {
 }
 
 /// A bus hot-plug commands name: the root bus, or the bus below root port `rpN`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum BusId {
     /// `pcie.0`.
     RootBus,
@@ -65,7 +67,9 @@ impl std::str::FromStr for BusId {
 }
 
 /// A slot a function can occupy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum SlotId {
     /// Device `.0` of the root bus (function 0): an ACPI hot-plug slot, or a cold-plugged
     /// device's place.
@@ -144,7 +148,7 @@ pub struct AcpiBus {
 
 /// The machine's hot-plug places: its root ports and their modes, and whether the root bus has
 /// ACPI hot-plug slots.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Topology {
     ports: Vec<PortMode>,
     root_bus_hotplug: bool,

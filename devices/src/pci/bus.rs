@@ -326,9 +326,15 @@ impl PciConfigIo {
         }
     }
 
-    /// The current CONFIG_ADDRESS value.
+    /// The current CONFIG_ADDRESS value: the mechanism's only state (a guest may pause
+    /// between writing CONFIG_ADDRESS and accessing CONFIG_DATA).
     pub fn config_address(&self) -> u32 {
         self.address
+    }
+
+    /// Puts a saved CONFIG_ADDRESS back (only the bits that read back are kept).
+    pub fn restore_config_address(&mut self, address: u32) {
+        self.address = address & CONFIG_ADDRESS_STORED;
     }
 
     /// The function and register CONFIG_ADDRESS selects, if the enable bit is set and no

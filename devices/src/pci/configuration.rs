@@ -43,7 +43,10 @@
 //!
 //! The Expansion ROM BAR is not implemented (it reads as zero, so the guest sees no ROM).
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::state::{expect_same, StateError};
 
 /// Size of a function's configuration space: conventional plus PCI Express extended
 /// (PCI Express Base Spec 5.0 §7.2.2).
@@ -1088,6 +1091,72 @@ impl PciConfiguration {
     }
 }
 
+/// The saved state of a [`PciConfiguration`]: every register's value and the raw values the
+/// guest last wrote to the BARs. Masks, BAR sizes and capabilities are not saved: they come
+/// from building the same function again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciConfigurationState {
+    /// The 4 KiB of registers.
+    #[serde(with = "hex")]
+    pub data: Vec<u8>,
+    /// The raw values last written to each BAR dword.
+    pub bar_written: [u32; NUM_BARS_TYPE0],
+}
+
+impl PciConfiguration {
+    /// The registers as they are now.
+    pub fn state(&self) -> PciConfigurationState {
+        PciConfigurationState {
+            data: self.data.to_vec(),
+            bar_written: self.bar_written,
+        }
+    }
+
+    /// Puts `state` back. Refused, changing nothing, unless it is the state of a function with
+    /// the same vendor, device and class and the same header layout (`model` names the function
+    /// in the error).
+    pub fn restore(
+        &mut self,
+        model: &str,
+        state: &PciConfigurationState,
+    ) -> Result<(), StateError> {
+        let data: &[u8; CONFIG_SPACE_SIZE] = state.data.as_slice().try_into().map_err(|_| {
+            StateError::new(
+                model,
+                format!(
+                    "saved configuration space has {} bytes, not {CONFIG_SPACE_SIZE}",
+                    state.data.len()
+                ),
+            )
+        })?;
+        let dword = |d: &[u8; CONFIG_SPACE_SIZE], at: u16| {
+            let at = usize::from(at);
+            u32::from_le_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]])
+        };
+        expect_same(
+            model,
+            "vendor/device ID",
+            dword(data, VENDOR_ID),
+            dword(&self.data, VENDOR_ID),
+        )?;
+        expect_same(
+            model,
+            "class code",
+            dword(data, REVISION_ID) >> 8,
+            dword(&self.data, REVISION_ID) >> 8,
+        )?;
+        expect_same(
+            model,
+            "header type",
+            data[usize::from(HEADER_TYPE)],
+            self.data[usize::from(HEADER_TYPE)],
+        )?;
+        self.data.copy_from_slice(data);
+        self.bar_written = state.bar_written;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1769,5 +1838,48 @@ mod tests {
         assert_eq!(c.read_u16(0xffe), 0);
         let _ = c.write(0xffe, &[1, 2]);
         assert_eq!(c.read_u16(0xffe), 0x0201);
+    }
+
+    #[test]
+    fn state_round_trips_and_refuses_another_function() {
+        let mut c = PciConfiguration::new_type0(&identity(), 0x1af4, 0x1100);
+        c.add_bar(
+            0,
+            0x4000,
+            BarKind::Memory64 {
+                prefetchable: false,
+            },
+        )
+        .unwrap();
+        let _ = c.write(BAR0, &0xffff_ffffu32.to_le_bytes());
+        let _ = c.write(COMMAND, &COMMAND_MEMORY_SPACE.to_le_bytes());
+        let _ = c.write(INTERRUPT_LINE, &[0x0b]);
+        let state = c.state();
+
+        let mut r = PciConfiguration::new_type0(&identity(), 0x1af4, 0x1100);
+        r.add_bar(
+            0,
+            0x4000,
+            BarKind::Memory64 {
+                prefetchable: false,
+            },
+        )
+        .unwrap();
+        r.restore("test", &state).unwrap();
+        assert_eq!(r.state(), state);
+        // The BAR reads as a sizing probe left it, and the next write is an address again.
+        assert_eq!(r.read_u32(BAR0), c.read_u32(BAR0));
+        let changes = r.write(BAR0, &0x8000_0000u32.to_le_bytes());
+        assert_eq!(changes.len(), 1);
+
+        let mut other = PciConfiguration::new_type1(&identity());
+        let before = other.state();
+        assert!(other.restore("test", &state).is_err());
+        assert_eq!(other.state(), before);
+        let short = PciConfigurationState {
+            data: vec![0; 16],
+            bar_written: [0; NUM_BARS_TYPE0],
+        };
+        assert!(r.restore("test", &short).is_err());
     }
 }

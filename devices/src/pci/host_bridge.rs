@@ -17,8 +17,9 @@
 //! have (e.g. Intel's Q35 MCH 8086:29c0). The one generic quirk that applies,
 //! `quirk_mmio_always_on` for class 06/00, is harmless: the bridge has no BARs.
 
-use super::configuration::{PciConfiguration, PciIdentity};
+use super::configuration::{PciConfiguration, PciConfigurationState, PciIdentity};
 use super::device::{ConfigWriteResult, PciDevice};
+use crate::state::StateError;
 
 /// Vendor ID of the host bridge: Red Hat, Inc.
 pub const HOST_BRIDGE_VENDOR_ID: u16 = 0x1b36;
@@ -87,6 +88,19 @@ impl PciDevice for PciHostBridge {
 
     fn decoded_bars(&self) -> Vec<super::configuration::BarRegion> {
         self.config.decoded_bars()
+    }
+}
+
+impl PciHostBridge {
+    /// The bridge's configuration space now.
+    pub fn state(&self) -> PciConfigurationState {
+        self.config.state()
+    }
+
+    /// Puts a saved configuration space back (refused if it is not a host bridge's like this
+    /// one).
+    pub fn restore(&mut self, state: &PciConfigurationState) -> Result<(), StateError> {
+        self.config.restore("host bridge", state)
     }
 }
 

@@ -42,6 +42,7 @@
 
 use std::sync::Arc;
 
+use super::configuration::PciConfigurationState;
 use super::configuration::{
     PciConfiguration, PciIdentity, CAP_ID_MSI, CAP_ID_PCI_EXPRESS, CAP_ID_POWER_MANAGEMENT,
     CONFIG_SPACE_SIZE, IO_BASE, IO_LIMIT, MEMORY_BASE, MEMORY_LIMIT, PREFETCHABLE_BASE_UPPER32,
@@ -49,9 +50,10 @@ use super::configuration::{
     SECONDARY_BUS, SUBORDINATE_BUS,
 };
 use super::device::{ConfigWriteResult, PciDevice};
-use super::slot::{HotplugSlot, SlotCapabilities, SlotError, SlotEvent};
+use super::slot::{HotplugSlot, HotplugSlotState, SlotCapabilities, SlotError, SlotEvent};
 use crate::interrupt::{MsiMessage, MsiSink};
 use crate::register_trace::{RegisterAccess, RegisterTracer};
+use crate::state::StateError;
 
 /// Vendor ID of the root port: Red Hat, Inc.
 pub const ROOT_PORT_VENDOR_ID: u16 = 0x1b36;
@@ -641,12 +643,41 @@ impl PciDevice for PcieRootPort {
     }
 }
 
+/// The saved state of a [`PcieRootPort`]: its configuration space and its slot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PcieRootPortState {
+    /// Configuration space.
+    pub config: PciConfigurationState,
+    /// The hot-plug slot.
+    pub slot: HotplugSlotState,
+}
+
+impl PcieRootPort {
+    /// The port's state now.
+    pub fn state(&self) -> PcieRootPortState {
+        PcieRootPortState {
+            config: self.config.state(),
+            slot: self.slot.state(),
+        }
+    }
+
+    /// Puts `state` back, refused (changing nothing) if it is not a root port's like this one.
+    /// Nothing is signalled: the guest finds the registers as they were, and an interrupt that
+    /// was on its way is in the interrupt controller's own state.
+    pub fn restore(&mut self, state: &PcieRootPortState) -> Result<(), StateError> {
+        self.config.restore(&self.id, &state.config)?;
+        self.slot.restore(&state.slot);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
 
     use super::super::configuration::{
-        BRIDGE_CONTROL, CAPABILITIES_POINTER, COMMAND, HEADER_TYPE, INTERRUPT_PIN,
+        BRIDGE_CONTROL, CAPABILITIES_POINTER, COMMAND, CONFIG_SPACE_SIZE, HEADER_TYPE,
+        INTERRUPT_PIN,
     };
     use super::super::slot::*;
     use super::*;
@@ -1248,5 +1279,55 @@ mod tests {
             assert_eq!(g.read32(0), 0x000c_1b36);
             let _ = g.take_events();
         }
+    }
+
+    /// A port saved in the middle of a removal (button pressed, the guest blinking, an event
+    /// not yet acknowledged) and restored into a port built the same way: the guest reads the
+    /// same registers, and the removal goes on from there.
+    #[test]
+    fn saved_mid_removal_and_restored() {
+        let mut g = Guest::new(RootPortOptions::default());
+        g.enable_msi();
+        g.pciehp_probe();
+        g.isr();
+        g.port.insert_card().unwrap();
+        g.isr();
+        g.write_cmd(0, SLTCTL_PCC);
+        g.isr();
+        set_pic(&mut g, Indicator::On);
+        g.isr();
+        g.port.press_attention_button();
+        set_pic(&mut g, Indicator::Blinking);
+        g.take_events();
+        let sent = g.msi.count();
+        let state = g.port.state();
+
+        let mut d = Guest::new(RootPortOptions::default());
+        d.port.restore(&state).unwrap();
+        assert_eq!(d.port.state(), state);
+        for offset in (0..CONFIG_SPACE_SIZE as u16).step_by(4) {
+            assert_eq!(d.read32(offset), g.read32(offset), "offset {offset:#x}");
+        }
+        assert!(d.port.slot().is_present() && d.port.slot().is_powered());
+        assert_eq!(d.port.slot().power_indicator(), Indicator::Blinking);
+        assert_eq!(d.msi.count(), 0, "restoring signals nothing");
+        // The guest acknowledges the press and powers the slot off: the restored port answers.
+        assert_ne!(d.isr() & SLTSTA_ABP, 0);
+        d.write_cmd(SLTCTL_PCC, SLTCTL_PCC);
+        assert!(d.take_events().contains(&SlotEvent::PowerOff));
+        assert_eq!(g.msi.count(), sent);
+
+        // A host bridge's configuration space does not go into a root port.
+        let bridge = crate::pci::PciHostBridge::new().state();
+        let before = d.port.state();
+        let err = d
+            .port
+            .restore(&PcieRootPortState {
+                config: bridge,
+                slot: before.slot,
+            })
+            .unwrap_err();
+        assert!(err.reason.contains("vendor/device ID"), "{err}");
+        assert_eq!(d.port.state(), before, "a refused restore changes nothing");
     }
 }

@@ -670,6 +670,50 @@ impl HotplugSlot {
     }
 }
 
+/// The saved state of a [`HotplugSlot`]: what the guest wrote to Slot Control, the pending
+/// Slot Status events and the card's presence and link. The capabilities are not saved: they
+/// come from building the same slot again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HotplugSlotState {
+    /// Slot Control.
+    pub control: u16,
+    /// The set Slot Status event bits.
+    pub events: u16,
+    /// A card is in the slot.
+    pub present: bool,
+    /// The link to the card is up.
+    pub link_active: bool,
+    /// The interrupt condition was asserted after the last change (§6.7.3.4).
+    pub asserted: bool,
+    /// An MSI is due and was not taken yet.
+    pub interrupt_due: bool,
+}
+
+impl HotplugSlot {
+    /// The slot's state now.
+    pub fn state(&self) -> HotplugSlotState {
+        HotplugSlotState {
+            control: self.control,
+            events: self.events,
+            present: self.present,
+            link_active: self.link_active,
+            asserted: self.asserted,
+            interrupt_due: self.interrupt_due,
+        }
+    }
+
+    /// Puts `state` back: the guest finds Slot Control, Slot Status and the card as they were.
+    /// Event bits the slot cannot raise are dropped.
+    pub fn restore(&mut self, state: &HotplugSlotState) {
+        self.control = state.control;
+        self.events = state.events & SLTSTA_EVENTS;
+        self.present = state.present;
+        self.link_active = state.link_active;
+        self.asserted = state.asserted;
+        self.interrupt_due = state.interrupt_due;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,7 +76,7 @@ pub trait VirtioInterrupt: Send + Sync {
 /// Either way the request the device is serving at that moment finishes its host I/O first
 /// (a `pread` cannot be taken back) and then shares the others' fate; the backend is released
 /// once it has.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum InFlightPolicy {
     /// Complete every one of them with the device type's I/O error (virtio-blk:
     /// `VIRTIO_BLK_S_IOERR`) — the one being served too, whatever its host I/O did — and raise
@@ -216,4 +216,55 @@ pub trait VirtioDevice: Send {
         self.shutdown();
         InFlightOutcome::default()
     }
+
+    /// The VM pauses (to be saved or migrated): stop serving the queues, finishing and
+    /// publishing the requests in flight (with their interrupts), and keep the queues to
+    /// [`resume`](Self::resume). Returns where each active queue was left; nothing touches guest
+    /// memory once this returns. Idempotent. The default has nothing to pause.
+    fn pause(&mut self) -> Vec<QueueProgress> {
+        Vec::new()
+    }
+
+    /// Serve the queues again after [`pause`](Self::pause) (or
+    /// [`restore_active`](Self::restore_active)): the chains the driver made available meanwhile
+    /// are served at once. The default has nothing to resume.
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        Ok(())
+    }
+
+    /// An active device restored from a snapshot: as [`activate`](Self::activate), with the
+    /// queues at their saved progress, but paused until [`resume`](Self::resume). `failing`: it
+    /// had been pulled out with [`InFlightPolicy::Fail`] and its driver had not reset it yet, so
+    /// it goes on failing every request, without a backend. `needs_reset`: it had hit an error
+    /// it cannot recover from without a reset. The default activates and pauses, and cannot
+    /// restore a failing device.
+    fn restore_active(
+        &mut self,
+        memory: GuestMemory,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        features: u64,
+        queues: Vec<ActiveQueue>,
+        (failing, needs_reset): (bool, bool),
+    ) -> Result<(), ActivateError> {
+        if failing || needs_reset {
+            return Err(ActivateError::Failed {
+                id: self.id().to_string(),
+                reason: "this device cannot be restored failing or needing a reset".into(),
+            });
+        }
+        self.activate(memory, interrupt, features, queues)?;
+        self.pause();
+        Ok(())
+    }
+}
+
+/// Where a paused device left one of its queues: the driver's ring indices it had reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueProgress {
+    /// Queue index as the driver numbers it.
+    pub index: u16,
+    /// The next available ring entry the device will take.
+    pub next_avail: u16,
+    /// The next used ring entry the device will fill.
+    pub next_used: u16,
 }

@@ -68,11 +68,26 @@ impl RequestProcessor {
         seg_max: u32,
         stats: Arc<BlockStats>,
     ) -> Self {
+        RequestProcessor {
+            disk: Some(disk),
+            ..Self::without_backend(serial, features, seg_max, stats)
+        }
+    }
+
+    /// A processor whose backend is already gone (a device pulled out by surprise, restored
+    /// from a snapshot): it can only [`fail`](Self::fail) requests; any it is asked to process
+    /// completes with an I/O error.
+    pub fn without_backend(
+        serial: &str,
+        features: u64,
+        seg_max: u32,
+        stats: Arc<BlockStats>,
+    ) -> Self {
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         RequestProcessor {
-            disk: Some(disk),
+            disk: None,
             serial: id,
             features,
             layout: ChainLayout::new(seg_max as usize),

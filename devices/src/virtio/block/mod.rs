@@ -37,11 +37,11 @@ use virtio_queue::QueueT;
 
 use super::features::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use super::{
-    ActivateError, ActiveQueue, GuestMemory, InFlightOutcome, InFlightPolicy, VirtioDevice,
-    VirtioInterrupt,
+    ActivateError, ActiveQueue, GuestMemory, InFlightOutcome, InFlightPolicy, QueueProgress,
+    VirtioDevice, VirtioInterrupt,
 };
 use config_space::{ConfigSpace, ConfigValues};
-use worker::{Pulled, Worker, WorkerContext};
+use worker::{Parked, Pulled, Worker, WorkerContext};
 
 pub use disk::{Disk, SECTOR_SIZE};
 pub use executor::{Completion, RequestProcessor};
@@ -150,6 +150,8 @@ pub struct Block {
     stats: Arc<BlockStats>,
     needs_reset: Arc<AtomicBool>,
     worker: Option<Worker>,
+    /// The I/O thread's context while the device is paused.
+    parked: Option<Parked>,
     backend_errors: Option<Arc<dyn BackendErrorObserver>>,
 }
 
@@ -177,6 +179,11 @@ impl Block {
     }
 
     fn with_disk(config: BlockConfig, disk: Disk) -> Result<Self, BlockError> {
+        let capacity = disk.capacity();
+        Self::build(config, Some(disk), capacity)
+    }
+
+    fn build(config: BlockConfig, disk: Option<Disk>, capacity: u64) -> Result<Self, BlockError> {
         let invalid = |reason| BlockError::Config {
             id: config.id.clone(),
             reason,
@@ -190,7 +197,7 @@ impl Block {
         let avail_features = Self::features_for(&config);
         let writable = !config.readonly;
         let config_space = ConfigSpace::new(&ConfigValues {
-            capacity: disk.capacity(),
+            capacity,
             seg_max: config.seg_max(),
             blk_size: BLOCK_SIZE,
             writeback: 1,
@@ -214,19 +221,27 @@ impl Block {
             "virtio-blk {}: {} ({} sectors{})",
             config.id,
             config.path.display(),
-            disk.capacity(),
+            capacity,
             if config.readonly { ", read-only" } else { "" }
         );
         Ok(Block {
             config,
-            disk: Some(Arc::new(disk)),
+            disk: disk.map(Arc::new),
             avail_features,
             config_space,
             stats: Arc::new(BlockStats::default()),
             needs_reset: Arc::new(AtomicBool::new(false)),
             worker: None,
+            parked: None,
             backend_errors: None,
         })
+    }
+
+    /// A device whose backend is already gone: a disk pulled out by surprise that goes on
+    /// failing its driver's requests, restored from a snapshot (its image may no longer exist).
+    /// It reports `capacity` sectors, as it did.
+    pub fn without_backend(config: BlockConfig, capacity: u64) -> Result<Self, BlockError> {
+        Self::build(config, None, capacity)
     }
 
     fn features_for(config: &BlockConfig) -> u64 {
@@ -281,9 +296,28 @@ impl Block {
     }
 
     fn stop_worker(&mut self) {
+        self.parked = None;
         if let Some(worker) = self.worker.take() {
             worker.stop();
         }
+    }
+
+    fn worker_name(&self) -> String {
+        format!("blk-{}", self.config.id)
+    }
+
+    /// Starts the paused I/O thread again, if there is one.
+    fn resume_worker(&mut self) -> Result<(), ActivateError> {
+        let Some(parked) = self.parked.take() else {
+            return Ok(());
+        };
+        let worker =
+            Worker::resume(self.worker_name(), parked).map_err(|e| ActivateError::Failed {
+                id: self.config.id.clone(),
+                reason: format!("cannot start I/O thread: {e}"),
+            })?;
+        self.worker = Some(worker);
+        Ok(())
     }
 }
 
@@ -351,13 +385,14 @@ impl VirtioDevice for Block {
         )
         .with_backend_error_observer(self.backend_errors.clone());
         let ctx = WorkerContext {
+            failing: false,
             memory,
             interrupt,
             queues,
             processor,
             needs_reset: self.needs_reset.clone(),
         };
-        let worker = Worker::spawn(format!("blk-{}", self.config.id), ctx)
+        let worker = Worker::spawn(self.worker_name(), ctx)
             .map_err(|e| fail(format!("cannot start I/O thread: {e}")))?;
         self.worker = Some(worker);
         Ok(())
@@ -391,6 +426,10 @@ impl VirtioDevice for Block {
     /// ([`InFlightOutcome::failing`]); otherwise the device is as after
     /// [`shutdown`](VirtioDevice::shutdown).
     fn surprise_remove(&mut self, in_flight: InFlightPolicy) -> InFlightOutcome {
+        // Paused (the VM is): the thread takes the pull as a running one would.
+        if let Err(e) = self.resume_worker() {
+            warn!("virtio-blk {}: {e}", self.config.id);
+        }
         let before = self.stats.snapshot();
         let pulled = match self.worker.take() {
             Some(w) => w.pull(in_flight),
@@ -417,6 +456,86 @@ impl VirtioDevice for Block {
         }
         outcome
     }
+
+    fn pause(&mut self) -> Vec<QueueProgress> {
+        if let Some(worker) = self.worker.take() {
+            self.parked = worker.pause();
+        }
+        self.parked.as_ref().map_or_else(Vec::new, |p| {
+            p.ctx
+                .queues
+                .iter()
+                .map(|q| QueueProgress {
+                    index: q.index,
+                    next_avail: q.queue.next_avail(),
+                    next_used: q.queue.next_used(),
+                })
+                .collect()
+        })
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        self.resume_worker()
+    }
+
+    fn restore_active(
+        &mut self,
+        memory: GuestMemory,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        features: u64,
+        mut queues: Vec<ActiveQueue>,
+        (failing, needs_reset): (bool, bool),
+    ) -> Result<(), ActivateError> {
+        let id = self.config.id.clone();
+        let fail = move |reason: String| ActivateError::Failed {
+            id: id.clone(),
+            reason,
+        };
+        self.stop_worker();
+        if queues.is_empty() || queues.len() > usize::from(self.config.num_queues) {
+            return Err(fail(format!("{} queues enabled", queues.len())));
+        }
+        let features = features & self.avail_features;
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for q in &mut queues {
+            q.queue.set_event_idx(event_idx);
+        }
+        let processor = match (failing, self.disk.clone()) {
+            (true, _) => {
+                // Pulled out: the backend is gone for good.
+                self.disk = None;
+                RequestProcessor::without_backend(
+                    &self.config.id,
+                    features,
+                    self.config.seg_max(),
+                    self.stats.clone(),
+                )
+            }
+            (false, Some(disk)) => RequestProcessor::new(
+                disk,
+                &self.config.id,
+                features,
+                self.config.seg_max(),
+                self.stats.clone(),
+            )
+            .with_backend_error_observer(self.backend_errors.clone()),
+            (false, None) => return Err(fail("backend already released".into())),
+        };
+        self.needs_reset.store(needs_reset, Ordering::Release);
+        let broken = vec![needs_reset; queues.len()];
+        self.parked = Some(Parked {
+            ctx: WorkerContext {
+                failing,
+                memory,
+                interrupt,
+                queues,
+                processor,
+                needs_reset: self.needs_reset.clone(),
+            },
+            broken,
+        });
+        Ok(())
+    }
 }
 
 impl Block {
@@ -435,7 +554,7 @@ impl Drop for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::VirtioInterruptType;
+    use crate::virtio::{QueueProgress, VirtioInterruptType};
     use std::sync::atomic::AtomicUsize;
     use std::time::{Duration, Instant};
     use testing::*;
@@ -821,5 +940,151 @@ mod tests {
         c.readonly = true;
         let dev = Block::with_file(c, file).unwrap();
         assert_eq!(dev.capacity(), IMAGE_SECTORS);
+    }
+
+    /// The chain `two_requests_in_flight` left available, served on another device restored
+    /// from the first one's saved progress: each exactly once, in order, on the same image.
+    #[test]
+    fn paused_device_resumes_on_another_where_it_stopped() {
+        let tmp = image();
+        let rig = Rig::new();
+        let guard = rig.memory.memory();
+        let mem: &GuestMemoryMmap = &guard;
+        let (mut dev, q) = two_requests_in_flight(&tmp, &rig, mem);
+        let progress = dev.pause();
+        assert_eq!(
+            progress,
+            vec![QueueProgress {
+                index: 0,
+                next_avail: 1,
+                next_used: 1
+            }]
+        );
+        assert!(!dev.is_active());
+        assert_eq!(dev.pause(), progress, "pausing again changes nothing");
+        // Paused: a notification is not served.
+        rig.notify.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(q.used().idx().load(), 1);
+
+        // The destination: a new device on the same image, its queue where the first stopped.
+        let mut restored = block(&tmp, false, 1);
+        let mut queue: Queue = q.create_queue().unwrap();
+        queue.set_next_avail(progress[0].next_avail);
+        queue.set_next_used(progress[0].next_used);
+        let aq = ActiveQueue {
+            index: 0,
+            queue,
+            notify: rig.notify.clone(),
+        };
+        let features = restored.features();
+        restored
+            .restore_active(
+                rig.memory.clone(),
+                rig.interrupt.clone(),
+                features,
+                vec![aq],
+                (false, false),
+            )
+            .unwrap();
+        assert!(!restored.is_active(), "restored paused");
+        restored.resume().unwrap();
+        wait_for("both requests served", || q.used().idx().load() == 3);
+        assert_eq!(status(mem, STATUS), 0);
+        assert_eq!(status(mem, STATUS + 1), 0);
+        assert_eq!(restored.stats().snapshot().reads, 2);
+        assert_eq!(
+            dev.stats().snapshot().reads,
+            1,
+            "the first device served one"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(q.used().idx().load(), 3, "nothing served twice");
+        drop(dev);
+
+        // Paused and resumed in place, the device goes on serving.
+        restored.pause();
+        restored.resume().unwrap();
+        put_header(mem, HDR + 0x90, VIRTIO_BLK_T_IN, 1);
+        let d = [
+            desc_next(HDR + 0x90, 16, N, 10),
+            desc_next(DATA, 512, W | N, 11),
+            desc_next(STATUS + 3, 1, W, 0),
+        ];
+        q.add_desc_chains(&d, 9).unwrap();
+        rig.notify.write(1).unwrap();
+        wait_for("request after resume", || q.used().idx().load() == 4);
+    }
+
+    /// A device pulled out with `fail` whose driver had not reset it, restored without its
+    /// backend: it fails what is available, and goes on failing until the reset.
+    #[test]
+    fn pulled_device_restored_goes_on_failing() {
+        let tmp = image();
+        let rig = Rig::new();
+        let guard = rig.memory.memory();
+        let mem: &GuestMemoryMmap = &guard;
+        let (_, q) = two_requests_in_flight(&tmp, &rig, mem);
+        let mut config = BlockConfig::new("/gone/disk.img", "disk0");
+        config.num_queues = 1;
+        let mut restored = Block::without_backend(config, IMAGE_SECTORS).unwrap();
+        let mut cap = [0u8; 8];
+        restored.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), IMAGE_SECTORS);
+        assert!(!restored.has_backend());
+        let mut queue: Queue = q.create_queue().unwrap();
+        queue.set_next_avail(1);
+        queue.set_next_used(1);
+        let aq = ActiveQueue {
+            index: 0,
+            queue,
+            notify: rig.notify.clone(),
+        };
+        let features = restored.features();
+        restored
+            .restore_active(
+                rig.memory.clone(),
+                rig.interrupt.clone(),
+                features,
+                vec![aq],
+                (true, false),
+            )
+            .unwrap();
+        restored.resume().unwrap();
+        wait_for("both requests failed", || q.used().idx().load() == 3);
+        assert_eq!(status(mem, STATUS), 1);
+        assert_eq!(status(mem, STATUS + 1), 1);
+        let stats = restored.stats().snapshot();
+        assert_eq!((stats.reads, stats.failed_on_removal), (0, 2));
+        // Paused and resumed, still failing.
+        restored.pause();
+        restored.resume().unwrap();
+        put_header(mem, HDR + 0x90, VIRTIO_BLK_T_IN, 1);
+        let d = [
+            desc_next(HDR + 0x90, 16, N, 10),
+            desc_next(DATA, 512, W | N, 11),
+            desc_next(STATUS + 3, 1, W, 0),
+        ];
+        mem.write_obj(0xeeu8, GuestAddress(STATUS + 3)).unwrap();
+        q.add_desc_chains(&d, 9).unwrap();
+        rig.notify.write(1).unwrap();
+        wait_for("late request failed", || q.used().idx().load() == 4);
+        assert_eq!(status(mem, STATUS + 3), 1);
+        restored.reset();
+        assert!(!restored.is_active());
+    }
+
+    #[test]
+    fn a_surprise_removal_while_paused_fails_what_is_available() {
+        let tmp = image();
+        let rig = Rig::new();
+        let guard = rig.memory.memory();
+        let mem: &GuestMemoryMmap = &guard;
+        let (mut dev, q) = two_requests_in_flight(&tmp, &rig, mem);
+        dev.pause();
+        let outcome = dev.surprise_remove(InFlightPolicy::Fail);
+        assert_eq!((outcome.failed, outcome.failing), (2, true));
+        assert_eq!(q.used().idx().load(), 3);
+        assert!(!dev.has_backend());
     }
 }

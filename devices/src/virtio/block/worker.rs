@@ -12,6 +12,11 @@
 //! bug the device cannot report per request: it stops serving that queue, sets
 //! DEVICE_NEEDS_RESET (§2.1.2) and raises a configuration-change interrupt.
 //!
+//! The thread stops on a pause (the VM is paused, saved or migrated): it finishes and publishes
+//! the request it is serving, with its interrupt, and hands back its queues as they are
+//! ([`Parked`]); the chains still available stay in the rings for the thread that resumes
+//! them, here or on the destination of a migration.
+//!
 //! The thread stops on a reset, publishing nothing more, and on a surprise removal with
 //! [`InFlightPolicy::Drop`], publishing nothing more and counting the chains it leaves behind
 //! ([`Mode`]). A surprise removal with [`InFlightPolicy::Fail`] does not stop it: it completes
@@ -64,6 +69,12 @@ enum Mode {
     /// Surprise removal, [`InFlightPolicy::Drop`]: stop, publish nothing more, count what is
     /// left behind.
     Drop = 3,
+    /// Pause while serving: finish and publish the chain being served, then hand the queues
+    /// back.
+    Pause = 4,
+    /// Pause while failing (after a pull with [`InFlightPolicy::Fail`]): the same, failing the
+    /// chain in hand.
+    PauseFailing = 5,
 }
 
 impl Mode {
@@ -72,13 +83,18 @@ impl Mode {
             0 => Mode::Run,
             1 => Mode::Reset,
             2 => Mode::Fail,
-            _ => Mode::Drop,
+            3 => Mode::Drop,
+            4 => Mode::Pause,
+            _ => Mode::PauseFailing,
         }
     }
 }
 
 /// Everything the I/O thread owns while the device is active.
 pub(super) struct WorkerContext {
+    /// The thread fails every chain instead of serving it (a device pulled out with
+    /// [`InFlightPolicy::Fail`], resumed).
+    pub failing: bool,
     pub memory: GuestMemory,
     pub interrupt: Arc<dyn VirtioInterrupt>,
     pub queues: Vec<ActiveQueue>,
@@ -86,11 +102,18 @@ pub(super) struct WorkerContext {
     pub needs_reset: Arc<AtomicBool>,
 }
 
+/// What a paused thread handed back: its context with the queues as it left them (the
+/// request it was serving finished and published), and which queues it had given up on.
+pub(super) struct Parked {
+    pub ctx: WorkerContext,
+    pub broken: Vec<bool>,
+}
+
 /// Handle on a running I/O thread.
 pub(super) struct Worker {
     mode: Arc<AtomicU8>,
     stop_event: EventFd,
-    thread: JoinHandle<()>,
+    thread: JoinHandle<Option<Parked>>,
     /// Disconnected when the thread has ended (its sender is dropped on the way out).
     exited: mpsc::Receiver<()>,
     /// Receives once the thread, told to fail the requests in flight, has failed every chain
@@ -111,11 +134,22 @@ pub(super) enum Pulled {
 }
 
 impl Worker {
-    /// Starts the thread `name` serving `ctx`.
+    /// Starts the thread `name` serving `ctx` (failing every chain if `ctx.failing`).
     pub fn spawn(name: String, ctx: WorkerContext) -> io::Result<Worker> {
+        let broken = vec![false; ctx.queues.len()];
+        Self::start(name, ctx, broken)
+    }
+
+    /// Starts the thread `name` again where a paused one stopped.
+    pub fn resume(name: String, parked: Parked) -> io::Result<Worker> {
+        Self::start(name, parked.ctx, parked.broken)
+    }
+
+    fn start(name: String, ctx: WorkerContext, broken: Vec<bool>) -> io::Result<Worker> {
         let stop_event = EventFd::new(EFD_NONBLOCK)?;
         let thread_stop = stop_event.try_clone()?;
-        let mode = Arc::new(AtomicU8::new(Mode::Run as u8));
+        let first = if ctx.failing { Mode::Fail } else { Mode::Run };
+        let mode = Arc::new(AtomicU8::new(first as u8));
         let epoll = Epoll::new()?;
         epoll.ctl(
             ControlOperation::Add,
@@ -139,7 +173,7 @@ impl Worker {
                 stop: thread_stop,
                 failed_all: failed_tx,
             };
-            run(events, ctx, &thread_mode)
+            run(events, ctx, broken, &thread_mode)
         })?;
         Ok(Worker {
             mode,
@@ -154,6 +188,25 @@ impl Worker {
         self.mode.store(mode as u8, Ordering::Release);
         if let Err(e) = self.stop_event.write(1) {
             error!("virtio-blk: cannot signal I/O thread to stop: {e}");
+        }
+    }
+
+    /// Pauses the thread and waits for it: the request being served finishes and is published
+    /// (with its interrupt if the driver wants one), then the thread hands back its queues.
+    /// `None` if the thread had already ended (it could not go on; see the log).
+    pub fn pause(self) -> Option<Parked> {
+        let failing = Mode::load(&self.mode) == Mode::Fail;
+        self.signal(if failing {
+            Mode::PauseFailing
+        } else {
+            Mode::Pause
+        });
+        match self.thread.join() {
+            Ok(parked) => parked,
+            Err(_) => {
+                error!("virtio-blk: I/O thread panicked");
+                None
+            }
         }
     }
 
@@ -218,8 +271,9 @@ struct QueueState {
     broken: bool,
 }
 
-fn run(events: Events, ctx: WorkerContext, mode: &AtomicU8) {
+fn run(events: Events, ctx: WorkerContext, broken: Vec<bool>, mode: &AtomicU8) -> Option<Parked> {
     let WorkerContext {
+        failing,
         memory,
         interrupt,
         queues,
@@ -228,10 +282,8 @@ fn run(events: Events, ctx: WorkerContext, mode: &AtomicU8) {
     } = ctx;
     let mut queues: Vec<QueueState> = queues
         .into_iter()
-        .map(|active| QueueState {
-            active,
-            broken: false,
-        })
+        .zip(broken.into_iter().chain(std::iter::repeat(false)))
+        .map(|(active, broken)| QueueState { active, broken })
         .collect();
     let io = Io {
         memory: &memory,
@@ -239,29 +291,50 @@ fn run(events: Events, ctx: WorkerContext, mode: &AtomicU8) {
         needs_reset: &needs_reset,
         mode,
     };
-    // The driver may have queued requests before its first notification reached us.
+    // The driver may have queued requests before its first notification reached us (or
+    // before the pause that this thread resumes from).
     for q in queues.iter_mut() {
         io.serve(q, &mut processor);
     }
-    if !serve_notified(&events.epoll, &mut queues, &io, &mut processor, Mode::Run) {
-        return;
+    let parked = |queues: Vec<QueueState>, processor: RequestProcessor, failing: bool| {
+        let (queues, broken) = queues.into_iter().map(|q| (q.active, q.broken)).unzip();
+        Some(Parked {
+            ctx: WorkerContext {
+                failing,
+                memory: memory.clone(),
+                interrupt: interrupt.clone(),
+                queues,
+                processor,
+                needs_reset: needs_reset.clone(),
+            },
+            broken,
+        })
+    };
+    if !failing && !serve_notified(&events.epoll, &mut queues, &io, &mut processor, Mode::Run) {
+        return None;
     }
     match Mode::load(mode) {
+        Mode::Pause => return parked(queues, processor, false),
         // Serving in Fail mode completes every available chain with an error.
         Mode::Fail => {
-            for q in queues.iter_mut() {
-                io.serve(q, &mut processor);
+            if !failing {
+                for q in queues.iter_mut() {
+                    io.serve(q, &mut processor);
+                }
+                // A pull that gave up waiting turned Fail into Drop meanwhile: end.
+                if Mode::load(mode) != Mode::Fail {
+                    return None;
+                }
+                processor.release_backend();
+                let _ = events.failed_all.send(());
+                // The stop event woke us; only the next one (the reset) is to end the loop.
+                let _ = events.stop.read();
             }
-            // A pull that gave up waiting turned Fail into Drop meanwhile: end.
-            if Mode::load(mode) != Mode::Fail {
-                return;
-            }
-            processor.release_backend();
-            let _ = events.failed_all.send(());
-            // The stop event woke us; only the next one (the reset) is to end the loop.
-            let _ = events.stop.read();
             let before = processor.failed_on_removal();
             serve_notified(&events.epoll, &mut queues, &io, &mut processor, Mode::Fail);
+            if Mode::load(mode) == Mode::PauseFailing {
+                return parked(queues, processor, true);
+            }
             info!(
                 "virtio-blk: pulled-out device reset; it failed {} request(s) submitted after the pull",
                 processor.failed_on_removal() - before
@@ -279,8 +352,9 @@ fn run(events: Events, ctx: WorkerContext, mode: &AtomicU8) {
                 .sum();
             processor.count_dropped(left);
         }
-        Mode::Run | Mode::Reset => {}
+        Mode::Run | Mode::Reset | Mode::PauseFailing => {}
     }
+    None
 }
 
 /// Serves each queue that is notified, as long as the mode stays `mode`. Returns false if
@@ -363,7 +437,9 @@ impl Io<'_> {
 /// device, so a corrupt index is a fault rather than a long walk over stale entries. The loop
 /// runs as long as the driver keeps publishing chains. `mode` is read before each chain (in
 /// Fail mode chains are failed rather than served) and again before each completion is
-/// published (a reset or a Drop that came while the host I/O ran publishes nothing).
+/// published (a reset or a Drop that came while the host I/O ran publishes nothing). A pause
+/// lets the chain in hand finish as the mode before it would have (served, or failed), then
+/// stops the drain, leaving the other chains available.
 fn drain(
     mem: &GuestMemoryMmap,
     active: &mut ActiveQueue,
@@ -376,18 +452,20 @@ fn drain(
         return Ok(false);
     }
     let mut used_any = false;
-    loop {
+    'drain: loop {
         queue.disable_notification(mem)?;
         while let Some(chain) = queue.iter(mem)?.next() {
             let head = chain.head_index();
             let len = match Mode::load(mode) {
                 // A pull or reset that comes while the host I/O runs decides its completion.
-                Mode::Run => processor.process_then(chain, || match Mode::load(mode) {
-                    Mode::Run => Completion::Publish,
-                    Mode::Fail => Completion::Fail,
-                    Mode::Reset | Mode::Drop => Completion::Discard,
-                }),
-                Mode::Fail => Some(processor.fail(chain)),
+                Mode::Run | Mode::Pause => {
+                    processor.process_then(chain, || match Mode::load(mode) {
+                        Mode::Run | Mode::Pause | Mode::PauseFailing => Completion::Publish,
+                        Mode::Fail => Completion::Fail,
+                        Mode::Reset | Mode::Drop => Completion::Discard,
+                    })
+                }
+                Mode::Fail | Mode::PauseFailing => Some(processor.fail(chain)),
                 Mode::Reset | Mode::Drop => return Ok(false),
             };
             let len = match (Mode::load(mode), len) {
@@ -396,10 +474,13 @@ fn drain(
                     processor.count_dropped(1);
                     return Ok(false);
                 }
-                (Mode::Run | Mode::Fail, Some(len)) => len,
+                (Mode::Run | Mode::Fail | Mode::Pause | Mode::PauseFailing, Some(len)) => len,
             };
             queue.add_used(mem, head, len)?;
             used_any = true;
+            if matches!(Mode::load(mode), Mode::Pause | Mode::PauseFailing) {
+                break 'drain;
+            }
         }
         if !queue.enable_notification(mem)? {
             break;
