@@ -5,6 +5,7 @@
 //!
 //! Run with `cargo run -p hotplug-vmm-devices --example virtio_blk_request`.
 
+use hotplug_vmm_devices::virtio::GuestRam;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -15,7 +16,7 @@ use virtio_bindings::bindings::virtio_blk::{
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
 
 const HEADER: u64 = 0x1_0000;
@@ -31,7 +32,7 @@ fn chain_of(header: u64, data: (u64, u32), status: u64) -> [RawDescriptor; 3] {
     ]
 }
 
-fn put_header(mem: &GuestMemoryMmap, request_type: u32, sector: u64) {
+fn put_header(mem: &GuestRam, request_type: u32, sector: u64) {
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&request_type.to_le_bytes());
     h[8..16].copy_from_slice(&sector.to_le_bytes());
@@ -45,7 +46,7 @@ fn main() {
     sectors[1024..1024 + 19].copy_from_slice(b"hello from sector 2");
     image.as_file().write_all(&sectors).unwrap();
 
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let disk = Arc::new(Disk::open(image.as_path(), true).unwrap());
     let stats = Arc::new(BlockStats::default());
     let mut processor = RequestProcessor::new(disk, "example-disk", 0, 8, stats.clone());

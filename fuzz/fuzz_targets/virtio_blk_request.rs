@@ -4,12 +4,13 @@
 
 #![no_main]
 
+use hotplug_vmm_devices::virtio::GuestRam;
 use std::sync::{Arc, OnceLock};
 
 use devices::virtio::block::{BlockStats, Disk, RequestProcessor};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
 
 /// Guest RAM: 64 KiB at 0 and 4 KiB after a hole, so that buffers can straddle regions and gaps.
@@ -51,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let fx = fixture();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[
+    let mem = GuestRam::from_ranges(&[
         (GuestAddress(0), RAM as usize),
         (GuestAddress(HIGH), HIGH_SIZE as usize),
     ])

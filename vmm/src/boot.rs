@@ -1,6 +1,7 @@
 //! Loading the guest: kernel (ELF vmlinux or bzImage), initramfs, command line and the boot
 //! structures the kernel reads first (PVH start info or the Linux zero page, and the memory map).
 
+use devices::virtio::GuestRam;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
@@ -16,7 +17,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader, KernelLoaderResult};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::layout::*;
 
@@ -71,7 +72,7 @@ pub enum BootEntry {
 
 /// Loads kernel, initramfs and command line into `mem` and writes the boot structures.
 pub fn load_guest(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     ram_size: u64,
     kernel: &Path,
     initramfs: Option<&Path>,
@@ -132,7 +133,7 @@ pub fn load_guest(
 
 /// Places the initramfs page-aligned as high as allowed, above the kernel. Returns (addr, size).
 fn load_initramfs(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     ram_size: u64,
     path: &Path,
     kernel_end: u64,
@@ -173,7 +174,7 @@ fn memory_map(ram_size: u64) -> Vec<(u64, u64, u32)> {
 }
 
 fn write_pvh_start_info(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     e820: &[(u64, u64, u32)],
     initrd: Option<(u64, u64)>,
 ) -> Result<(), BootError> {
@@ -210,12 +211,11 @@ fn write_pvh_start_info(
         );
     }
     params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
-    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
-        .map_err(BootError::BootParams)
+    PvhBootConfigurator::write_bootparams::<GuestRam>(&params, mem).map_err(BootError::BootParams)
 }
 
 fn write_zero_page(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     e820: &[(u64, u64, u32)],
     initrd: Option<(u64, u64)>,
     setup_header: Option<linux_loader::bootparam::setup_header>,
@@ -248,8 +248,7 @@ fn write_zero_page(
         bp.e820_entries = i as u8 + 1;
     }
     let params = BootParams::new(&bp, GuestAddress(ZERO_PAGE_START));
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
-        .map_err(BootError::BootParams)
+    LinuxBootConfigurator::write_bootparams::<GuestRam>(&params, mem).map_err(BootError::BootParams)
 }
 
 #[cfg(test)]
@@ -268,7 +267,7 @@ mod tests {
 
     #[test]
     fn rejects_missing_and_bogus_kernels() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let e = load_guest(&mem, 64 << 20, Path::new("/nonexistent"), None, "").unwrap_err();
         assert!(e.to_string().contains("/nonexistent"));
         let dir = std::env::temp_dir().join(format!("hv-boot-test-{}", std::process::id()));

@@ -31,8 +31,9 @@ pub const DEFAULT_CMDLINE: &str = concat!(
 #[command(name = "hotplug-vmm", version, about, long_about = None)]
 pub struct Cli {
     /// Guest kernel: an uncompressed vmlinux (ELF; PVH entry point when it has one) or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    /// Not needed with --incoming (the guest comes with its memory).
+    #[arg(long, value_name = "PATH", required_unless_present = "incoming")]
+    pub kernel: Option<PathBuf>,
 
     /// Initramfs (cpio archive, optionally compressed) handed to the kernel.
     #[arg(long, value_name = "PATH")]
@@ -114,6 +115,22 @@ pub struct Cli {
     /// Control socket: a Unix socket at PATH speaking QMP (SPEC.md §5), several clients at once.
     #[arg(long, value_name = "PATH")]
     pub qmp: Option<PathBuf>,
+
+    /// Start with the vCPUs stopped (`query-status` says "paused") until the control socket's
+    /// `cont`, as QEMU's -S.
+    #[arg(short = 'S', long)]
+    pub paused: bool,
+
+    /// Take the guest from a snapshot or a migration instead of booting: unix:PATH (listen
+    /// there for a `migrate` from another hotplug-vmm), exec:COMMAND (read the output of
+    /// `sh -c COMMAND`, e.g. "exec:cat FILE"), file:PATH (a file written by `migrate file:`,
+    /// mapped rather than read), or defer (wait for the control socket's
+    /// `migrate-incoming`). The machine options (--cpus, --memory, --root-ports,
+    /// --root-port-hotplug, --osc-native-hotplug, --no-command-completed) must be the
+    /// source's; the disks come with the guest (--disk may repeat the source's or be left out).
+    /// The guest runs afterwards if it ran when the source's migration started, unless -S.
+    #[arg(long, value_name = "URI")]
+    pub incoming: Option<String>,
 
     /// Where the guest console goes: stdio (stdout, with stdin as input), null, or file=PATH.
     #[arg(long, value_name = "stdio|null|file=PATH", default_value = "stdio", value_parser = parse_serial)]

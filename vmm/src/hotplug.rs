@@ -32,7 +32,7 @@ use devices::virtio::InFlightOutcome;
 use serde_json::{json, Map, Value};
 
 use crate::config::parse_backend_error;
-use crate::pci_devices::{AddDeviceError, DiskSpec, PciDevices};
+use crate::pci_devices::{AddDeviceError, BackendIdentity, DiskSpec, PciDevices};
 use crate::qmp::typed::parse_args;
 use crate::qmp::{QmpError, QmpEvents};
 use serde::Deserialize;
@@ -51,11 +51,63 @@ struct Inner {
     pci: Arc<PciDevices>,
     events: QmpEvents,
     plane: Mutex<Plane>,
-    /// The control plane's time origin.
-    origin: Instant,
+    /// The control plane's time: the VM's running time, which stands still while it is
+    /// paused and goes on from where the source left it after a restore.
+    clock: Mutex<VmClock>,
+}
+
+/// Time that runs only while the VM runs.
+struct VmClock {
+    /// Running time accumulated before `since`.
+    base: Duration,
+    /// When the VM last started running, if it runs.
+    since: Option<Instant>,
+}
+
+impl VmClock {
+    fn now(&self) -> Duration {
+        self.base + self.since.map_or(Duration::ZERO, |s| s.elapsed())
+    }
+
+    fn stop(&mut self) {
+        self.base = self.now();
+        self.since = None;
+    }
+
+    fn start(&mut self) {
+        if self.since.is_none() {
+            self.since = Some(Instant::now());
+        }
+    }
+}
+
+/// A `blockdev-add` node of a saved machine.
+#[derive(Clone, Debug, serde::Serialize, Deserialize)]
+pub struct NodeState {
+    /// Its image.
+    pub path: std::path::PathBuf,
+    /// Opened read-only.
+    pub readonly: bool,
+    /// Which file it had open.
+    pub identity: BackendIdentity,
+}
+
+/// The hot-plug side of a saved machine: the control plane (every function's lifecycle,
+/// pending removals with their age and repeat counts, pulled devices), its clock, and the
+/// `blockdev-add` nodes' files.
+#[derive(Clone, Debug, serde::Serialize, Deserialize)]
+pub struct HotplugState {
+    /// The control plane.
+    pub control: HotplugControl,
+    /// The control plane's time when the state was taken.
+    pub now: Duration,
+    /// The nodes' files, by node name.
+    pub nodes: BTreeMap<String, NodeState>,
 }
 
 enum Msg {
+    /// Answer once every message sent before this one has been handled.
+    Flush(Sender<()>),
     Slot(String, SlotEvent),
     /// The guest ejected device `.1` of ACPI hot-plug bus `.0`.
     AcpiEject(u8, u8),
@@ -136,20 +188,24 @@ pub struct Hotplug {
 
 impl Hotplug {
     /// Watches every root port of `pci` and reports to the clients of `events`; `control`
-    /// knows the machine and its cold-plugged disks.
-    pub fn start(
+    /// knows the machine and its disks. The control plane's clock starts at `now` (a restored
+    /// machine's goes on from where it was) and runs once [`resume`](Self::resume)d; `files`
+    /// are the nodes' files (a restored machine's, opened and checked by the caller).
+    pub fn start_at(
         pci: Arc<PciDevices>,
         events: QmpEvents,
         control: HotplugControl,
+        now: Duration,
+        files: BTreeMap<String, File>,
     ) -> std::io::Result<Self> {
         let inner = Arc::new(Inner {
             pci,
             events,
-            plane: Mutex::new(Plane {
-                control,
-                files: BTreeMap::new(),
+            plane: Mutex::new(Plane { control, files }),
+            clock: Mutex::new(VmClock {
+                base: now,
+                since: None,
             }),
-            origin: Instant::now(),
         });
         let (tx, rx) = channel();
         let forwarder: Arc<dyn SlotObserver> = Arc::new(Forwarder(tx.clone()));
@@ -180,6 +236,10 @@ impl Hotplug {
                 .spawn(move || loop {
                     let msg = match rx.recv_timeout(Duration::from_millis(500)) {
                         Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                        Ok(Msg::Flush(done)) => {
+                            let _ = done.send(());
+                            continue;
+                        }
                         Ok(msg) => Some(msg),
                         Err(RecvTimeoutError::Timeout) => None,
                     };
@@ -201,6 +261,48 @@ impl Hotplug {
     /// `x-query-hotplug`.
     pub fn query(&self) -> Value {
         self.inner.query_hotplug()
+    }
+
+    /// The VM runs: the control plane's clock runs.
+    pub fn resume(&self) {
+        lock(&self.inner.clock).start();
+    }
+
+    /// The VM has stopped (its vCPUs are parked): handles every guest event the vCPUs sent
+    /// before they stopped, then stops the clock, so that nothing falls due while the VM does
+    /// not run and the state taken next includes everything the guest did.
+    pub fn pause(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+        lock(&self.inner.clock).stop();
+    }
+
+    /// The control plane, its clock and the nodes' files; the VM must be paused.
+    pub fn state(&self) -> Result<HotplugState, String> {
+        let plane = self.inner.plane();
+        let mut nodes = BTreeMap::new();
+        for (name, node) in plane.control.nodes() {
+            let file = plane
+                .files
+                .get(name)
+                .ok_or_else(|| format!("node {name} has no open file"))?;
+            let identity = BackendIdentity::of(file).map_err(|e| format!("node {name}: {e}"))?;
+            nodes.insert(
+                name.clone(),
+                NodeState {
+                    path: node.path.clone(),
+                    readonly: node.readonly,
+                    identity,
+                },
+            );
+        }
+        Ok(HotplugState {
+            control: plane.control.clone(),
+            now: self.inner.now(),
+            nodes,
+        })
     }
 
     /// Stops watching the slots and joins the worker (at exit, before the devices go).
@@ -411,7 +513,7 @@ impl Inner {
     }
 
     fn now(&self) -> Duration {
-        self.origin.elapsed()
+        lock(&self.clock).now()
     }
 
     /// Runs a command through the control plane and carries out its answer; if the first
@@ -468,7 +570,7 @@ impl Inner {
                 },
                 &regs,
             ),
-            Some(Msg::Stop) | None => Vec::new(),
+            Some(Msg::Stop) | Some(Msg::Flush(_)) | None => Vec::new(),
         };
         self.carry_out_all(&mut plane, actions);
         let actions = plane.control.tick(now, &regs);

@@ -8,12 +8,17 @@ mod exit;
 mod hotplug;
 mod interrupts;
 mod layout;
+mod migration;
 mod mptable;
 mod pci_devices;
 mod qmp;
+mod run_state;
+mod runtime;
+mod snapshot;
 mod terminal;
 mod trace;
 mod vcpu;
+mod vcpu_state;
 mod vm;
 
 use clap::Parser;

@@ -5,16 +5,20 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use devices::acpi_hotplug::AcpiHotplugController;
+use std::path::{Path, PathBuf};
+
+use devices::acpi_hotplug::{AcpiHotplugController, AcpiHotplugState};
 use devices::osc_report::OscReport;
+use devices::pci::root_port::PcieRootPortState;
 use devices::pci::{
     same_device, BarReprogram, BarReprogrammingHandler, BarSpace, Bdf, PciDevice, PciRoot,
-    PcieRootPort, RootPortOptions, SharedPciDevice, VacatedWrites,
+    PcieRootPort, RootPortOptions, SharedPciDevice, VacatedRegion, VacatedWrites,
 };
 use devices::virtio::block::{BackendErrorObserver, Block, BlockConfig};
-use devices::virtio::pci::{VirtioPciDevice, BAR0_SIZE};
+use devices::virtio::pci::{VirtioPciDevice, VirtioPciState, BAR0_SIZE};
 use devices::virtio::{GuestMemory, InFlightOutcome, InFlightPolicy};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
@@ -65,6 +69,122 @@ struct VirtioFunction {
     /// The MMIO the VMM assigned BAR 0 (cold-plugged root bus devices only; the guest assigns
     /// BARs behind ports and of hot-added devices, as it does on QEMU).
     bar0_range: Option<RangeInclusive>,
+    /// Which file it opened, and how big it was (checked when a snapshot is restored).
+    identity: BackendIdentity,
+    /// Its capacity in sectors, as the guest sees it.
+    capacity: u64,
+    /// Pulled out and still failing: what its BARs read meanwhile.
+    pulled_bar_reads: Option<BarReads>,
+}
+
+/// Which file a backend is, and how big: a snapshot is restored only onto the same file, not
+/// one that replaced it under the same name, and not resized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendIdentity {
+    /// Device of the file system holding it.
+    pub dev: u64,
+    /// Its inode.
+    pub ino: u64,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+impl BackendIdentity {
+    /// The identity of `file`.
+    pub fn of(file: &std::fs::File) -> std::io::Result<Self> {
+        Ok(Self::from_metadata(&file.metadata()?))
+    }
+
+    fn from_metadata(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        BackendIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+        }
+    }
+
+    /// Opens `path` (read-write unless `readonly`) if it is still the file this identity
+    /// names, with the same size; otherwise says how it changed.
+    pub fn reopen(&self, path: &Path, readonly: bool) -> Result<std::fs::File, String> {
+        let name = path.display();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => format!("backing file {name} is missing"),
+                _ => format!("cannot open backing file {name}: {e}"),
+            })?;
+        let now = Self::of(&file).map_err(|e| format!("backing file {name}: {e}"))?;
+        if (now.dev, now.ino) != (self.dev, self.ino) {
+            return Err(format!(
+                "backing file {name} was replaced: it is not the file the source used"
+            ));
+        }
+        if now.size != self.size {
+            return Err(format!(
+                "backing file {name} was resized: {} bytes, the source's had {}",
+                now.size, self.size
+            ));
+        }
+        Ok(file)
+    }
+}
+
+/// Where a saved disk sat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SavedPlacement {
+    /// Device `device` of the root bus.
+    RootBus(u8),
+    /// The slot of root port `port`.
+    Port(String),
+}
+
+/// A disk of a saved machine: its records and its function's state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiskState {
+    /// The control plane's key.
+    pub key: FunctionKey,
+    /// Its id.
+    pub id: String,
+    /// Its image.
+    pub path: PathBuf,
+    /// Read-only.
+    pub readonly: bool,
+    /// The `blockdev-add` node it uses.
+    pub node: Option<String>,
+    /// Where it sat.
+    pub placement: SavedPlacement,
+    /// Where BAR 0 was decoded (the ioeventfds' addresses).
+    pub bar0: Option<u64>,
+    /// The MMIO the VMM had assigned BAR 0, as (start, end).
+    pub bar0_range: Option<(u64, u64)>,
+    /// Its file.
+    pub identity: BackendIdentity,
+    /// Capacity in sectors.
+    pub capacity: u64,
+    /// Pulled out and still failing requests: what its BARs read.
+    pub pulled_bar_reads: Option<BarReads>,
+    /// The virtio-pci function.
+    pub function: VirtioPciState,
+}
+
+/// The PCI devices of a saved machine.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PciDevicesState {
+    /// Root ports by id.
+    pub root_ports: BTreeMap<String, PcieRootPortState>,
+    /// The ACPI hot-plug controller.
+    pub acpi_hotplug: Option<AcpiHotplugState>,
+    /// The `_OSC` report registers.
+    pub osc: Option<OscReport>,
+    /// The disks in their slots.
+    pub disks: Vec<DiskState>,
+    /// The disks pulled out by surprise that still fail their driver's requests.
+    pub pulled: Vec<DiskState>,
+    /// BARs of pulled-out disks that read zero where nothing else was mapped since.
+    pub vacated: Vec<VacatedRegion>,
 }
 
 /// Where the disks' backend failures go: set by whoever handles them (the hot-plug worker);
@@ -400,10 +520,21 @@ impl PciDevices {
         let mut config = BlockConfig::new(&disk.path, &id);
         config.readonly = disk.readonly;
         config.num_queues = self.queues_per_disk.max(1);
-        let mut block = match disk.file {
-            Some(file) => Block::with_file(config, file)?,
-            None => Block::new(config)?,
+        let (mut block, identity) = match disk.file {
+            Some(file) => {
+                let identity = BackendIdentity::of(&file);
+                (Block::with_file(config, file)?, identity)
+            }
+            None => {
+                let block = Block::new(config)?;
+                (
+                    block,
+                    std::fs::metadata(&disk.path).map(|m| BackendIdentity::from_metadata(&m)),
+                )
+            }
         };
+        let identity = identity.map_err(|e| AddDeviceError::Transport(format!("{id}: {e}")))?;
+        let capacity = block.capacity();
         block.set_backend_error_observer(Some(Arc::new(DiskBackendErrors {
             id: id.clone(),
             hub: self.backend_errors.clone(),
@@ -482,6 +613,9 @@ impl PciDevices {
                 placement: placement.clone(),
                 bar0: None,
                 bar0_range,
+                identity,
+                capacity,
+                pulled_bar_reads: None,
             },
         );
         match &placement {
@@ -670,6 +804,7 @@ impl PciDevices {
             }
         );
         if outcome.failing {
+            f.pulled_bar_reads = Some(bar_reads);
             lock(&self.pulled).push(f);
         }
         Some(outcome)
@@ -875,6 +1010,238 @@ impl PciDevices {
         serde_json::Value::Array(disks)
     }
 
+    // ---- Saving and restoring ----
+
+    /// Pauses every disk's I/O (the pulled-out ones' too): the requests in flight finish and
+    /// are published, then nothing touches guest memory until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        for f in lock(&self.virtio).values() {
+            lock(&f.device).pause();
+        }
+        for f in lock(&self.pulled).iter() {
+            lock(&f.device).pause();
+        }
+    }
+
+    /// Serves the disks' queues again.
+    pub fn resume(&self) {
+        for f in lock(&self.virtio).values() {
+            lock(&f.device).resume();
+        }
+        for f in lock(&self.pulled).iter() {
+            lock(&f.device).resume();
+        }
+    }
+
+    /// The devices' state; they must be [paused](Self::pause).
+    pub fn state(&self) -> Result<PciDevicesState, String> {
+        let disk = |f: &VirtioFunction| -> Result<DiskState, String> {
+            // The size now, if the name still leads to the file the disk uses.
+            let mut identity = f.identity;
+            if let Ok(now) = std::fs::metadata(&f.path).map(|m| BackendIdentity::from_metadata(&m))
+            {
+                if (now.dev, now.ino) == (identity.dev, identity.ino) {
+                    identity.size = now.size;
+                }
+            }
+            Ok(DiskState {
+                key: f.key,
+                id: f.key_id(),
+                path: f.path.clone(),
+                readonly: f.readonly,
+                node: f.node.clone(),
+                placement: match &f.placement {
+                    Placement::RootBus(bdf) => SavedPlacement::RootBus(bdf.device()),
+                    Placement::Port { port, .. } => SavedPlacement::Port(port.clone()),
+                },
+                bar0: f.bar0,
+                bar0_range: f.bar0_range.map(|r| (r.start(), r.end())),
+                identity,
+                capacity: f.capacity,
+                pulled_bar_reads: f.pulled_bar_reads,
+                function: lock(&f.device).state().map_err(|e| e.to_string())?,
+            })
+        };
+        Ok(PciDevicesState {
+            root_ports: self
+                .root_ports
+                .iter()
+                .map(|(id, e)| (id.clone(), lock(&e.port).state()))
+                .collect(),
+            acpi_hotplug: self.acpi.as_ref().map(|a| lock(a).state()),
+            osc: self.osc.as_ref().map(|o| lock(o).state()),
+            disks: lock(&self.virtio)
+                .values()
+                .map(disk)
+                .collect::<Result<_, _>>()?,
+            pulled: lock(&self.pulled)
+                .iter()
+                .map(disk)
+                .collect::<Result<_, _>>()?,
+            vacated: self.bars.vacated(),
+        })
+    }
+
+    /// Puts a saved machine's devices back into this one, built from the same command line
+    /// with no disks: the root ports, the ACPI hot-plug controller and the `_OSC` report as
+    /// they were, and every disk — in its slot with `files[id]` as its backend, or pulled out
+    /// and failing without one — with its function's state, its BARs mapped where the guest
+    /// put them and its ioeventfds there. The disks stay paused until [`resume`](Self::resume).
+    pub fn restore(
+        &self,
+        state: &PciDevicesState,
+        mut files: BTreeMap<String, std::fs::File>,
+    ) -> Result<(), String> {
+        for (id, entry) in &self.root_ports {
+            let saved = state
+                .root_ports
+                .get(id)
+                .ok_or_else(|| format!("the snapshot has no state for root port {id}"))?;
+            lock(&entry.port)
+                .restore(saved)
+                .map_err(|e| e.to_string())?;
+        }
+        if let (Some(acpi), Some(saved)) = (&self.acpi, &state.acpi_hotplug) {
+            lock(acpi).restore(saved).map_err(|e| e.to_string())?;
+        }
+        if let (Some(osc), Some(saved)) = (&self.osc, &state.osc) {
+            lock(osc).restore(saved);
+        }
+        for region in &state.vacated {
+            if !self.bars.restore_vacated(region) {
+                log::warn!(
+                    "vacated BAR at {:#x} overlaps another: left out",
+                    region.address
+                );
+            }
+        }
+        for d in &state.disks {
+            let file = files
+                .remove(&d.id)
+                .ok_or_else(|| format!("no backend opened for {}", d.id))?;
+            self.restore_disk(d, Some(file))?;
+        }
+        for d in &state.pulled {
+            self.restore_disk(d, None)?;
+        }
+        Ok(())
+    }
+
+    /// One saved disk, with its backend `file` (in its slot) or none (pulled out).
+    fn restore_disk(&self, d: &DiskState, file: Option<std::fs::File>) -> Result<(), String> {
+        let id = &d.id;
+        let err = |e: &dyn std::fmt::Display| format!("{id}: {e}");
+        let mut config = BlockConfig::new(&d.path, id);
+        config.readonly = d.readonly;
+        config.num_queues = self.queues_per_disk.max(1);
+        let attached = file.is_some();
+        let mut block = match file {
+            Some(file) => Block::with_file(config, file),
+            None => Block::without_backend(config, d.capacity),
+        }
+        .map_err(|e| err(&e))?;
+        if block.capacity() != d.capacity {
+            return Err(format!(
+                "{id}: its image has {} sectors, the guest knew {}",
+                block.capacity(),
+                d.capacity
+            ));
+        }
+        block.set_backend_error_observer(Some(Arc::new(DiskBackendErrors {
+            id: id.clone(),
+            hub: self.backend_errors.clone(),
+        })));
+        let vectors = VirtioPciDevice::msix_vector_count(&block);
+        let msi = KvmMsiGroup::new(self.router.clone(), vectors).map_err(|e| err(&e))?;
+        let mut dev = VirtioPciDevice::new(Box::new(block), self.memory.clone(), Arc::new(msi))
+            .map_err(|e| err(&e))?;
+        dev.restore(&d.function).map_err(|e| err(&e))?;
+        let (placement, bdf) = match &d.placement {
+            SavedPlacement::RootBus(device) => {
+                let bdf = Bdf::new(0, *device, 0).ok_or_else(|| err(&"no such slot"))?;
+                (Placement::RootBus(bdf), bdf)
+            }
+            SavedPlacement::Port(port) => {
+                let entry = self
+                    .root_ports
+                    .get(port)
+                    .ok_or_else(|| err(&format!("no root port {port}")))?;
+                let secondary = lock(&entry.port).secondary_bus();
+                let bdf = Bdf::new(secondary, 0, 0).ok_or_else(|| err(&"no bus"))?;
+                (
+                    Placement::Port {
+                        port: port.clone(),
+                        port_bdf: entry.bdf,
+                    },
+                    bdf,
+                )
+            }
+        };
+        let bar0_range = match d.bar0_range {
+            Some((start, end)) if end >= start => Some(
+                lock(&self.mmio)
+                    .allocate(end - start + 1, 1, AllocPolicy::ExactMatch(start))
+                    .map_err(|e| err(&format!("BAR 0 at {start:#x}: {e}")))?,
+            ),
+            _ => None,
+        };
+        let changes: Vec<BarReprogram> = dev
+            .decoded_bars()
+            .into_iter()
+            .map(|b| BarReprogram {
+                index: b.index,
+                kind: b.kind,
+                size: b.size,
+                old: None,
+                new: Some(b.address),
+            })
+            .collect();
+        let dev = Arc::new(Mutex::new(dev));
+        let shared: SharedPciDevice = dev.clone();
+        let mut f = VirtioFunction {
+            key: d.key,
+            device: dev,
+            shared: shared.clone(),
+            path: d.path.clone(),
+            readonly: d.readonly,
+            node: d.node.clone(),
+            placement: placement.clone(),
+            bar0: None,
+            bar0_range,
+            identity: d.identity,
+            capacity: d.capacity,
+            pulled_bar_reads: d.pulled_bar_reads,
+        };
+        if attached {
+            let added = match &placement {
+                Placement::RootBus(bdf) => lock(&self.root).add_device(*bdf, shared.clone()),
+                Placement::Port { port_bdf, .. } => {
+                    lock(&self.root).add_downstream_device(*port_bdf, 0, shared.clone())
+                }
+            };
+            added.map_err(|e| err(&e))?;
+            self.bars.reprogram_bars(bdf, &shared, &changes);
+            self.move_ioeventfds(&mut f, d.bar0);
+            lock(&self.virtio).insert(id.clone(), f);
+        } else {
+            if d.pulled_bar_reads == Some(BarReads::Zero) {
+                self.bars.reprogram_bars(bdf, &shared, &changes);
+                self.bars.vacate_device(&shared, VacatedWrites::ToDevice);
+            }
+            self.move_ioeventfds(&mut f, d.bar0);
+            lock(&self.pulled).push(f);
+        }
+        log::info!(
+            "virtio-blk {id} restored{}",
+            if attached {
+                ""
+            } else {
+                " (pulled out, failing its requests)"
+            }
+        );
+        Ok(())
+    }
+
     /// Removes every device (at exit): stops their I/O threads and releases their backends.
     pub fn shutdown(&self) {
         let ids: Vec<String> = lock(&self.virtio).keys().cloned().collect();
@@ -912,6 +1279,12 @@ impl BarReprogrammingHandler for PciDevices {
                 self.move_ioeventfds(f, c.new);
             }
         }
+    }
+}
+
+impl VirtioFunction {
+    fn key_id(&self) -> String {
+        lock(&self.device).id().to_string()
     }
 }
 

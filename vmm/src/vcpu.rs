@@ -5,7 +5,10 @@
 //! instruction bytes) instead of spinning: on PVM hosts an instruction KVM's emulator cannot run
 //! shows up as `KVM_EXIT_INTERNAL_ERROR` with suberror 1, and the bytes say which one it was.
 
-use std::sync::{Arc, RwLock};
+use devices::virtio::GuestRam;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
 
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs,
@@ -14,11 +17,12 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::BootEntry;
 use crate::exit::{ExitSignal, VmExit};
 use crate::layout::*;
+use crate::vcpu_state::VcpuState;
 
 /// IA32_MISC_ENABLE (Intel SDM vol. 4, table 2-2) and its fast-strings bit.
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
@@ -61,15 +65,148 @@ pub struct VcpuSetupError {
     err: kvm_ioctls::Error,
 }
 
+/// What a parked vCPU thread can be asked to do.
+enum Request {
+    /// Read the vCPU's state (it is not in KVM_RUN) and send it back.
+    Save(Sender<Result<VcpuState, String>>),
+    /// Go on running the guest.
+    Resume,
+}
+
+#[derive(Default)]
+struct Parking {
+    /// Threads parked at the gate.
+    parked: usize,
+    /// Threads that will never run the guest again (fatal exit, or HLT).
+    gone: usize,
+}
+
+/// Where the vCPU threads stop between two KVM_RUNs while the VM is paused, and the requests
+/// they serve meanwhile. See [`VcpuSet`].
+#[derive(Default)]
+struct Gate {
+    paused: std::sync::atomic::AtomicBool,
+    parking: Mutex<Parking>,
+    changed: Condvar,
+}
+
+impl Gate {
+    fn is_closed(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Parking)) {
+        f(&mut self.parking.lock().unwrap_or_else(|e| e.into_inner()));
+        self.changed.notify_all();
+    }
+}
+
+/// The vCPU threads of the VM, to pause, save and resume: pausing kicks every vCPU out of
+/// KVM_RUN (a signal, repeated until each has stopped, since one can arrive just before a
+/// thread enters KVM_RUN) and returns once every thread is parked; a parked thread serves
+/// requests for its vCPU's state; resuming returns once every thread is running again.
+pub struct VcpuSet {
+    gate: Arc<Gate>,
+    threads: Mutex<Vec<(libc::pthread_t, Sender<Request>)>>,
+}
+
+impl VcpuSet {
+    /// A set whose threads start paused (`true`) or running.
+    pub fn new(start_paused: bool) -> Self {
+        let gate = Gate::default();
+        gate.paused
+            .store(start_paused, std::sync::atomic::Ordering::Release);
+        VcpuSet {
+            gate: Arc::new(gate),
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn threads(&self) -> std::sync::MutexGuard<'_, Vec<(libc::pthread_t, Sender<Request>)>> {
+        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops every vCPU between two KVM_RUNs; returns once all are parked (or gone).
+    pub fn pause(&self) {
+        self.gate
+            .paused
+            .store(true, std::sync::atomic::Ordering::Release);
+        let threads = self.threads();
+        let n = threads.len();
+        let mut parking = self.gate.parking.lock().unwrap_or_else(|e| e.into_inner());
+        while parking.parked + parking.gone < n {
+            for (tid, _) in threads.iter() {
+                // SAFETY: the vCPU threads never exit before the process does, so the handles
+                // stay valid; SIGRTMIN has a no-op handler that only interrupts KVM_RUN.
+                unsafe { libc::pthread_kill(*tid, vmm_sys_util::signal::SIGRTMIN()) };
+            }
+            parking = self
+                .gate
+                .changed
+                .wait_timeout(parking, Duration::from_millis(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets the parked vCPUs run again; returns once each has left the gate.
+    pub fn resume(&self) {
+        self.gate
+            .paused
+            .store(false, std::sync::atomic::Ordering::Release);
+        for (_, requests) in self.threads().iter() {
+            let _ = requests.send(Request::Resume);
+        }
+        let mut parking = self.gate.parking.lock().unwrap_or_else(|e| e.into_inner());
+        while parking.parked > 0 {
+            parking = self
+                .gate
+                .changed
+                .wait(parking)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Every vCPU's state, in vCPU order; the vCPUs must be [paused](Self::pause).
+    pub fn save(&self) -> Result<Vec<VcpuState>, String> {
+        let mut replies = Vec::new();
+        for (id, (_, requests)) in self.threads().iter().enumerate() {
+            let (tx, rx) = channel();
+            requests
+                .send(Request::Save(tx))
+                .map_err(|_| format!("vCPU {id} has stopped"))?;
+            replies.push((id, rx));
+        }
+        replies
+            .into_iter()
+            .map(|(id, rx)| {
+                rx.recv()
+                    .map_err(|_| format!("vCPU {id} has stopped"))?
+                    .map_err(|e| format!("vCPU {id}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Registers the thread `tid` running the vCPU that [`Vcpu::attach`] gave `requests`.
+    fn add(&self, tid: libc::pthread_t, requests: Sender<Request>) {
+        self.threads().push((tid, requests));
+    }
+}
+
 /// A vCPU ready to run.
 pub struct Vcpu {
     fd: VcpuFd,
     id: u8,
     io: Arc<RwLock<IoManager>>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     exit: Arc<ExitSignal>,
     /// Log where the vCPU is whenever a kick interrupts KVM_RUN (HOTPLUG_VMM_SAMPLE_MS).
     sample: bool,
+    /// The gate of its [`VcpuSet`] and the requests it serves while parked there.
+    gate: Arc<Gate>,
+    requests: Option<Receiver<Request>>,
+    /// The MSRs its state is saved with.
+    msrs: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -81,7 +218,7 @@ impl Vcpu {
         cpus: u8,
         base_cpuid: &CpuId,
         boot: Option<BootEntry>,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         io: Arc<RwLock<IoManager>>,
         exit: Arc<ExitSignal>,
     ) -> Result<Vcpu, VcpuSetupError> {
@@ -131,13 +268,73 @@ impl Vcpu {
             mem,
             exit,
             sample,
+            gate: Arc::default(),
+            requests: None,
+            msrs: Arc::default(),
         })
+    }
+
+    /// The KVM vCPU, e.g. to restore its state before it runs.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Makes the vCPU one of `set`'s, saving its state with the MSRs `msrs`; returns it ready
+    /// to [`spawn`](Self::spawn).
+    pub fn attach(mut self, set: &VcpuSet, msrs: Arc<Vec<u32>>) -> Self {
+        self.gate = set.gate.clone();
+        self.msrs = msrs;
+        self
+    }
+
+    /// Runs the vCPU on a new thread named `vcpuN`, registered with `set`.
+    pub fn spawn(mut self, set: &VcpuSet) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let (tx, rx) = channel();
+        self.requests = Some(rx);
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{}", self.id))
+            .spawn(move || self.run())?;
+        use std::os::unix::thread::JoinHandleExt;
+        set.add(handle.as_pthread_t(), tx);
+        Ok(handle)
+    }
+
+    /// Waits at the gate, serving requests, until resumed. False if the VM is ending.
+    fn park(&mut self) -> bool {
+        let Some(requests) = &self.requests else {
+            return true;
+        };
+        self.gate.update(|p| p.parked += 1);
+        loop {
+            match requests.recv() {
+                Ok(Request::Save(reply)) => {
+                    let state = VcpuState::save(&self.fd, &self.msrs).map_err(|e| e.to_string());
+                    let _ = reply.send(state);
+                }
+                // A Resume sent while this thread was not parked yet is stale: the gate says.
+                Ok(Request::Resume) if self.gate.is_closed() => {}
+                Ok(Request::Resume) => {
+                    self.gate.update(|p| p.parked -= 1);
+                    return true;
+                }
+                Err(_) => {
+                    self.gate.update(|p| p.parked -= 1);
+                    return false;
+                }
+            }
+        }
     }
 
     /// Runs the vCPU until the VM exits. Never returns normally: the VM's exit is reported
     /// through the [`ExitSignal`], and the vCPU thread parks until the process ends.
     pub fn run(mut self) {
         loop {
+            if self.gate.is_closed() {
+                if !self.park() {
+                    break;
+                }
+                continue;
+            }
             let outcome = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, &self.io),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -172,6 +369,7 @@ impl Vcpu {
             }
         }
         // The main thread ends the process; this thread has nothing left to do.
+        self.gate.update(|p| p.gone += 1);
         loop {
             std::thread::park();
         }
@@ -417,7 +615,7 @@ fn segment((flags, base, limit): (u16, u32, u32), index: u16) -> kvm_segment {
 
 fn setup_boot_registers(
     fd: &VcpuFd,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     entry: BootEntry,
 ) -> Result<(), kvm_ioctls::Error> {
     let long_mode = matches!(entry, BootEntry::Linux64 { .. });

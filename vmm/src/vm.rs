@@ -1,6 +1,7 @@
 //! The machine: KVM VM, guest memory, interrupt controller, platform devices, ACPI tables, vCPU
 //! threads, and the main event loop that runs until the guest powers off or something fails.
 
+use devices::virtio::GuestRam;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,16 +20,14 @@ use devices::power_control::{
     PowerControl, PowerHandler, POWER_CONTROL_PORTS, RESET_OFFSET, RESET_VALUE,
     SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET,
 };
-use devices::serial::{SerialDevice, SERIAL_PORT_SIZE};
+use devices::serial::{SerialDevice, SerialDeviceState, SERIAL_PORT_SIZE};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 use std::os::unix::thread::JoinHandleExt;
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -40,8 +39,13 @@ use crate::exit::{ExitSignal, ExitWatcher, VmExit};
 use crate::hotplug::Hotplug;
 use crate::interrupts::GsiRouter;
 use crate::layout::*;
+use crate::migration::compat::{ColdDisk, MachineConfig};
+use crate::migration::incoming::{Answer, Incoming};
+use crate::migration::uri::MigrationUri;
 use crate::pci_devices::{DiskSpec, PciDevices};
-use crate::vcpu::Vcpu;
+use crate::run_state::RunStates;
+use crate::runtime::{Platform, Runtime, Shared};
+use crate::vcpu::{Vcpu, VcpuSet};
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
@@ -72,6 +76,9 @@ pub enum ConfigError {
     /// More `--disk`s on `pcie.0` than it has slots.
     #[error("--disk {0}: no free slot on pcie.0")]
     NoRootBusSlot(String),
+    /// `--incoming` is not a migration URI.
+    #[error("--incoming: {0}")]
+    Incoming(String),
 }
 
 /// A failure to build the machine.
@@ -118,6 +125,10 @@ pub enum VmError {
     },
     #[error("control socket {0}: {1}")]
     Qmp(String, #[source] io::Error),
+    #[error("incoming migration: {0}")]
+    Incoming(String),
+    #[error("restoring the machine: {0}")]
+    Restore(String),
 }
 
 /// An interrupt line into KVM's in-kernel IOAPIC through an irqfd.
@@ -154,18 +165,97 @@ impl<W: Write> Write for Unbuffered<W> {
     }
 }
 
-/// Builds the machine from the command line and runs it until it stops.
+/// Builds the machine from the command line — booting it, or taking it from a snapshot or a
+/// migration (`--incoming`) — and runs it until it stops.
 pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
     check_user_input(cli)?;
-    Machine::build(cli)?.run()
+    let incoming = cli
+        .incoming
+        .as_deref()
+        .map(|u| MigrationUri::parse(u, true))
+        .transpose()
+        .map_err(ConfigError::Incoming)?;
+    if let Some(path) = &cli.hotplug_trace {
+        crate::trace::open(path).map_err(|e| VmError::TraceFile(path.display().to_string(), e))?;
+    }
+    let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Io("eventfd", e))?);
+    let events = crate::qmp::QmpEvents::default();
+    let states = match incoming {
+        Some(_) => RunStates::incoming(cli.paused),
+        None => RunStates::booting(cli.paused),
+    };
+    let shared = Arc::new(Shared::new(events.clone(), states, exit));
+    let (defer_tx, defer_rx) = std::sync::mpsc::channel();
+    let defer = matches!(incoming, Some(MigrationUri::Defer)).then_some(defer_tx);
+    let control = Arc::new(MachineControl::new(shared.clone(), defer));
+    // The control socket is up before the machine: a migration coming in is watched there.
+    let qmp = match &cli.qmp {
+        Some(path) => Some(
+            crate::qmp::QmpServer::start_with_events(path, control.clone(), events)
+                .map_err(|e| VmError::Qmp(path.display().to_string(), e))?,
+        ),
+        None => None,
+    };
+    let boot = match incoming {
+        None => Boot::Fresh,
+        Some(uri) => {
+            let incoming = crate::migration::incoming::receive(
+                uri,
+                &machine_config(cli),
+                &ram_regions(cli.memory),
+                &shared,
+                &defer_rx,
+            )
+            .map_err(VmError::Incoming)?;
+            Boot::Restore(Box::new(incoming))
+        }
+    };
+    let (machine, answer) = Machine::build(cli, boot, shared)?;
+    control.attach(machine.runtime.clone());
+    machine.run(qmp, answer)
+}
+
+/// How the machine starts: booting the kernel, or from a snapshot or migration.
+enum Boot {
+    Fresh,
+    Restore(Box<Incoming>),
+}
+
+/// What the machine is made of, as a migration compares it.
+pub fn machine_config(cli: &Cli) -> MachineConfig {
+    MachineConfig {
+        cpus: cli.cpus,
+        memory: cli.memory,
+        root_ports: (0..cli.root_ports)
+            .map(|n| cli.root_port_hotplug.mode(n))
+            .collect(),
+        no_command_completed: cli.no_command_completed,
+        osc_native_hotplug: cli.osc_native_hotplug,
+        disks: cli
+            .disk
+            .iter()
+            .map(|d| ColdDisk {
+                path: d.path.clone(),
+                id: d.id.clone(),
+                readonly: d.readonly,
+                bus: d.bus.clone(),
+            })
+            .collect(),
+    }
 }
 
 /// Checks what the user gave before anything is built, so that their errors come first.
 fn check_user_input(cli: &Cli) -> Result<(), VmError> {
-    File::open(&cli.kernel)
-        .map_err(|e| boot::BootError::KernelOpen(cli.kernel.display().to_string(), e))?;
-    if let Some(p) = &cli.initramfs {
-        File::open(p).map_err(|e| boot::BootError::InitramfsOpen(p.display().to_string(), e))?;
+    // With --incoming the guest comes with its memory: kernel and initramfs are not read.
+    if cli.incoming.is_none() {
+        if let Some(kernel) = &cli.kernel {
+            File::open(kernel)
+                .map_err(|e| boot::BootError::KernelOpen(kernel.display().to_string(), e))?;
+        }
+        if let Some(p) = &cli.initramfs {
+            File::open(p)
+                .map_err(|e| boot::BootError::InitramfsOpen(p.display().to_string(), e))?;
+        }
     }
 
     cli.root_port_hotplug
@@ -204,26 +294,54 @@ fn check_user_input(cli: &Cli) -> Result<(), VmError> {
 
 /// A machine built and ready to run: its vCPUs not started yet.
 struct Machine {
-    exit: Arc<ExitSignal>,
-    serial: Arc<Mutex<SerialDevice>>,
+    runtime: Arc<Runtime>,
     /// Signalled when the console's input FIFO drains.
     drained: EventFd,
-    pci: Arc<PciDevices>,
-    hotplug: Arc<Hotplug>,
-    qmp: Option<crate::qmp::QmpServer>,
     vcpus: Vec<Vcpu>,
+    /// The MSRs the vCPUs' states are saved with.
+    msrs: Arc<Vec<u32>>,
+    /// Taken from a snapshot or migration: whether the source ran.
+    restored: Option<bool>,
     stdio: bool,
 }
 
 impl Machine {
     /// KVM VM, guest memory, platform devices, PCI, ACPI and MP tables, the guest loaded, the
     /// hot-plug worker and the control socket started, the vCPUs created.
-    fn build(cli: &Cli) -> Result<Self, VmError> {
-        if let Some(path) = &cli.hotplug_trace {
-            crate::trace::open(path)
-                .map_err(|e| VmError::TraceFile(path.display().to_string(), e))?;
+    fn build(cli: &Cli, boot: Boot, shared: Arc<Shared>) -> Result<(Self, Answer), VmError> {
+        let (mem, restore, answer) = match boot {
+            Boot::Fresh => (create_memory(cli.memory)?, None, Answer::default()),
+            Boot::Restore(incoming) => {
+                let Incoming {
+                    memory,
+                    state,
+                    disk_files,
+                    node_files,
+                    answer,
+                } = *incoming;
+                (memory, Some((state, disk_files, node_files)), answer)
+            }
+        };
+        match Self::build_with(cli, mem, restore, shared) {
+            Ok(machine) => Ok((machine, answer)),
+            Err(e) => {
+                answer.send(Err(&e.to_string()));
+                Err(e)
+            }
         }
+    }
 
+    fn build_with(
+        cli: &Cli,
+        mem: GuestRam,
+        restore: Option<Restore>,
+        shared: Arc<Shared>,
+    ) -> Result<Self, VmError> {
+        let (saved, disk_files, node_files) = match restore {
+            Some((state, disks, nodes)) => (Some(state), disks, nodes),
+            None => (None, Default::default(), Default::default()),
+        };
+        let state = saved.as_ref();
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let vm = Arc::new(
             kvm.create_vm()
@@ -237,25 +355,35 @@ impl Machine {
         vm.create_irq_chip()
             .map_err(|e| VmError::KvmIoctl("KVM_CREATE_IRQCHIP", e))?;
 
-        let mem = create_memory(&vm, cli.memory)?;
-        let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Io("eventfd", e))?);
+        register_memory(&vm, &mem, cli.memory)?;
+        let exit = shared.exit.clone();
         let mut io_mgr = IoManager::new();
-        let (serial, drained) = add_console(cli, &vm, &mut io_mgr)?;
+        let (serial, drained) =
+            add_console(cli, &vm, &mut io_mgr, state.map(|s| &s.platform.serial))?;
 
         // Power off and reset.
         let power = Arc::new(Mutex::new(PowerControl::new(Box::new(ExitOnPower(
             exit.clone(),
         )))));
-        register_pio(&mut io_mgr, POWER_PORT, POWER_CONTROL_PORTS, power)?;
+        if let Some(s) = state {
+            lock(&power).restore_sleep_status(s.platform.sleep_status);
+        }
+        register_pio(&mut io_mgr, POWER_PORT, POWER_CONTROL_PORTS, power.clone())?;
 
         // PCI: the root complex with its host bridge, reachable through both configuration mechanisms.
         let pci_root = Arc::new(Mutex::new(PciRoot::new()));
+        let host_bridge = Arc::new(Mutex::new(PciHostBridge::new()));
+        if let Some(s) = state {
+            lock(&host_bridge)
+                .restore(&s.platform.host_bridge)
+                .map_err(|e| VmError::Restore(e.to_string()))?;
+        }
         pci_root
             .lock()
             .unwrap()
             .add_device(
                 Bdf::new(0, 0, 0).expect("00:00.0 is a valid address"),
-                Arc::new(Mutex::new(PciHostBridge::new())),
+                host_bridge.clone(),
             )
             .map_err(|e| VmError::PciBus("host bridge", e))?;
         let bars = add_bar_windows(cli, &mut io_mgr)?;
@@ -285,16 +413,35 @@ impl Machine {
             .with_acpi_hotplug(acpi_hotplug)
             .with_osc_report(osc_report),
         );
-        let control = cold_plug_disks(cli, &pci, topology)?;
+        let (control, now) = match state {
+            None => (
+                cold_plug_disks(cli, &pci, topology)?,
+                std::time::Duration::ZERO,
+            ),
+            Some(state) => {
+                if state.hotplug.control.topology() != &topology {
+                    return Err(VmError::Restore(
+                        "the snapshot's hot-plug topology is not this machine's".into(),
+                    ));
+                }
+                pci.restore(&state.pci, disk_files)
+                    .map_err(VmError::Restore)?;
+                (state.hotplug.control.clone(), state.hotplug.now)
+            }
+        };
         let handler: Arc<dyn BarReprogrammingHandler> = pci.clone();
+        let config_io = Arc::new(Mutex::new(PciConfigIo::new(
+            pci_root.clone(),
+            Some(handler.clone()),
+        )));
+        if let Some(s) = state {
+            lock(&config_io).restore_config_address(s.platform.config_address);
+        }
         register_pio(
             &mut io_mgr,
             PCI_CONFIG_IO_PORT,
             PCI_CONFIG_IO_SIZE,
-            Arc::new(Mutex::new(PciConfigIo::new(
-                pci_root.clone(),
-                Some(handler.clone()),
-            ))),
+            config_io.clone(),
         )?;
         let ecam = PciConfigMmio::new(pci_root.clone(), ECAM_BUSES, Some(handler));
         io_mgr
@@ -305,8 +452,180 @@ impl Machine {
             )
             .map_err(|e| VmError::Bus("ECAM".into(), e))?;
 
+        // Firmware tables and the kernel: a restored guest has them in its memory already.
+        let entry = match state {
+            Some(_) => None,
+            None => Some(load_firmware_and_kernel(cli, &mem, &acpi_cfg)?),
+        };
+
+        // Hot-plug (it also follows guest-initiated removals, socket or not).
+        let hotplug = Arc::new(
+            Hotplug::start_at(pci.clone(), shared.events.clone(), control, now, node_files)
+                .map_err(|e| VmError::Io("hotplug thread", e))?,
+        );
+
+        let io = Arc::new(RwLock::new(io_mgr));
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::KvmIoctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut vcpus = Vec::new();
+        for id in 0..cli.cpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| VmError::KvmIoctl("KVM_CREATE_VCPU", e))?;
+            let boot = entry.filter(|_| id == 0);
+            vcpus.push(Vcpu::new(
+                fd,
+                id,
+                cli.cpus,
+                &cpuid,
+                boot,
+                mem.clone(),
+                io.clone(),
+                exit.clone(),
+            )?);
+        }
+        let msrs = match vcpus.first() {
+            Some(v) => crate::vcpu_state::saveable_msrs(&kvm, v.fd())
+                .map_err(|e| VmError::Restore(e.to_string()))?,
+            None => Vec::new(),
+        };
+        if let Some(s) = state {
+            if s.vcpus.len() != vcpus.len() {
+                return Err(VmError::Restore(format!(
+                    "the snapshot has {} vCPUs, this machine {}",
+                    s.vcpus.len(),
+                    vcpus.len()
+                )));
+            }
+            for (i, (v, saved)) in vcpus.iter().zip(&s.vcpus).enumerate() {
+                saved
+                    .restore(v.fd())
+                    .map_err(|e| VmError::Restore(format!("vCPU {i}: {e}")))?;
+            }
+            crate::runtime::restore_kvm(&vm, s).map_err(VmError::Restore)?;
+        }
+
+        let runtime = Arc::new(Runtime {
+            vm,
+            vcpus: Arc::new(VcpuSet::new(true)),
+            memory: mem,
+            platform: Platform {
+                serial,
+                power,
+                config_io,
+                host_bridge,
+            },
+            pci,
+            hotplug,
+            machine: machine_config(cli),
+            shared,
+        });
+        Ok(Machine {
+            runtime,
+            drained,
+            vcpus,
+            msrs: Arc::new(msrs),
+            restored: state.map(|s| s.running),
+            stdio: cli.serial == SerialMode::Stdio,
+        })
+    }
+
+    /// Starts the vCPUs and serves the console and the exit signal until the VM stops. The
+    /// source of a restored machine is told it was restored once the vCPUs exist.
+    fn run(self, qmp: Option<crate::qmp::QmpServer>, answer: Answer) -> Result<VmExit, VmError> {
+        let Machine {
+            runtime,
+            drained,
+            vcpus,
+            msrs,
+            restored,
+            stdio,
+        } = self;
+        let exit = runtime.shared.exit.clone();
+        let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new()
+                .map_err(|e| VmError::Io("epoll", io::Error::other(format!("{e:?}"))))?;
+        em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
+        if stdio {
+            let tty = crate::terminal::stdin_is_tty();
+            em.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
+                runtime.platform.serial.clone(),
+                drained,
+                exit.clone(),
+                tty,
+            ))));
+        }
+
+        // A signal that only interrupts KVM_RUN, to kick vCPUs out of the guest.
+        register_signal_handler(SIGRTMIN(), kick_handler)
+            .map_err(|e| VmError::Io("signal handler", io::Error::from_raw_os_error(e.errno())))?;
+        let set = runtime.vcpus.clone();
+        let mut threads = Vec::new();
+        for vcpu in vcpus {
+            let t = vcpu
+                .attach(&set, msrs.clone())
+                .spawn(&set)
+                .map_err(|e| VmError::Io("spawning a vCPU thread", e))?;
+            threads.push(t);
+        }
+        // The vCPUs start parked; the run state says whether they go.
+        match restored {
+            None => {
+                if runtime.shared.run().is_running() {
+                    runtime.resume_machine();
+                }
+            }
+            Some(source_ran) => {
+                let mut run = runtime.shared.run();
+                let effect = run.incoming_done(source_ran);
+                runtime.apply(effect);
+            }
+        }
+        answer.send(Ok(()));
+        if let Some(ms) = std::env::var(crate::vcpu::SAMPLE_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            let tids: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
+            std::thread::spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_millis(ms.max(10)));
+                for &tid in &tids {
+                    // SAFETY: the vCPU threads never exit before the process does, so the handles
+                    // stay valid; SIGRTMIN has a no-op handler installed above.
+                    unsafe { libc::pthread_kill(tid, SIGRTMIN()) };
+                }
+            });
+        }
+
+        while !exit.is_requested() {
+            if let Err(e) = em.run() {
+                log::warn!("event loop: {e:?}");
+            }
+        }
+        drop(qmp);
+        runtime.hotplug.stop();
+        runtime.pci.shutdown();
+        Ok(exit.reason().unwrap_or(VmExit::Quit))
+    }
+}
+
+/// A machine's state and its backends' files, from a snapshot or migration.
+type Restore = (
+    crate::snapshot::MachineState,
+    std::collections::BTreeMap<String, File>,
+    std::collections::BTreeMap<String, File>,
+);
+
+/// Writes the ACPI tables and the MP table, and loads the kernel: the boot vCPU's entry.
+fn load_firmware_and_kernel(
+    cli: &Cli,
+    mem: &GuestRam,
+    acpi_cfg: &acpi::MachineConfig,
+) -> Result<boot::BootEntry, VmError> {
+    {
         // ACPI tables.
-        for (addr, blob) in acpi::build_tables(&acpi_cfg, ACPI_START)? {
+        for (addr, blob) in acpi::build_tables(acpi_cfg, ACPI_START)? {
             mem.write_slice(&blob, GuestAddress(addr))
                 .map_err(|source| VmError::GuestWrite {
                     what: "the ACPI tables",
@@ -332,133 +651,18 @@ impl Machine {
                 source,
             })?;
 
+        let kernel = cli.kernel.as_deref().ok_or_else(|| {
+            boot::BootError::KernelOpen("--kernel".into(), io::Error::from(io::ErrorKind::NotFound))
+        })?;
         let entry = boot::load_guest(
-            &mem,
+            mem,
             cli.memory,
-            &cli.kernel,
+            kernel,
             cli.initramfs.as_deref(),
             &cli.cmdline,
         )?;
         log::info!("boot entry: {entry:x?}");
-
-        // Hot-plug (it also follows guest-initiated removals, socket or not), then the control
-        // socket, once the machine it controls exists.
-        let events = crate::qmp::QmpEvents::default();
-        let hotplug = Arc::new(
-            Hotplug::start(pci.clone(), events.clone(), control)
-                .map_err(|e| VmError::Io("hotplug thread", e))?,
-        );
-        let qmp = match &cli.qmp {
-            Some(path) => Some(
-                crate::qmp::QmpServer::start_with_events(
-                    path,
-                    Arc::new(MachineControl::new(
-                        exit.clone(),
-                        pci.clone(),
-                        hotplug.clone(),
-                    )),
-                    events,
-                )
-                .map_err(|e| VmError::Qmp(path.display().to_string(), e))?,
-            ),
-            None => None,
-        };
-
-        let io = Arc::new(RwLock::new(io_mgr));
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| VmError::KvmIoctl("KVM_GET_SUPPORTED_CPUID", e))?;
-        let mut vcpus = Vec::new();
-        for id in 0..cli.cpus {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(|e| VmError::KvmIoctl("KVM_CREATE_VCPU", e))?;
-            let boot = (id == 0).then_some(entry);
-            vcpus.push(Vcpu::new(
-                fd,
-                id,
-                cli.cpus,
-                &cpuid,
-                boot,
-                mem.clone(),
-                io.clone(),
-                exit.clone(),
-            )?);
-        }
-
-        Ok(Machine {
-            exit,
-            serial,
-            drained,
-            pci,
-            hotplug,
-            qmp,
-            vcpus,
-            stdio: cli.serial == SerialMode::Stdio,
-        })
-    }
-
-    /// Starts the vCPUs and serves the console and the exit signal until the VM stops.
-    fn run(self) -> Result<VmExit, VmError> {
-        let Machine {
-            exit,
-            serial,
-            drained,
-            pci,
-            hotplug,
-            qmp,
-            vcpus,
-            stdio,
-        } = self;
-        let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-            EventManager::new()
-                .map_err(|e| VmError::Io("epoll", io::Error::other(format!("{e:?}"))))?;
-        em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
-        if stdio {
-            let tty = crate::terminal::stdin_is_tty();
-            em.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
-                serial.clone(),
-                drained,
-                exit.clone(),
-                tty,
-            ))));
-        }
-
-        // A signal that only interrupts KVM_RUN, to kick vCPUs out of the guest.
-        register_signal_handler(SIGRTMIN(), kick_handler)
-            .map_err(|e| VmError::Io("signal handler", io::Error::from_raw_os_error(e.errno())))?;
-        let mut threads = Vec::new();
-        for (id, vcpu) in vcpus.into_iter().enumerate() {
-            let t = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || vcpu.run())
-                .map_err(|e| VmError::Io("spawning a vCPU thread", e))?;
-            threads.push(t);
-        }
-        if let Some(ms) = std::env::var(crate::vcpu::SAMPLE_ENV)
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            let tids: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
-            std::thread::spawn(move || loop {
-                std::thread::sleep(std::time::Duration::from_millis(ms.max(10)));
-                for &tid in &tids {
-                    // SAFETY: the vCPU threads never exit before the process does, so the handles
-                    // stay valid; SIGRTMIN has a no-op handler installed above.
-                    unsafe { libc::pthread_kill(tid, SIGRTMIN()) };
-                }
-            });
-        }
-
-        while !exit.is_requested() {
-            if let Err(e) = em.run() {
-                log::warn!("event loop: {e:?}");
-            }
-        }
-        drop(qmp);
-        hotplug.stop();
-        pci.shutdown();
-        Ok(exit.reason().unwrap_or(VmExit::Quit))
+        Ok(entry)
     }
 }
 
@@ -468,6 +672,7 @@ fn add_console(
     cli: &Cli,
     vm: &VmFd,
     io_mgr: &mut IoManager,
+    state: Option<&SerialDeviceState>,
 ) -> Result<(Arc<Mutex<SerialDevice>>, EventFd), VmError> {
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Io("eventfd", e))?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)
@@ -485,11 +690,12 @@ fn add_console(
     };
     let drained = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Io("eventfd", e))?;
     let notifier = EventFdNotifier(drained.try_clone().map_err(|e| VmError::Io("eventfd", e))?);
-    let serial = Arc::new(Mutex::new(SerialDevice::with_drain_notifier(
-        Arc::new(IrqfdLine(serial_irq)),
-        out,
-        Some(Box::new(notifier)),
-    )));
+    let irq = Arc::new(IrqfdLine(serial_irq));
+    let serial = Arc::new(Mutex::new(match state {
+        Some(state) => SerialDevice::restored(irq, out, Some(Box::new(notifier)), state)
+            .map_err(|e| VmError::Restore(e.to_string()))?,
+        None => SerialDevice::with_drain_notifier(irq, out, Some(Box::new(notifier))),
+    }));
     register_pio(io_mgr, SERIAL_PORT, SERIAL_PORT_SIZE, serial.clone())?;
 
     Ok((serial, drained))
@@ -625,13 +831,17 @@ where
         .map_err(|e| VmError::Bus(format!("ports {base:#x}+{size}"), e))
 }
 
-fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
+/// Fresh (zero) guest RAM of `size` bytes, in the machine's RAM regions.
+fn create_memory(size: u64) -> Result<GuestRam, VmError> {
     let ranges: Vec<(GuestAddress, usize)> = ram_regions(size)
         .into_iter()
         .map(|(s, l)| (GuestAddress(s), l as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges)
-        .map_err(|e| VmError::Memory(size >> 20, e.to_string()))?;
+    GuestRam::from_ranges(&ranges).map_err(|e| VmError::Memory(size >> 20, e.to_string()))
+}
+
+/// Gives guest RAM `mem` (of `size` bytes) to the VM, one memory slot per region.
+fn register_memory(vm: &VmFd, mem: &GuestRam, size: u64) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
@@ -649,7 +859,7 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
         unsafe { vm.set_user_memory_region(r) }
             .map_err(|e| VmError::KvmIoctl("KVM_SET_USER_MEMORY_REGION", e))?;
     }
-    Ok(mem)
+    Ok(())
 }
 
 /// The machine's hot-plug places: its root ports in their modes, and the root bus's ACPI
@@ -714,6 +924,10 @@ fn acpi_config(cli: &Cli) -> acpi::MachineConfig {
                 .collect(),
         }),
     }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

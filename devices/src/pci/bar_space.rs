@@ -67,6 +67,19 @@ struct Maps {
     io: BTreeMap<u64, Mapping>,
 }
 
+/// A vacated mapping that no longer reaches a device (see [`BarSpace::vacated`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VacatedRegion {
+    /// An I/O BAR (else memory).
+    pub io: bool,
+    /// Where it starts.
+    pub address: u64,
+    /// Its size.
+    pub size: u64,
+    /// The function it belonged to.
+    pub bdf: Bdf,
+}
+
 /// BAR mappings of a PCI segment. See the module documentation.
 ///
 /// Accesses that hit no BAR read all-ones and writes to them are dropped, as on a bus where no
@@ -207,6 +220,61 @@ impl BarSpace {
         maps.memory.retain(|_, m| other(m));
         maps.io.retain(|_, m| other(m));
         before - maps.memory.len() - maps.io.len()
+    }
+
+    /// The vacated mappings that no longer reach a device ([`VacatedWrites::Dropped`]): what
+    /// the guest still reads as zero where a pulled-out device's BARs were. They are guest
+    /// visible, so a saved machine carries them ([`restore_vacated`](Self::restore_vacated)).
+    /// The mappings of live devices are not listed: they follow from the devices' BARs.
+    pub fn vacated(&self) -> Vec<VacatedRegion> {
+        let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
+        let list = |map: &BTreeMap<u64, Mapping>, io: bool| -> Vec<VacatedRegion> {
+            map.iter()
+                .filter(|(_, m)| matches!(m.target, Target::Vacated(None)))
+                .map(|(&address, m)| VacatedRegion {
+                    io,
+                    address,
+                    size: m.size,
+                    bdf: m.bdf,
+                })
+                .collect()
+        };
+        let mut out = list(&maps.memory, false);
+        out.extend(list(&maps.io, true));
+        out
+    }
+
+    /// Puts back a vacated mapping [`vacated`](Self::vacated) listed. Returns false, adding
+    /// nothing, if it would overlap a mapping.
+    pub fn restore_vacated(&self, region: &VacatedRegion) -> bool {
+        let Some(end) = region.address.checked_add(region.size) else {
+            return false;
+        };
+        if region.size == 0 {
+            return false;
+        }
+        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+        let map = if region.io {
+            &mut maps.io
+        } else {
+            &mut maps.memory
+        };
+        if map
+            .range(..end)
+            .next_back()
+            .is_some_and(|(&start, m)| start + m.size > region.address)
+        {
+            return false;
+        }
+        map.insert(
+            region.address,
+            Mapping {
+                size: region.size,
+                bdf: region.bdf,
+                target: Target::Vacated(None),
+            },
+        );
+        true
     }
 
     /// Number of mappings (memory and I/O).

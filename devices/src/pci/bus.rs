@@ -32,7 +32,9 @@ pub const DEVICES_PER_BUS: u8 = 32;
 pub const FUNCTIONS_PER_DEVICE: u8 = 8;
 
 /// Address of a function in a segment: bus (0..=255), device (0..=31), function (0..=7).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Bdf {
     bus: u8,
     device: u8,

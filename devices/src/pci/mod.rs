@@ -61,13 +61,14 @@ pub mod msix;
 pub mod root_port;
 pub mod slot;
 
-pub use bar_space::{BarSpace, VacatedWrites};
+pub use bar_space::{BarSpace, VacatedRegion, VacatedWrites};
 pub use bus::{
     BarReprogrammingHandler, Bdf, PciBusError, PciConfigIo, PciConfigMmio, PciRoot,
     PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_COUNT,
 };
 pub use configuration::{
-    BarKind, BarRegion, BarReprogram, HeaderType, PciConfigError, PciConfiguration, PciIdentity,
+    BarKind, BarRegion, BarReprogram, HeaderType, PciConfigError, PciConfiguration,
+    PciConfigurationState, PciIdentity,
 };
 pub use device::{same_device, ConfigWriteResult, PciBarIo, PciDevice, SharedPciDevice};
 pub use host_bridge::PciHostBridge;

@@ -16,14 +16,20 @@ use std::io;
 use std::sync::Arc;
 
 use virtio_queue::Queue;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
 pub mod pci;
 
+/// Guest RAM as the devices see it: every write they make into it is marked in a dirty
+/// bitmap, so that a live migration resends the pages a device wrote (KVM's dirty log sees
+/// only the vCPUs' writes).
+pub type GuestRam = GuestMemoryMmap<AtomicBitmap>;
+
 /// Guest memory as devices see it: swapped atomically by the VMM if the layout ever changes.
-pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+pub type GuestMemory = GuestMemoryAtomic<GuestRam>;
 
 /// Virtio device status bits (Virtio 1.2 §2.1).
 pub mod status {

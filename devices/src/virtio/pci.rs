@@ -1403,7 +1403,7 @@ impl PciDevice for VirtioPciDevice {
 mod tests {
     use std::sync::Mutex;
 
-    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+    use vm_memory::GuestMemoryAtomic;
 
     use super::super::ActivateError;
     use super::*;
@@ -1414,6 +1414,7 @@ mod tests {
     };
     use crate::pci::msix::tests::{MsiEvent, RecordingGroup};
     use crate::pci::msix::{MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK};
+    use crate::virtio::GuestRam;
 
     const VERSION_1: u64 = 1 << features::VIRTIO_F_VERSION_1;
     const EVENT_IDX: u64 = 1 << features::VIRTIO_RING_F_EVENT_IDX;
@@ -1548,7 +1549,7 @@ mod tests {
     fn harness_with(max_sizes: Vec<u16>, features: u64, fail_activate: bool) -> Harness {
         let log = Arc::new(Mutex::new(Log::default()));
         let group = Arc::new(RecordingGroup::default());
-        let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).unwrap();
+        let mmap = GuestRam::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).unwrap();
         let device = FakeDevice {
             log: log.clone(),
             max_sizes,
@@ -2256,7 +2257,7 @@ mod tests {
     #[test]
     fn too_many_queues_or_bad_sizes() {
         let log = Arc::new(Mutex::new(Log::default()));
-        let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mmap = GuestRam::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         let memory = GuestMemoryAtomic::new(mmap);
         let group: Arc<dyn MsiInterruptGroup> = Arc::new(RecordingGroup::default());
         let fake = |max_sizes: Vec<u16>| {

@@ -3,6 +3,7 @@
 //! Data moves between the file and guest memory with `pread`/`pwrite` straight on the guest's
 //! pages (through vm-memory's [`VolatileSlice`]), never through an intermediate buffer.
 
+use crate::virtio::GuestRam;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -10,7 +11,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 /// Sector size of the virtio-blk protocol: `sector` fields and `capacity` count 512-byte units
 /// whatever `blk_size` says (Virtio 1.2 §5.2.4, §5.2.6).
@@ -80,7 +81,7 @@ impl Disk {
     /// Reads `len` bytes at file offset `offset` into guest memory at `addr`.
     pub fn read_to_guest(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         addr: GuestAddress,
         len: usize,
         mut offset: u64,
@@ -100,7 +101,7 @@ impl Disk {
     /// Writes `len` bytes of guest memory at `addr` to file offset `offset`.
     pub fn write_from_guest(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         addr: GuestAddress,
         len: usize,
         mut offset: u64,
@@ -309,11 +310,9 @@ mod tests {
 
     #[test]
     fn round_trip_through_guest_memory_spanning_regions() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[
-            (GuestAddress(0), 0x1000),
-            (GuestAddress(0x1000), 0x1000),
-        ])
-        .unwrap();
+        let mem =
+            GuestRam::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
+                .unwrap();
         let pattern: Vec<u8> = (0..2048u32).map(|i| (i % 251) as u8).collect();
         let (_t, disk) = disk_with(&pattern, false);
         // 0x800 bytes across the boundary between the two regions.
@@ -331,7 +330,7 @@ mod tests {
 
     #[test]
     fn guest_range_outside_memory_fails() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         let (_t, disk) = disk_with(&[0u8; 4096], false);
         assert!(disk
             .read_to_guest(&mem, GuestAddress(0xf00), 0x200, 0)
@@ -343,7 +342,7 @@ mod tests {
 
     #[test]
     fn readonly_refuses_every_write() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         let (_t, disk) = disk_with(&[1u8; 4096], true);
         assert!(disk
             .write_from_guest(&mem, GuestAddress(0), 512, 0)

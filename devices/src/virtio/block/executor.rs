@@ -1,6 +1,7 @@
 //! Serving one virtio-blk request: parse the chain, do the I/O, write the status byte
 //! (Virtio 1.2 §5.2.6).
 
+use crate::virtio::GuestRam;
 use std::sync::Arc;
 
 use log::debug;
@@ -9,7 +10,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::disk::{Disk, SECTOR_SIZE};
 use super::request::{read_data, write_data, ChainLayout, RequestType};
@@ -110,7 +111,7 @@ impl RequestProcessor {
     /// written to device-writable buffers, status byte included; 0 when the chain has no usable
     /// status byte (then nothing at all was written). On a failed request the used length
     /// counts the status byte only.
-    pub fn process(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    pub fn process(&mut self, chain: DescriptorChain<&GuestRam>) -> u32 {
         self.process_then(chain, || Completion::Publish)
             .unwrap_or(0)
     }
@@ -120,10 +121,10 @@ impl RequestProcessor {
     /// it is to be discarded (no status byte written).
     pub fn process_then(
         &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        chain: DescriptorChain<&GuestRam>,
         then: impl FnOnce() -> Completion,
     ) -> Option<u32> {
-        let mem: &GuestMemoryMmap = chain.memory();
+        let mem: &GuestRam = chain.memory();
         self.layout.parse(chain.clone());
         let Some(status_addr) = self.layout.status() else {
             debug!(
@@ -151,8 +152,8 @@ impl RequestProcessor {
     /// Completes the request in `chain` with `VIRTIO_BLK_S_IOERR` without doing it: the device
     /// is being pulled out ([`InFlightPolicy::Fail`](crate::virtio::InFlightPolicy::Fail)).
     /// Returns the used length as [`process`](Self::process) does.
-    pub fn fail(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
-        let mem: &GuestMemoryMmap = chain.memory();
+    pub fn fail(&mut self, chain: DescriptorChain<&GuestRam>) -> u32 {
+        let mem: &GuestRam = chain.memory();
         self.layout.parse(chain.clone());
         let Some(status_addr) = self.layout.status() else {
             self.stats.add(Counter::MalformedChains, 1);
@@ -200,13 +201,7 @@ impl RequestProcessor {
     }
 
     /// Writes `status` and returns the used length (`written` data bytes and the status byte).
-    fn complete(
-        &self,
-        mem: &GuestMemoryMmap,
-        status_addr: GuestAddress,
-        status: u8,
-        written: u32,
-    ) -> u32 {
+    fn complete(&self, mem: &GuestRam, status_addr: GuestAddress, status: u8, written: u32) -> u32 {
         match status {
             S_IOERR => self.stats.add(Counter::IoErrors, 1),
             S_UNSUPP => self.stats.add(Counter::Unsupported, 1),
@@ -219,7 +214,7 @@ impl RequestProcessor {
         written.saturating_add(1)
     }
 
-    fn execute(&self, mem: &GuestMemoryMmap) -> Outcome {
+    fn execute(&self, mem: &GuestRam) -> Outcome {
         if let Some(fault) = self.layout.chain_fault() {
             debug!("virtio-blk: bad request chain: {fault:?}");
             return Err(S_IOERR);
@@ -261,7 +256,7 @@ impl RequestProcessor {
     }
 
     /// VIRTIO_BLK_T_IN: all data device-writable, whole sectors, inside the disk.
-    fn read(&self, mem: &GuestMemoryMmap, sector: u64) -> Outcome {
+    fn read(&self, mem: &GuestRam, sector: u64) -> Outcome {
         let len = self.layout.writable_len();
         if self.layout.readable_len() != 0 || !len.is_multiple_of(SECTOR_SIZE) {
             return Err(S_IOERR);
@@ -279,7 +274,7 @@ impl RequestProcessor {
     }
 
     /// VIRTIO_BLK_T_OUT: all data device-readable, whole sectors, inside a writable disk.
-    fn write(&self, mem: &GuestMemoryMmap, sector: u64) -> Outcome {
+    fn write(&self, mem: &GuestRam, sector: u64) -> Outcome {
         let len = self.layout.readable_len();
         if self.disk()?.readonly()
             || self.layout.writable_len() != 0
@@ -299,7 +294,7 @@ impl RequestProcessor {
     }
 
     /// VIRTIO_BLK_T_GET_ID: as much of the serial as the writable data holds.
-    fn get_id(&self, mem: &GuestMemoryMmap) -> Outcome {
+    fn get_id(&self, mem: &GuestRam) -> Outcome {
         if self.layout.writable_len() == 0 {
             return Err(S_IOERR);
         }
@@ -309,7 +304,7 @@ impl RequestProcessor {
 
     /// VIRTIO_BLK_T_DISCARD and VIRTIO_BLK_T_WRITE_ZEROES: the readable data is an array of
     /// `virtio_blk_discard_write_zeroes`. Every segment is checked before any is executed.
-    fn discard_or_write_zeroes(&self, mem: &GuestMemoryMmap, zeroes: bool) -> Outcome {
+    fn discard_or_write_zeroes(&self, mem: &GuestRam, zeroes: bool) -> Outcome {
         let (feature, max_seg) = if zeroes {
             (VIRTIO_BLK_F_WRITE_ZEROES, MAX_WRITE_ZEROES_SEG)
         } else {
@@ -345,12 +340,7 @@ impl RequestProcessor {
     }
 
     /// Segment `index` of a discard/write-zeroes request as (byte offset, byte length, unmap).
-    fn range(
-        &self,
-        mem: &GuestMemoryMmap,
-        index: u64,
-        zeroes: bool,
-    ) -> Result<(u64, u64, bool), u8> {
+    fn range(&self, mem: &GuestRam, index: u64, zeroes: bool) -> Result<(u64, u64, bool), u8> {
         let mut raw = [0u8; DISCARD_WRITE_ZEROES_SEGMENT_SIZE as usize];
         let at = index * DISCARD_WRITE_ZEROES_SEGMENT_SIZE;
         if !read_data(mem, self.layout.readable(), at, &mut raw) {
@@ -401,12 +391,12 @@ mod tests {
     const RANGES: u64 = BUF + 0x900;
 
     /// Fills `len` bytes of guest memory at `addr` with `byte`.
-    fn fill(mem: &GuestMemoryMmap, addr: u64, len: usize, byte: u8) {
+    fn fill(mem: &GuestRam, addr: u64, len: usize, byte: u8) {
         mem.write_slice(&vec![byte; len], GuestAddress(addr))
             .unwrap();
     }
 
-    fn guest_bytes(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+    fn guest_bytes(mem: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
         mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
         v
@@ -418,7 +408,7 @@ mod tests {
 
     /// Runs `descs` through a fresh read-write processor; returns (used len, status byte).
     fn run(
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         tmp: &vmm_sys_util::tempfile::TempFile,
         descs: &[virtio_queue::desc::RawDescriptor],
     ) -> (u32, u8) {

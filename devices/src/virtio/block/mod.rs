@@ -554,6 +554,7 @@ impl Drop for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::GuestRam;
     use crate::virtio::{QueueProgress, VirtioInterruptType};
     use std::sync::atomic::AtomicUsize;
     use std::time::{Duration, Instant};
@@ -561,7 +562,7 @@ mod tests {
     use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
-    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     #[derive(Default)]
@@ -686,7 +687,7 @@ mod tests {
         let tmp = image();
         let rig = Rig::new();
         let guard = rig.memory.memory();
-        let mem: &GuestMemoryMmap = &guard;
+        let mem: &GuestRam = &guard;
         let q = MockSplitQueue::new(mem, 16);
         let mut dev = block(&tmp, false, 1);
 
@@ -740,8 +741,8 @@ mod tests {
     fn two_requests_in_flight<'a>(
         tmp: &vmm_sys_util::tempfile::TempFile,
         rig: &Rig,
-        mem: &'a GuestMemoryMmap,
-    ) -> (Block, MockSplitQueue<'a, GuestMemoryMmap>) {
+        mem: &'a GuestRam,
+    ) -> (Block, MockSplitQueue<'a, GuestRam>) {
         let q = MockSplitQueue::new(mem, 16);
         let mut dev = block(tmp, false, 1);
         let chain = |i: u16, status: u64| {
@@ -771,7 +772,7 @@ mod tests {
         let tmp = image();
         let rig = Rig::new();
         let guard = rig.memory.memory();
-        let mem: &GuestMemoryMmap = &guard;
+        let mem: &GuestRam = &guard;
         let (mut dev, q) = two_requests_in_flight(&tmp, &rig, mem);
         let outcome = dev.surprise_remove(InFlightPolicy::Fail);
         assert_eq!(
@@ -827,7 +828,7 @@ mod tests {
         let tmp = image();
         let rig = Rig::new();
         let guard = rig.memory.memory();
-        let mem: &GuestMemoryMmap = &guard;
+        let mem: &GuestRam = &guard;
         let (mut dev, q) = two_requests_in_flight(&tmp, &rig, mem);
         let outcome = dev.surprise_remove(InFlightPolicy::Drop);
         assert_eq!((outcome.failed, outcome.dropped), (0, 2));
@@ -849,7 +850,7 @@ mod tests {
         let tmp = image();
         let rig = Rig::new();
         let guard = rig.memory.memory();
-        let mem: &GuestMemoryMmap = &guard;
+        let mem: &GuestRam = &guard;
         let q = MockSplitQueue::new(mem, 16);
         let mut dev = block(&tmp, false, 1);
         rig.activate(&mut dev, q.create_queue().unwrap()).unwrap();
@@ -870,7 +871,7 @@ mod tests {
         let tmp = image();
         let rig = Rig::new();
         let guard = rig.memory.memory();
-        let mem: &GuestMemoryMmap = &guard;
+        let mem: &GuestRam = &guard;
         let q = MockSplitQueue::new(mem, 16);
         let mut dev = block(&tmp, false, 1);
         q.avail().ring().ref_at(0).unwrap().store(200);
@@ -949,7 +950,7 @@ mod tests {
         let tmp = image();
         let rig = Rig::new();
         let guard = rig.memory.memory();
-        let mem: &GuestMemoryMmap = &guard;
+        let mem: &GuestRam = &guard;
         let (mut dev, q) = two_requests_in_flight(&tmp, &rig, mem);
         let progress = dev.pause();
         assert_eq!(
@@ -1023,7 +1024,7 @@ mod tests {
         let tmp = image();
         let rig = Rig::new();
         let guard = rig.memory.memory();
-        let mem: &GuestMemoryMmap = &guard;
+        let mem: &GuestRam = &guard;
         let (_, q) = two_requests_in_flight(&tmp, &rig, mem);
         let mut config = BlockConfig::new("/gone/disk.img", "disk0");
         config.num_queues = 1;
@@ -1079,7 +1080,7 @@ mod tests {
         let tmp = image();
         let rig = Rig::new();
         let guard = rig.memory.memory();
-        let mem: &GuestMemoryMmap = &guard;
+        let mem: &GuestRam = &guard;
         let (mut dev, q) = two_requests_in_flight(&tmp, &rig, mem);
         dev.pause();
         let outcome = dev.surprise_remove(InFlightPolicy::Fail);

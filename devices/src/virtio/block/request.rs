@@ -13,12 +13,13 @@
 //! no status: the device returns it with used length 0. Any other defect is reported to the
 //! driver as `VIRTIO_BLK_S_IOERR` by the executor.
 
+use crate::virtio::GuestRam;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Size of the request header that precedes the data: `le32 type; le32 reserved; le64 sector`
 /// (§5.2.6).
@@ -148,9 +149,9 @@ impl ChainLayout {
     /// Walks `chain` (bounded by `virtio-queue`: at most the queue size, or the indirect table
     /// size, descriptors) and records where everything is. Reads the header bytes from guest
     /// memory; touches nothing else.
-    pub fn parse(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) {
+    pub fn parse(&mut self, chain: DescriptorChain<&GuestRam>) {
         self.clear();
-        let mem: &GuestMemoryMmap = chain.memory();
+        let mem: &GuestRam = chain.memory();
         let mut ended_cleanly = true;
         let mut seen_writable = false;
         // The last writable descriptor seen: holds the status byte if the chain ends there.
@@ -219,7 +220,7 @@ impl ChainLayout {
         }
     }
 
-    fn check_buffer(&mut self, mem: &GuestMemoryMmap, seg: Segment) -> bool {
+    fn check_buffer(&mut self, mem: &GuestRam, seg: Segment) -> bool {
         let ok = GuestMemoryBackend::check_range(mem, seg.addr, seg.len as usize);
         if !ok {
             self.fault(ChainFault::BufferOutsideMemory);
@@ -227,7 +228,7 @@ impl ChainLayout {
         ok
     }
 
-    fn push_readable(&mut self, mem: &GuestMemoryMmap, mut seg: Segment) {
+    fn push_readable(&mut self, mem: &GuestRam, mut seg: Segment) {
         if !self.check_buffer(mem, seg) {
             return;
         }
@@ -250,7 +251,7 @@ impl ChainLayout {
         self.push_data(seg, false);
     }
 
-    fn push_writable(&mut self, mem: &GuestMemoryMmap, seg: Segment) {
+    fn push_writable(&mut self, mem: &GuestRam, seg: Segment) {
         if !self.check_buffer(mem, seg) {
             return;
         }
@@ -318,12 +319,7 @@ impl ChainLayout {
 
 /// Reads `buf.len()` bytes at logical offset `offset` of the data described by `segments`.
 /// Returns false if the data is shorter or guest memory fails.
-pub fn read_data(
-    mem: &GuestMemoryMmap,
-    segments: &[Segment],
-    mut offset: u64,
-    buf: &mut [u8],
-) -> bool {
+pub fn read_data(mem: &GuestRam, segments: &[Segment], mut offset: u64, buf: &mut [u8]) -> bool {
     let mut filled = 0;
     for seg in segments {
         if filled == buf.len() {
@@ -350,7 +346,7 @@ pub fn read_data(
 
 /// Writes `data` to the start of the memory described by `segments`, as far as it reaches.
 /// Returns the number of bytes written, or `None` if guest memory fails.
-pub fn write_data(mem: &GuestMemoryMmap, segments: &[Segment], data: &[u8]) -> Option<usize> {
+pub fn write_data(mem: &GuestRam, segments: &[Segment], data: &[u8]) -> Option<usize> {
     let mut done = 0;
     for seg in segments {
         if done == data.len() {
@@ -368,10 +364,7 @@ mod tests {
     use super::*;
     use crate::virtio::block::testing::*;
 
-    fn layout_of(
-        mem: &GuestMemoryMmap,
-        descs: &[virtio_queue::desc::RawDescriptor],
-    ) -> ChainLayout {
+    fn layout_of(mem: &GuestRam, descs: &[virtio_queue::desc::RawDescriptor]) -> ChainLayout {
         let mut layout = ChainLayout::new(4);
         with_chain(mem, descs, |c| layout.parse(c));
         layout

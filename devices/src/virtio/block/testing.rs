@@ -1,6 +1,7 @@
 //! Test fixtures: guest memory with a driver-side queue (virtio-queue's mock), descriptors,
 //! request headers and disk images.
 
+use crate::virtio::GuestRam;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRI
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::disk::Disk;
@@ -27,8 +28,8 @@ pub const N: u16 = VRING_DESC_F_NEXT as u16;
 pub const IMAGE_SECTORS: u64 = 64;
 
 /// Fresh guest memory.
-pub fn guest_memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM_SIZE as usize)]).unwrap()
+pub fn guest_memory() -> GuestRam {
+    GuestRam::from_ranges(&[(GuestAddress(0), RAM_SIZE as usize)]).unwrap()
 }
 
 /// A descriptor (`next` is filled in by `build_desc_chain`).
@@ -42,7 +43,7 @@ pub fn desc_next(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
 }
 
 /// Writes a request header (`type`, reserved 0, `sector`) at `addr`.
-pub fn put_header(mem: &GuestMemoryMmap, addr: u64, ty: u32, sector: u64) {
+pub fn put_header(mem: &GuestRam, addr: u64, ty: u32, sector: u64) {
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&ty.to_le_bytes());
     h[8..16].copy_from_slice(&sector.to_le_bytes());
@@ -50,7 +51,7 @@ pub fn put_header(mem: &GuestMemoryMmap, addr: u64, ty: u32, sector: u64) {
 }
 
 /// Writes a discard/write-zeroes segment at `addr`.
-pub fn put_range(mem: &GuestMemoryMmap, addr: u64, sector: u64, num: u32, flags: u32) {
+pub fn put_range(mem: &GuestRam, addr: u64, sector: u64, num: u32, flags: u32) {
     let mut r = [0u8; 16];
     r[0..8].copy_from_slice(&sector.to_le_bytes());
     r[8..12].copy_from_slice(&num.to_le_bytes());
@@ -93,9 +94,9 @@ pub fn processor(
 /// Publishes `descs` as one chain at table index 0 (NEXT flags and indices are set) and runs
 /// `f` on the chain the device pops.
 pub fn with_chain<R>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     descs: &[RawDescriptor],
-    f: impl FnOnce(DescriptorChain<&GuestMemoryMmap>) -> R,
+    f: impl FnOnce(DescriptorChain<&GuestRam>) -> R,
 ) -> R {
     let q = MockSplitQueue::new(mem, 16);
     f(q.build_desc_chain(descs).unwrap())
@@ -104,10 +105,10 @@ pub fn with_chain<R>(
 /// Publishes `descs` verbatim (flags and `next` as given) with head index `head` and runs `f`
 /// on the chain the device pops.
 pub fn with_raw_chain<R>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     descs: &[RawDescriptor],
     head: u16,
-    f: impl FnOnce(DescriptorChain<&GuestMemoryMmap>) -> R,
+    f: impl FnOnce(DescriptorChain<&GuestRam>) -> R,
 ) -> R {
     let q = MockSplitQueue::new(mem, 16);
     for (i, d) in descs.iter().enumerate() {
@@ -121,6 +122,6 @@ pub fn with_raw_chain<R>(
 }
 
 /// The status byte at `addr`.
-pub fn status(mem: &GuestMemoryMmap, addr: u64) -> u8 {
+pub fn status(mem: &GuestRam, addr: u64) -> u8 {
     mem.read_obj(GuestAddress(addr)).unwrap()
 }

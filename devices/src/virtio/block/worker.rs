@@ -27,6 +27,7 @@
 //! removal path breaks the virtqueues, and waits in `del_gendisk` for every request it
 //! submitted — failing them is what lets it finish.
 
+use crate::virtio::GuestRam;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -36,7 +37,7 @@ use std::time::Duration;
 
 use log::{debug, error, info, warn};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -405,7 +406,7 @@ impl Io<'_> {
             return;
         }
         let guard = self.memory.memory();
-        let mem: &GuestMemoryMmap = &guard;
+        let mem: &GuestRam = &guard;
         match drain(mem, &mut q.active, processor, self.mode) {
             Ok(true) => {
                 if let Err(e) = self
@@ -441,7 +442,7 @@ impl Io<'_> {
 /// lets the chain in hand finish as the mode before it would have (served, or failed), then
 /// stops the drain, leaving the other chains available.
 fn drain(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     active: &mut ActiveQueue,
     processor: &mut RequestProcessor,
     mode: &AtomicU8,
