@@ -185,13 +185,40 @@ def main():
     trace = os.path.join(CACHE, "demo-trace.jsonl")
     cmd += ["--qmp", sock, "--root-port-hotplug", "rp2=acpi", "--hotplug-trace", trace]
 
-    print(f"demo: booting Linux {args.kernel_version} ({kernel}) with {args.cpus} vCPUs and a "
-          f"64 MiB virtio-blk disk; about 80-120 s on PVM hosts (docs/guest-on-pvm.md) ...", flush=True)
+    # The booted guest is saved once and restored from then on (docs/migration.md).
+    snap = os.path.join(CACHE, f"demo-booted-{args.kernel_version}-{args.cpus}cpu.snap")
+    if not os.path.exists(snap):
+        print(f"demo: booting Linux {args.kernel_version} ({kernel}) with {args.cpus} vCPUs and a "
+              f"64 MiB virtio-blk disk; about 80-120 s on PVM hosts (docs/guest-on-pvm.md) ...", flush=True)
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        con = Console(proc)
+        _, ready = con.wait(lambda l: l.startswith("HOTPLUG-VMM-READY"), 0, timeout=600)
+        print(f"demo: guest user space is up after {time.time() - t0:.1f}s: {ready}")
+        qmp = Qmp(sock, verbose=False)
+        qmp.ok("migrate", {"uri": f"file:{snap}"})
+        while qmp.ok("query-migrate")["status"] not in ("completed", "failed"):
+            time.sleep(0.05)
+        info = qmp.ok("query-migrate")
+        print(f"demo: migrate file:{snap}: {info['status']}, the guest stopped for {info.get('downtime', 0)} ms; "
+              f"{info['ram']['normal-bytes'] >> 20} MiB of its memory were not zero")
+        qmp.cmd("quit")
+        proc.wait()
+    print(f"\n\033[1m$ hotplug-vmm --incoming file:{snap} ...\033[0m", flush=True)
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(cmd + ["--incoming", f"file:{snap}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     con = Console(proc)
-    _, ready = con.wait(lambda l: l.startswith("HOTPLUG-VMM-READY"), 0, timeout=600)
-    print(f"demo: guest user space is up after {time.time() - t0:.1f}s: {ready}")
+    proc.stdin.write(b"echo restored-guest-answers\n")
+    proc.stdin.flush()
+    try:
+        con.wait(lambda l: l.startswith("restored-guest-answers"), 0, timeout=60)
+    except SystemExit:
+        err = proc.stderr.read().decode(errors="replace").strip()
+        os.unlink(snap)
+        sys.exit(f"demo: the saved guest did not restore ({err}); it is deleted: run the demo again to boot afresh")
+    print(f"demo: restored the booted guest from {snap}; its console answered {time.time() - t0:.2f}s after exec")
+    threading.Thread(target=lambda: sys.stderr.buffer.write(proc.stderr.read()), daemon=True).start()
     interesting = (r"Linux version|ACPI: (RSDP|XSDT|FACP|DSDT|APIC|MCFG) |_OSC: OS now|PCI Root Bridge|"
                    r"MMCONFIG|ECAM|pci 0000:00:..\.0: \[|smp: Brought|ttyS0 at|pciehp: Slot|virtio_blk| vda:")
     show("dmesg | grep -E '<ACPI, PCI, root port, SMP, console and disk lines>'",

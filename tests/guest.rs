@@ -13,4 +13,5 @@ mod boot;
 mod hotplug;
 mod osc;
 mod qmp;
+mod snapshot;
 mod surprise;

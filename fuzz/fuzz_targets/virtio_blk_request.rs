@@ -4,7 +4,7 @@
 
 #![no_main]
 
-use hotplug_vmm_devices::virtio::GuestRam;
+use devices::virtio::GuestRam;
 use std::sync::{Arc, OnceLock};
 
 use devices::virtio::block::{BlockStats, Disk, RequestProcessor};

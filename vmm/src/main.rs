@@ -23,7 +23,11 @@ mod vm;
 
 use clap::Parser;
 
+/// When the process started, for reporting how long a restore took.
+pub static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 fn main() {
+    STARTED.get_or_init(std::time::Instant::now);
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .target(env_logger::Target::Stderr)
         // Milliseconds: log lines are read next to the guest's dmesg and the hot-plug trace.

@@ -154,6 +154,8 @@ impl Runtime {
 
     /// The machine's state but its memory; it must be paused.
     pub fn save(&self, running: bool) -> Result<MachineState, String> {
+        // A disk added while the VM was stopped has not been paused yet.
+        self.pci.pause();
         let vcpus = self.vcpus.save()?;
         let mut chips = Vec::new();
         for id in [

@@ -188,12 +188,18 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
     let (defer_tx, defer_rx) = std::sync::mpsc::channel();
     let defer = matches!(incoming, Some(MigrationUri::Defer)).then_some(defer_tx);
     let control = Arc::new(MachineControl::new(shared.clone(), defer));
-    // The control socket is up before the machine: a migration coming in is watched there.
-    let qmp = match &cli.qmp {
-        Some(path) => Some(
-            crate::qmp::QmpServer::start_with_events(path, control.clone(), events)
-                .map_err(|e| VmError::Qmp(path.display().to_string(), e))?,
-        ),
+    let start_qmp = |control: &Arc<MachineControl>| match &cli.qmp {
+        Some(path) => {
+            crate::qmp::QmpServer::start_with_events(path, control.clone(), events.clone())
+                .map(Some)
+                .map_err(|e| VmError::Qmp(path.display().to_string(), e))
+        }
+        None => Ok(None),
+    };
+    // With a migration coming in the control socket is up before the machine, to watch it
+    // come (and to say where from, after `defer`); otherwise once the machine exists.
+    let early_qmp = match incoming {
+        Some(_) => start_qmp(&control)?,
         None => None,
     };
     let boot = match incoming {
@@ -210,8 +216,18 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
             Boot::Restore(Box::new(incoming))
         }
     };
-    let (machine, answer) = Machine::build(cli, boot, shared)?;
+    let restoring = matches!(boot, Boot::Restore(_));
+    let built = Machine::build(cli, boot, shared.clone());
+    if restoring {
+        let err = built.as_ref().err().map(|e| e.to_string());
+        crate::migration::incoming::ended(&shared, err.as_deref().map_or(Ok(()), Err));
+    }
+    let (machine, answer) = built?;
     control.attach(machine.runtime.clone());
+    let qmp = match early_qmp {
+        Some(q) => Some(q),
+        None => start_qmp(&control)?,
+    };
     machine.run(qmp, answer)
 }
 
@@ -574,12 +590,30 @@ impl Machine {
             None => {
                 if runtime.shared.run().is_running() {
                     runtime.resume_machine();
+                } else {
+                    runtime.pause_machine();
                 }
             }
             Some(source_ran) => {
                 let mut run = runtime.shared.run();
                 let effect = run.incoming_done(source_ran);
                 runtime.apply(effect);
+                let wall = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                log::info!(
+                    "restored: vCPUs {} {:.1} ms after the VMM started (unix time {}.{:06})",
+                    if run.is_running() {
+                        "running"
+                    } else {
+                        "ready, paused"
+                    },
+                    crate::STARTED
+                        .get()
+                        .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3),
+                    wall.as_secs(),
+                    wall.subsec_micros()
+                );
             }
         }
         answer.send(Ok(()));

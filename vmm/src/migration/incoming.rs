@@ -87,11 +87,19 @@ pub fn receive(
     };
     set_status(shared, Status::Setup);
     let result = receive_from(&uri, here, ram, shared);
+    if let Err(e) = &result {
+        ended(shared, Err(e));
+    }
+    result
+}
+
+/// The migration in has ended: the machine was restored from it, or not (`Err` says why).
+pub fn ended(shared: &Shared, result: Result<(), &str>) {
     {
         let mut m = shared.migration();
         m.total_time = m.started.map(|s| s.elapsed());
-        if let Err(e) = &result {
-            m.error = Some(e.clone());
+        if let Err(e) = result {
+            m.error = Some(e.to_string());
         }
     }
     set_status(
@@ -102,7 +110,6 @@ pub fn receive(
             Status::Failed
         },
     );
-    result
 }
 
 fn wait_for_uri(shared: &Shared, defer: &Receiver<MigrationUri>) -> Result<MigrationUri, String> {

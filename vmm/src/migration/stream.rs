@@ -307,8 +307,12 @@ impl<R: Read> StreamReader<R> {
                 record.len
             )));
         }
-        let mut buf = vec![0u8; record.len as usize];
-        read_exact(&mut self.input, &mut buf, &format!("its {name} record"))?;
+        // Grown as the bytes come, not allocated up front from a length that may lie.
+        let mut buf = Vec::new();
+        (&mut self.input).take(record.len).read_to_end(&mut buf)?;
+        if buf.len() as u64 != record.len {
+            return Err(StreamError::Truncated(format!("its {name} record")));
+        }
         self.read += record.len;
         let mut crc = record_crc(record.tag, record.len);
         crc.update(&buf);

@@ -146,6 +146,8 @@ pub struct Block {
     /// `None` once [`Block::shutdown`] released the image.
     disk: Option<Arc<Disk>>,
     avail_features: u64,
+    /// Capacity in sectors, as the configuration space reports it.
+    capacity: u64,
     config_space: ConfigSpace,
     stats: Arc<BlockStats>,
     needs_reset: Arc<AtomicBool>,
@@ -228,6 +230,7 @@ impl Block {
             config,
             disk: disk.map(Arc::new),
             avail_features,
+            capacity,
             config_space,
             stats: Arc::new(BlockStats::default()),
             needs_reset: Arc::new(AtomicBool::new(false)),
@@ -269,9 +272,9 @@ impl Block {
         &self.config
     }
 
-    /// Capacity in 512-byte sectors.
+    /// Capacity in 512-byte sectors, as the guest sees it (also once the backend is gone).
     pub fn capacity(&self) -> u64 {
-        self.disk.as_ref().map_or(0, |d| d.capacity())
+        self.capacity
     }
 
     /// Request counters, shared: keep the handle to read them after the device is boxed.
