@@ -154,18 +154,23 @@ def ours_cmd(args, kernel, initrd, cmdline, qmp, extra=()):
             "--cpus", args.cpus, "--qmp", qmp, *extra]
 
 
-def save(cmd, qmp_path, uri):
-    """Boots `cmd`, waits for the guest, saves it to `uri`, ends the process."""
+def save(cmd, qmp_path, *uris):
+    """Boots `cmd`, waits for the guest, saves it to each of `uris` in turn (running it again
+    in between, so that each save is of the running guest, a moment apart), ends the process.
+    How soon a restored guest answers depends on what it was doing when it was saved: saves
+    to compare are made so, from one boot."""
     p = Proc(cmd)
     p.wait_for(READY)
     p.send(b"echo saved-guest\n")
     p.wait_for(b"saved-guest\r\n")
     time.sleep(2)
     q = Qmp(qmp_path)
-    q.cmd("migrate", uri=uri)
-    info = q.wait_migration()
+    for i, uri in enumerate(uris):
+        if i:
+            q.cmd("cont")
+        q.cmd("migrate", uri=uri)
+        q.wait_migration()
     p.stop()
-    return info
 
 
 def answer_probe(p, tag):
@@ -246,8 +251,7 @@ def main():
     ours_stream = os.path.join(tmp, "ours.stream")
     ours_image = os.path.join(tmp, "ours.image")
     qemu_stream = os.path.join(tmp, "qemu.stream")
-    save(ours_base, qmp, f"exec:cat > {ours_stream}")
-    save(ours_base, qmp, f"file:{ours_image}")
+    save(ours_base, qmp, f"exec:cat > {ours_stream}", f"file:{ours_image}")
     save(qemu_base, qmp, f"exec:cat > {qemu_stream}")
     sizes = {p: os.path.getsize(p) for p in (ours_stream, ours_image, qemu_stream)}
     used = {p: os.stat(p).st_blocks * 512 for p in (ours_image,)}

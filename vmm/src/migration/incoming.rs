@@ -240,20 +240,29 @@ fn unexpected(record: [u8; 4], expected: &str) -> String {
     .to_string()
 }
 
+/// The next record, which must be the JSON record `expected`, parsed.
+fn next_json<R: Read, T: serde::de::DeserializeOwned>(
+    input: &mut StreamReader<R>,
+    expected: [u8; 4],
+) -> Result<T, String> {
+    let record = input.next_record().map_err(|e| e.to_string())?;
+    let name = tag_name(expected);
+    if record.tag != expected {
+        return Err(unexpected(record.tag, &name));
+    }
+    parse(
+        &input.json_payload(&record).map_err(|e| e.to_string())?,
+        &name,
+    )
+}
+
 /// The header and the `CONF` record: the machine, checked against this one.
 fn machine<R: Read>(
     input: &mut StreamReader<R>,
     here: &MachineConfig,
     reply: &mut Option<UnixStream>,
 ) -> Result<(), String> {
-    let conf = input.next_record().map_err(|e| e.to_string())?;
-    if conf.tag != tag::CONF {
-        return Err(unexpected(conf.tag, "CONF"));
-    }
-    let source: MachineConfig = parse(
-        &input.json_payload(&conf).map_err(|e| e.to_string())?,
-        "CONF",
-    )?;
+    let source: MachineConfig = next_json(input, tag::CONF)?;
     compat::check(&source, here)?;
     if let Some(r) = reply {
         r.write_all(b"OK\n")
@@ -337,22 +346,8 @@ fn read_file(
     }
     machine(&mut input, here, reply)?;
     set_status(shared, Status::Active);
-    let stat = input.next_record().map_err(|e| e.to_string())?;
-    if stat.tag != tag::STAT {
-        return Err(unexpected(stat.tag, "STAT"));
-    }
-    let state: MachineState = parse(
-        &input.json_payload(&stat).map_err(|e| e.to_string())?,
-        "STAT",
-    )?;
-    let imag = input.next_record().map_err(|e| e.to_string())?;
-    if imag.tag != tag::IMAG {
-        return Err(unexpected(imag.tag, "IMAG"));
-    }
-    let layout: ImageLayout = parse(
-        &input.json_payload(&imag).map_err(|e| e.to_string())?,
-        "IMAG",
-    )?;
+    let state: MachineState = next_json(&mut input, tag::STAT)?;
+    let layout: ImageLayout = next_json(&mut input, tag::IMAG)?;
     let done = input.next_record().map_err(|e| e.to_string())?;
     if done.tag != tag::DONE {
         return Err(unexpected(done.tag, "DONE"));

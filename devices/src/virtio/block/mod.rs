@@ -619,6 +619,36 @@ mod tests {
             }
         }
 
+        /// `dev` restored active on `q`'s queue at (next available, next used) = `at`,
+        /// failing or not, then resumed.
+        fn restore(
+            &self,
+            dev: &mut Block,
+            q: &MockSplitQueue<'_, GuestRam>,
+            at: (u16, u16),
+            failing: bool,
+        ) {
+            let mut queue: Queue = q.create_queue().unwrap();
+            queue.set_next_avail(at.0);
+            queue.set_next_used(at.1);
+            let aq = ActiveQueue {
+                index: 0,
+                queue,
+                notify: self.notify.clone(),
+            };
+            let features = dev.features();
+            dev.restore_active(
+                self.memory.clone(),
+                self.interrupt.clone(),
+                features,
+                vec![aq],
+                (failing, false),
+            )
+            .unwrap();
+            assert!(!dev.is_active(), "restored paused");
+            dev.resume().unwrap();
+        }
+
         fn activate(&self, dev: &mut Block, queue: Queue) -> Result<(), ActivateError> {
             let aq = ActiveQueue {
                 index: 0,
@@ -973,26 +1003,8 @@ mod tests {
 
         // The destination: a new device on the same image, its queue where the first stopped.
         let mut restored = block(&tmp, false, 1);
-        let mut queue: Queue = q.create_queue().unwrap();
-        queue.set_next_avail(progress[0].next_avail);
-        queue.set_next_used(progress[0].next_used);
-        let aq = ActiveQueue {
-            index: 0,
-            queue,
-            notify: rig.notify.clone(),
-        };
-        let features = restored.features();
-        restored
-            .restore_active(
-                rig.memory.clone(),
-                rig.interrupt.clone(),
-                features,
-                vec![aq],
-                (false, false),
-            )
-            .unwrap();
-        assert!(!restored.is_active(), "restored paused");
-        restored.resume().unwrap();
+        let at = (progress[0].next_avail, progress[0].next_used);
+        rig.restore(&mut restored, &q, at, false);
         wait_for("both requests served", || q.used().idx().load() == 3);
         assert_eq!(status(mem, STATUS), 0);
         assert_eq!(status(mem, STATUS + 1), 0);
@@ -1036,25 +1048,7 @@ mod tests {
         restored.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), IMAGE_SECTORS);
         assert!(!restored.has_backend());
-        let mut queue: Queue = q.create_queue().unwrap();
-        queue.set_next_avail(1);
-        queue.set_next_used(1);
-        let aq = ActiveQueue {
-            index: 0,
-            queue,
-            notify: rig.notify.clone(),
-        };
-        let features = restored.features();
-        restored
-            .restore_active(
-                rig.memory.clone(),
-                rig.interrupt.clone(),
-                features,
-                vec![aq],
-                (true, false),
-            )
-            .unwrap();
-        restored.resume().unwrap();
+        rig.restore(&mut restored, &q, (1, 1), true);
         wait_for("both requests failed", || q.used().idx().load() == 3);
         assert_eq!(status(mem, STATUS), 1);
         assert_eq!(status(mem, STATUS + 1), 1);
