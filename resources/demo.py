@@ -186,7 +186,13 @@ def main():
     cmd += ["--qmp", sock, "--root-port-hotplug", "rp2=acpi", "--hotplug-trace", trace]
 
     # The booted guest is saved once and restored from then on (docs/migration.md).
-    snap = os.path.join(CACHE, f"demo-booted-{args.kernel_version}-{args.cpus}cpu.snap")
+    # Keyed by the VMM build: a rebuilt VMM boots and saves afresh (and the old save goes).
+    st = os.stat(VMM)
+    build = f"{st.st_size:x}{int(st.st_mtime):x}"
+    snap = os.path.join(CACHE, f"demo-booted-{args.kernel_version}-{args.cpus}cpu-{build}.snap")
+    for old in os.listdir(CACHE):
+        if old.startswith("demo-booted-") and os.path.join(CACHE, old) != snap:
+            os.unlink(os.path.join(CACHE, old))
     if not os.path.exists(snap):
         print(f"demo: booting Linux {args.kernel_version} ({kernel}) with {args.cpus} vCPUs and a "
               f"64 MiB virtio-blk disk; about 80-120 s on PVM hosts (docs/guest-on-pvm.md) ...", flush=True)

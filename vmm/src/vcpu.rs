@@ -573,6 +573,12 @@ fn patch_cpuid(cpuid: &mut CpuId, id: u8, cpus: u8) {
                 e.edx |= 1 << 28;
             }
             0xb | 0x1f => e.edx = u32::from(id),
+            // Invariant TSC (CPUID Fn8000_0007 EDX[8]) hidden, as QEMU hides it unless asked:
+            // Linux then keeps its time with kvm-clock, which KVM_SET_CLOCK carries across a
+            // snapshot or migration. With it, Linux picks the TSC, and on PVM hosts (no TSC
+            // offsetting: the guest reads the host's TSC) a restored guest's clock jumps by the
+            // time it spent saved (RCU stall reports, a 2-vCPU guest seen hung; docs/migration.md).
+            0x8000_0007 => e.edx &= !(1 << 8),
             // AMD extended APIC ID (AMD64 APM vol. 3, CPUID Fn8000_001E): EAX the APIC ID, EBX
             // the core ID (one thread per core), ECX node 0. Linux reads the APIC ID from here on
             // AMD and reports a mismatch with the LAPIC otherwise.
