@@ -4,9 +4,9 @@
 
 #![no_main]
 
-use devices::virtio::GuestRam;
 use std::sync::{Arc, OnceLock};
 
+use devices::virtio::GuestRam;
 use devices::virtio::block::{BlockStats, Disk, RequestProcessor};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};

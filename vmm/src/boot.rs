@@ -1,11 +1,11 @@
 //! Loading the guest: kernel (ELF vmlinux or bzImage), initramfs, command line and the boot
 //! structures the kernel reads first (PVH start info or the Linux zero page, and the memory map).
 
-use devices::virtio::GuestRam;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
+use devices::virtio::GuestRam;
 use linux_loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;

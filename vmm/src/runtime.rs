@@ -3,13 +3,13 @@
 //! pausing the disks' I/O and the hot-plug clock, or the reverse — and takes and restores the
 //! machine's state ([`MachineState`]) while it is paused.
 
-use devices::virtio::GuestRam;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::pci::{PciConfigIo, PciHostBridge};
 use devices::power_control::PowerControl;
 use devices::serial::SerialDevice;
+use devices::virtio::GuestRam;
 use kvm_bindings::{
     kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };

@@ -5,11 +5,11 @@
 //! instruction bytes) instead of spinning: on PVM hosts an instruction KVM's emulator cannot run
 //! shows up as `KVM_EXIT_INTERNAL_ERROR` with suberror 1, and the bytes say which one it was.
 
-use devices::virtio::GuestRam;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
+use devices::virtio::GuestRam;
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs,
     KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,

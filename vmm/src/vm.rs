@@ -1,7 +1,6 @@
 //! The machine: KVM VM, guest memory, interrupt controller, platform devices, ACPI tables, vCPU
 //! threads, and the main event loop that runs until the guest powers off or something fails.
 
-use devices::virtio::GuestRam;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, RwLock};
@@ -21,6 +20,7 @@ use devices::power_control::{
     SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET,
 };
 use devices::serial::{SerialDevice, SerialDeviceState, SERIAL_PORT_SIZE};
+use devices::virtio::GuestRam;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};

@@ -3,7 +3,6 @@
 //! one's, reads guest memory and the machine's state, and opens the disks' backing files —
 //! each refused, with a one-line reason, before anything runs.
 
-use devices::virtio::GuestRam;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
@@ -14,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use devices::virtio::GuestRam;
 use serde_json::json;
 
 use super::compat::{self, MachineConfig};

@@ -2,11 +2,11 @@
 //! destination's fresh memory is zero already), or an image in a file that the destination
 //! maps instead of copying.
 
-use devices::virtio::GuestRam;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 
+use devices::virtio::GuestRam;
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{

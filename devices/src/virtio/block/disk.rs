@@ -3,13 +3,13 @@
 //! Data moves between the file and guest memory with `pread`/`pwrite` straight on the guest's
 //! pages (through vm-memory's [`VolatileSlice`]), never through an intermediate buffer.
 
-use crate::virtio::GuestRam;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
+use crate::virtio::GuestRam;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 

@@ -1,7 +1,6 @@
 //! Serving one virtio-blk request: parse the chain, do the I/O, write the status byte
 //! (Virtio 1.2 §5.2.6).
 
-use crate::virtio::GuestRam;
 use std::sync::Arc;
 
 use log::debug;
@@ -19,6 +18,7 @@ use super::{
     BackendErrorObserver, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS,
     MAX_WRITE_ZEROES_SEG,
 };
+use crate::virtio::GuestRam;
 
 /// Size of one `struct virtio_blk_discard_write_zeroes` (§5.2.6): `le64 sector;
 /// le32 num_sectors; le32 flags`.

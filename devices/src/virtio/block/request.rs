@@ -13,13 +13,14 @@
 //! no status: the device returns it with used length 0. Any other defect is reported to the
 //! driver as `VIRTIO_BLK_S_IOERR` by the executor.
 
-use crate::virtio::GuestRam;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::virtio::GuestRam;
 
 /// Size of the request header that precedes the data: `le32 type; le32 reserved; le64 sector`
 /// (§5.2.6).

@@ -1,7 +1,6 @@
 //! Test fixtures: guest memory with a driver-side queue (virtio-queue's mock), descriptors,
 //! request headers and disk images.
 
-use crate::virtio::GuestRam;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -15,6 +14,7 @@ use vmm_sys_util::tempfile::TempFile;
 use super::disk::Disk;
 use super::executor::RequestProcessor;
 use super::stats::BlockStats;
+use crate::virtio::GuestRam;
 
 /// Guest RAM in tests: 2 MiB at 0. The queue lives at 0, buffers at [`BUF`] and above.
 pub const RAM_SIZE: u64 = 0x20_0000;

@@ -27,7 +27,6 @@
 //! removal path breaks the virtqueues, and waits in `del_gendisk` for every request it
 //! submitted — failing them is what lets it finish.
 
-use crate::virtio::GuestRam;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -42,6 +41,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::executor::{Completion, RequestProcessor};
+use crate::virtio::GuestRam;
 use crate::virtio::{
     ActiveQueue, GuestMemory, InFlightPolicy, VirtioInterrupt, VirtioInterruptType,
 };
