@@ -8,6 +8,7 @@ mod exit;
 mod hotplug;
 mod interrupts;
 mod layout;
+mod memory_slots;
 mod migration;
 mod mptable;
 mod pci_devices;

@@ -22,12 +22,12 @@ use devices::power_control::{
 use devices::serial::{SerialDevice, SerialDeviceState, SERIAL_PORT_SIZE};
 use devices::virtio::GuestRam;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
 use std::os::unix::thread::JoinHandleExt;
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -371,7 +371,8 @@ impl Machine {
         vm.create_irq_chip()
             .map_err(|e| VmError::KvmIoctl("KVM_CREATE_IRQCHIP", e))?;
 
-        register_memory(&vm, &mem, cli.memory)?;
+        crate::memory_slots::register(&vm, &mem, false)
+            .map_err(|e| VmError::KvmIoctl("KVM_SET_USER_MEMORY_REGION", e))?;
         let exit = shared.exit.clone();
         let mut io_mgr = IoManager::new();
         let (serial, drained) =
@@ -872,28 +873,6 @@ fn create_memory(size: u64) -> Result<GuestRam, VmError> {
         .map(|(s, l)| (GuestAddress(s), l as usize))
         .collect();
     GuestRam::from_ranges(&ranges).map_err(|e| VmError::Memory(size >> 20, e.to_string()))
-}
-
-/// Gives guest RAM `mem` (of `size` bytes) to the VM, one memory slot per region.
-fn register_memory(vm: &VmFd, mem: &GuestRam, size: u64) -> Result<(), VmError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|e| VmError::Memory(size >> 20, e.to_string()))?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the host range [host, host + len) is a live mmap owned by `mem`, which the VM
-        // keeps (every vCPU holds a clone) for as long as the process runs; the guest ranges of
-        // the regions do not overlap.
-        unsafe { vm.set_user_memory_region(r) }
-            .map_err(|e| VmError::KvmIoctl("KVM_SET_USER_MEMORY_REGION", e))?;
-    }
-    Ok(())
 }
 
 /// The machine's hot-plug places: its root ports in their modes, and the root bus's ACPI

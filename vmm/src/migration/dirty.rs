@@ -3,30 +3,13 @@
 //! memory, their used rings) from the dirty bitmap vm-memory keeps for every write through it.
 
 use devices::virtio::GuestRam;
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-/// Starts (`true`) or stops KVM's dirty log on every RAM slot of `memory` (slot `i` is
-/// region `i`, as the VM registered them).
+/// Starts (`true`) or stops KVM's dirty log on every RAM slot of `memory`.
 pub fn log_dirty_pages(vm: &VmFd, memory: &GuestRam, enable: bool) -> Result<(), String> {
-    for (slot, region) in memory.iter().enumerate() {
-        let host = memory
-            .get_host_address(region.start_addr())
-            .map_err(|e| e.to_string())?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: if enable { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the same slot, guest range and host mapping the VM registered at start (a
-        // live mmap owned by `memory` for the process's life); only the flags change.
-        unsafe { vm.set_user_memory_region(r) }
-            .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION (dirty log): {e}"))?;
-    }
-    Ok(())
+    crate::memory_slots::register(vm, memory, enable)
+        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION (dirty log): {e}"))
 }
 
 /// The pages written since the last call (or since the log was started), one bitmap per
