@@ -18,7 +18,6 @@ use devices::hotplug::Command;
 use crate::exit::VmExit;
 use crate::hotplug;
 use crate::migration::outgoing;
-use crate::migration::status::Status;
 use crate::migration::uri::MigrationUri;
 use crate::qmp::typed::{parse_args, NoArgs};
 use crate::qmp::{QmpError, QmpHandler};
@@ -202,16 +201,9 @@ impl MachineControl {
             }
             Request::QueryMigrate => Ok(self.shared.migration().to_json()),
             Request::MigrateCancel => {
-                let mut m = self.shared.migration();
-                if !m.status.is_final() && self.runtime.get().is_some() {
-                    m.status = Status::Cancelling;
-                    drop(m);
-                    self.shared
-                        .cancel
-                        .store(true, std::sync::atomic::Ordering::Release);
-                    self.shared
-                        .events
-                        .emit("MIGRATION", json!({"status": Status::Cancelling.name()}));
+                // A migration coming in is not cancelled: there is no machine to go back to.
+                if self.runtime.get().is_some() {
+                    self.shared.cancel_migration();
                 }
                 Ok(json!({}))
             }

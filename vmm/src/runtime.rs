@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::exit::ExitSignal;
 use crate::hotplug::Hotplug;
 use crate::migration::compat::MachineConfig;
-use crate::migration::status::MigrationInfo;
+use crate::migration::status::{MigrationInfo, Status};
 use crate::pci_devices::PciDevices;
 use crate::qmp::QmpEvents;
 use crate::run_state::{Effect, RunStateError, RunStates};
@@ -61,6 +61,42 @@ impl Shared {
     /// The migration status.
     pub fn migration(&self) -> MutexGuard<'_, MigrationInfo> {
         lock(&self.migration)
+    }
+
+    /// Sets the migration's status and tells the clients (`MIGRATION`).
+    pub fn set_migration_status(&self, status: Status) {
+        self.migration().status = status;
+        self.emit_migration_status(status);
+    }
+
+    fn emit_migration_status(&self, status: Status) {
+        self.events
+            .emit("MIGRATION", json!({ "status": status.name() }));
+    }
+
+    /// The migration is ending: records how long it took and, if it failed, why. Its final
+    /// status follows with [`set_migration_status`](Self::set_migration_status).
+    pub fn migration_ending(&self, error: Option<&str>) {
+        let mut m = self.migration();
+        m.total_time = m.started.map(|s| s.elapsed());
+        if let Some(e) = error {
+            m.error = Some(e.to_string());
+        }
+    }
+
+    /// `migrate_cancel`: a migration out that has not ended is told to stop (`cancelling`).
+    /// Returns whether there was one.
+    pub fn cancel_migration(&self) -> bool {
+        let mut m = self.migration();
+        if m.status.is_final() {
+            return false;
+        }
+        m.status = Status::Cancelling;
+        drop(m);
+        self.cancel
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.emit_migration_status(Status::Cancelling);
+        true
     }
 
     /// `query-status`.

@@ -14,7 +14,6 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use devices::virtio::GuestRam;
-use serde_json::json;
 
 use super::compat::{self, MachineConfig};
 use super::memory::{self, ImageLayout, PassStats};
@@ -63,13 +62,6 @@ impl Answer {
     }
 }
 
-fn set_status(shared: &Shared, status: Status) {
-    shared.migration().status = status;
-    shared
-        .events
-        .emit("MIGRATION", json!({ "status": status.name() }));
-}
-
 /// Receives the machine from `uri`; `here` is this machine, `ram` its RAM regions (guest
 /// address, size); `defer` delivers `migrate-incoming`'s URI. Emits the `MIGRATION` events and
 /// keeps `query-migrate`'s status; a refusal is one line, also told to a `unix:` source.
@@ -85,7 +77,7 @@ pub fn receive(
         MigrationUri::Defer => wait_for_uri(shared, defer)?,
         uri => uri,
     };
-    set_status(shared, Status::Setup);
+    shared.set_migration_status(Status::Setup);
     let result = receive_from(&uri, here, ram, shared);
     if let Err(e) = &result {
         ended(shared, Err(e));
@@ -95,21 +87,12 @@ pub fn receive(
 
 /// The migration in has ended: the machine was restored from it, or not (`Err` says why).
 pub fn ended(shared: &Shared, result: Result<(), &str>) {
-    {
-        let mut m = shared.migration();
-        m.total_time = m.started.map(|s| s.elapsed());
-        if let Err(e) = result {
-            m.error = Some(e.to_string());
-        }
-    }
-    set_status(
-        shared,
-        if result.is_ok() {
-            Status::Completed
-        } else {
-            Status::Failed
-        },
-    );
+    shared.migration_ending(result.err());
+    shared.set_migration_status(if result.is_ok() {
+        Status::Completed
+    } else {
+        Status::Failed
+    });
 }
 
 fn wait_for_uri(shared: &Shared, defer: &Receiver<MigrationUri>) -> Result<MigrationUri, String> {
@@ -180,9 +163,11 @@ fn receive_from(
                     Ok(i)
                 }
                 Err(e) => {
-                    if let Some(mut r) = incoming {
-                        let _ = r.write_all(format!("ERR {e}\n").as_bytes());
+                    Answer {
+                        reply: incoming,
+                        child: None,
                     }
+                    .send(Err(&e));
                     Err(e)
                 }
             }
@@ -283,7 +268,7 @@ fn read_stream<R: Read>(
         return Err("a memory image can only be read from a file (file:PATH)".into());
     }
     machine(&mut input, here, reply)?;
-    set_status(shared, Status::Active);
+    shared.set_migration_status(Status::Active);
     let ranges: Vec<(vm_memory::GuestAddress, usize)> = ram
         .iter()
         .map(|&(g, s)| (vm_memory::GuestAddress(g), s as usize))
@@ -345,7 +330,7 @@ fn read_file(
         );
     }
     machine(&mut input, here, reply)?;
-    set_status(shared, Status::Active);
+    shared.set_migration_status(Status::Active);
     let state: MachineState = next_json(&mut input, tag::STAT)?;
     let layout: ImageLayout = next_json(&mut input, tag::IMAG)?;
     let done = input.next_record().map_err(|e| e.to_string())?;

@@ -22,8 +22,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde_json::json;
-
 use super::compat::MachineConfig;
 use super::dirty;
 use super::memory::{self, PassStats};
@@ -52,7 +50,7 @@ pub fn start(rt: Arc<Runtime>, uri: MigrationUri) -> Result<(), RunStateError> {
     rt.shared.cancel.store(false, Ordering::Release);
     let ram: u64 = rt.machine.memory;
     *rt.shared.migration() = MigrationInfo::starting(ram);
-    set_status(&rt, Status::Setup);
+    rt.shared.set_migration_status(Status::Setup);
     let thread_rt = rt.clone();
     let spawned = std::thread::Builder::new()
         .name("migration".into())
@@ -66,13 +64,6 @@ pub fn start(rt: Arc<Runtime>, uri: MigrationUri) -> Result<(), RunStateError> {
     Ok(())
 }
 
-fn set_status(rt: &Runtime, status: Status) {
-    rt.shared.migration().status = status;
-    rt.shared
-        .events
-        .emit("MIGRATION", json!({ "status": status.name() }));
-}
-
 fn cancelled(rt: &Runtime) -> Result<(), Failure> {
     if rt.shared.cancel.load(Ordering::Acquire) {
         Err(Failure::Cancelled)
@@ -83,13 +74,10 @@ fn cancelled(rt: &Runtime) -> Result<(), Failure> {
 
 fn finish(rt: &Runtime, result: Result<(), Failure>) {
     let completed = result.is_ok();
-    {
-        let mut m = rt.shared.migration();
-        m.total_time = m.started.map(|s| s.elapsed());
-        if let Err(Failure::Error(e)) = &result {
-            m.error = Some(e.clone());
-        }
-    }
+    rt.shared.migration_ending(match &result {
+        Err(Failure::Error(e)) => Some(e),
+        _ => None,
+    });
     {
         let mut run = rt.shared.run();
         let effect = run.end_migration(completed);
@@ -103,7 +91,7 @@ fn finish(rt: &Runtime, result: Result<(), Failure>) {
             Status::Failed
         }
     };
-    set_status(rt, status);
+    rt.shared.set_migration_status(status);
 }
 
 fn migrate(rt: &Runtime, uri: &MigrationUri) -> Result<(), Failure> {
@@ -151,7 +139,7 @@ fn stop_for_last_stage(rt: &Runtime) -> (Instant, bool) {
     let stopped = Instant::now();
     rt.apply(effect);
     drop(run);
-    set_status(rt, Status::Device);
+    rt.shared.set_migration_status(Status::Device);
     (stopped, ran)
 }
 
@@ -169,7 +157,7 @@ fn conf(rt: &Runtime) -> Result<Vec<u8>, Failure> {
 
 /// `exec:`: stop, then the whole stream.
 fn send_stopped<W: Write>(rt: &Runtime, out: W) -> Result<(), Failure> {
-    set_status(rt, Status::Active);
+    rt.shared.set_migration_status(Status::Active);
     let mut w = StreamWriter::new(out, 0)?;
     w.record(tag::CONF, &[&conf(rt)?])?;
     cancelled(rt)?;
@@ -192,7 +180,7 @@ fn send_stopped<W: Write>(rt: &Runtime, out: W) -> Result<(), Failure> {
 
 /// `file:`: stop, then the records and the memory image.
 fn save_image(rt: &Runtime, file: &File, path: &Path) -> Result<(), Failure> {
-    set_status(rt, Status::Active);
+    rt.shared.set_migration_status(Status::Active);
     let (stopped, ran) = stop_for_last_stage(rt);
     let conf = conf(rt)?;
     let state = serde_json::to_vec(&rt.save(ran)?)?;
@@ -264,7 +252,7 @@ fn send_unix(rt: &Runtime, stream: UnixStream) -> Result<(), Failure> {
     w.record(tag::CONF, &[&conf(rt)?])?;
     w.get_mut().flush()?;
     answer(&mut reader, "about the machine")?;
-    set_status(rt, Status::Active);
+    rt.shared.set_migration_status(Status::Active);
     dirty::log_dirty_pages(&rt.vm, &rt.memory, true)?;
     let result = precopy(rt, &mut w).and_then(|()| last_stage(rt, &mut w, &mut reader));
     if let Err(e) = dirty::log_dirty_pages(&rt.vm, &rt.memory, false) {
