@@ -322,8 +322,9 @@ struct Machine {
 }
 
 impl Machine {
-    /// KVM VM, guest memory, platform devices, PCI, ACPI and MP tables, the guest loaded, the
-    /// hot-plug worker and the control socket started, the vCPUs created.
+    /// KVM VM, guest memory, platform devices, PCI, ACPI and MP tables, the guest loaded (or
+    /// the state of a snapshot or migration restored into all of them), the hot-plug worker
+    /// started, the vCPUs created; also returns how to tell a migration's source the outcome.
     fn build(cli: &Cli, boot: Boot, shared: Arc<Shared>) -> Result<(Self, Answer), VmError> {
         let (mem, restore, answer) = match boot {
             Boot::Fresh => (create_memory(cli.memory)?, None, Answer::default()),
@@ -658,47 +659,45 @@ fn load_firmware_and_kernel(
     mem: &GuestRam,
     acpi_cfg: &acpi::MachineConfig,
 ) -> Result<boot::BootEntry, VmError> {
-    {
-        // ACPI tables.
-        for (addr, blob) in acpi::build_tables(acpi_cfg, ACPI_START)? {
-            mem.write_slice(&blob, GuestAddress(addr))
-                .map_err(|source| VmError::GuestWrite {
-                    what: "the ACPI tables",
-                    addr,
-                    source,
-                })?;
-        }
-
-        // MP table: ignored by Linux next to the MADT, but it ends Linux's slow scan of the BIOS area.
-        let mp = crate::mptable::build(
-            &crate::mptable::MpConfig {
-                cpus: acpi_cfg.cpus,
-                ioapic_id: acpi_cfg.ioapic_id,
-                ioapic_addr: acpi_cfg.ioapic_addr,
-                lapic_addr: acpi_cfg.lapic_addr,
-            },
-            MPTABLE_START as u32,
-        );
-        mem.write_slice(&mp, GuestAddress(MPTABLE_START))
+    // ACPI tables.
+    for (addr, blob) in acpi::build_tables(acpi_cfg, ACPI_START)? {
+        mem.write_slice(&blob, GuestAddress(addr))
             .map_err(|source| VmError::GuestWrite {
-                what: "the MP table",
-                addr: MPTABLE_START,
+                what: "the ACPI tables",
+                addr,
                 source,
             })?;
-
-        let kernel = cli.kernel.as_deref().ok_or_else(|| {
-            boot::BootError::KernelOpen("--kernel".into(), io::Error::from(io::ErrorKind::NotFound))
-        })?;
-        let entry = boot::load_guest(
-            mem,
-            cli.memory,
-            kernel,
-            cli.initramfs.as_deref(),
-            &cli.cmdline,
-        )?;
-        log::info!("boot entry: {entry:x?}");
-        Ok(entry)
     }
+
+    // MP table: ignored by Linux next to the MADT, but it ends Linux's slow scan of the BIOS area.
+    let mp = crate::mptable::build(
+        &crate::mptable::MpConfig {
+            cpus: acpi_cfg.cpus,
+            ioapic_id: acpi_cfg.ioapic_id,
+            ioapic_addr: acpi_cfg.ioapic_addr,
+            lapic_addr: acpi_cfg.lapic_addr,
+        },
+        MPTABLE_START as u32,
+    );
+    mem.write_slice(&mp, GuestAddress(MPTABLE_START))
+        .map_err(|source| VmError::GuestWrite {
+            what: "the MP table",
+            addr: MPTABLE_START,
+            source,
+        })?;
+
+    let kernel = cli.kernel.as_deref().ok_or_else(|| {
+        boot::BootError::KernelOpen("--kernel".into(), io::Error::from(io::ErrorKind::NotFound))
+    })?;
+    let entry = boot::load_guest(
+        mem,
+        cli.memory,
+        kernel,
+        cli.initramfs.as_deref(),
+        &cli.cmdline,
+    )?;
+    log::info!("boot entry: {entry:x?}");
+    Ok(entry)
 }
 
 /// The 16550 console on `SERIAL_PORT` (IRQ 4 through an irqfd), writing where `cli.serial`

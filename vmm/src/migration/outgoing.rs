@@ -167,15 +167,22 @@ fn send_stopped<W: Write>(rt: &Runtime, out: W) -> Result<(), Failure> {
     let stats = unsafe { memory::send_paused(&rt.memory, &mut w) }?;
     count(rt, stats, w.written());
     cancelled(rt)?;
-    let state = serde_json::to_vec(&rt.save(ran)?)?;
-    w.record(tag::STAT, &[&state])?;
-    w.record(tag::DONE, &[])?;
-    let written = w.written();
+    let written = send_state(rt, ran, &mut w)?;
     w.finish()?;
     let mut m = rt.shared.migration();
     m.transferred = written;
     m.downtime = Some(stopped.elapsed());
     Ok(())
+}
+
+/// The last records of a stream: the stopped machine's state (`ran`: whether it ran when the
+/// migration started) and the end, flushed. Returns the bytes written in all.
+fn send_state<W: Write>(rt: &Runtime, ran: bool, w: &mut StreamWriter<W>) -> Result<u64, Failure> {
+    let state = serde_json::to_vec(&rt.save(ran)?)?;
+    w.record(tag::STAT, &[&state])?;
+    w.record(tag::DONE, &[])?;
+    w.get_mut().flush()?;
+    Ok(w.written())
 }
 
 /// `file:`: stop, then the records and the memory image.
@@ -320,11 +327,7 @@ fn last_stage<W: Write>(
     rt.shared.migration().remaining_pages = dirty::count(&bits);
     let stats = memory::send_running(&rt.memory, Some(&bits), w)?;
     count(rt, stats, w.written());
-    let state = serde_json::to_vec(&rt.save(ran)?)?;
-    w.record(tag::STAT, &[&state])?;
-    w.record(tag::DONE, &[])?;
-    let written = w.written();
-    w.get_mut().flush()?;
+    let written = send_state(rt, ran, w)?;
     answer(reader, "after the state")?;
     let mut m = rt.shared.migration();
     m.transferred = written;
