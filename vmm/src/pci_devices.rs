@@ -1046,7 +1046,7 @@ impl PciDevices {
             }
             Ok(DiskState {
                 key: f.key,
-                id: f.key_id(),
+                id: f.id(),
                 path: f.path.clone(),
                 readonly: f.readonly,
                 node: f.node.clone(),
@@ -1283,7 +1283,8 @@ impl BarReprogrammingHandler for PciDevices {
 }
 
 impl VirtioFunction {
-    fn key_id(&self) -> String {
+    /// Its device's id (a pulled-out function is in no map keyed by it).
+    fn id(&self) -> String {
         lock(&self.device).id().to_string()
     }
 }

@@ -771,6 +771,19 @@ mod tests {
 
     /// An active device that served one read request and then had two more published but not
     /// notified: (device, queue).
+    /// One more read after `two_requests_in_flight`'s, its header at `HDR + 0x90` and its
+    /// status byte at `STATUS + 3` (set to 0xee, so that its completion shows). Returns its
+    /// descriptors, to publish at table index 9 (they chain to 10 and 11).
+    fn late_request(mem: &GuestRam) -> [virtio_queue::desc::RawDescriptor; 3] {
+        put_header(mem, HDR + 0x90, VIRTIO_BLK_T_IN, 1);
+        mem.write_obj(0xeeu8, GuestAddress(STATUS + 3)).unwrap();
+        [
+            desc_next(HDR + 0x90, 16, N, 10),
+            desc_next(DATA, 512, W | N, 11),
+            desc_next(STATUS + 3, 1, W, 0),
+        ]
+    }
+
     fn two_requests_in_flight<'a>(
         tmp: &vmm_sys_util::tempfile::TempFile,
         rig: &Rig,
@@ -828,14 +841,8 @@ mod tests {
         assert!(!dev.has_backend());
 
         // The driver, not knowing yet, submits another request: failed too, interrupt sent.
-        put_header(mem, HDR + 0x90, VIRTIO_BLK_T_IN, 1);
-        let late = [
-            desc_next(HDR + 0x90, 16, N, 10),
-            desc_next(DATA, 512, W | N, 11),
-            desc_next(STATUS + 3, 1, W, 0),
-        ];
+        let late = late_request(mem);
         q.add_desc_chains(&late, 9).unwrap();
-        mem.write_obj(0xeeu8, GuestAddress(STATUS + 3)).unwrap();
         // used_event (VIRTIO_RING_F_EVENT_IDX): interrupt once the used index passes 3.
         let used_event = GuestAddress(q.avail_addr().0 + 4 + 2 * 16);
         mem.write_obj(3u16, used_event).unwrap();
@@ -1021,13 +1028,7 @@ mod tests {
         // Paused and resumed in place, the device goes on serving.
         restored.pause();
         restored.resume().unwrap();
-        put_header(mem, HDR + 0x90, VIRTIO_BLK_T_IN, 1);
-        let d = [
-            desc_next(HDR + 0x90, 16, N, 10),
-            desc_next(DATA, 512, W | N, 11),
-            desc_next(STATUS + 3, 1, W, 0),
-        ];
-        q.add_desc_chains(&d, 9).unwrap();
+        q.add_desc_chains(&late_request(mem), 9).unwrap();
         rig.notify.write(1).unwrap();
         wait_for("request after resume", || q.used().idx().load() == 4);
     }
@@ -1057,14 +1058,7 @@ mod tests {
         // Paused and resumed, still failing.
         restored.pause();
         restored.resume().unwrap();
-        put_header(mem, HDR + 0x90, VIRTIO_BLK_T_IN, 1);
-        let d = [
-            desc_next(HDR + 0x90, 16, N, 10),
-            desc_next(DATA, 512, W | N, 11),
-            desc_next(STATUS + 3, 1, W, 0),
-        ];
-        mem.write_obj(0xeeu8, GuestAddress(STATUS + 3)).unwrap();
-        q.add_desc_chains(&d, 9).unwrap();
+        q.add_desc_chains(&late_request(mem), 9).unwrap();
         rig.notify.write(1).unwrap();
         wait_for("late request failed", || q.used().idx().load() == 4);
         assert_eq!(status(mem, STATUS + 3), 1);
