@@ -957,33 +957,9 @@ impl VirtioPciDevice {
         self.paused = Some(state.progress.clone());
         if state.activated {
             let features = self.driver_features;
-            let mut queues = Vec::new();
-            for (index, _) in state.queues.iter().enumerate().filter(|(_, q)| q.enabled) {
-                // A device that does not use a queue's rings reports no progress for it.
-                let p = state
-                    .progress
-                    .iter()
-                    .find(|p| usize::from(p.index) == index)
-                    .copied()
-                    .unwrap_or(QueueProgress {
-                        index: index as u16,
-                        next_avail: 0,
-                        next_used: 0,
-                    });
-                let mut queue =
-                    self.queues[index]
-                        .build(features, &self.memory)
-                        .map_err(|reason| {
-                            StateError::new(self.model(), format!("queue {index}: {reason}"))
-                        })?;
-                queue.set_next_avail(p.next_avail);
-                queue.set_next_used(p.next_used);
-                queues.push(ActiveQueue {
-                    index: p.index,
-                    queue,
-                    notify: self.notify[index].clone(),
-                });
-            }
+            let queues = self
+                .active_queues(features, &state.progress)
+                .map_err(|reason| StateError::new(self.model(), reason))?;
             self.activated = true;
             let interrupt: Arc<dyn VirtioInterrupt> = self.interrupts.clone();
             let flags = (state.pulled, state.needs_reset);
@@ -1212,24 +1188,13 @@ impl VirtioPciDevice {
     /// DRIVER_OK: hands the enabled queues to the device (§3.1.1 step 8).
     fn activate(&mut self) {
         let features = self.driver_features & self.device_features;
-        let mut queues = Vec::new();
-        for (index, (config, notify)) in self.queues.iter().zip(&self.notify).enumerate() {
-            if !config.enabled {
-                continue;
+        let queues = match self.active_queues(features, &[]) {
+            Ok(queues) => queues,
+            Err(reason) => {
+                self.needs_reset(&reason);
+                return;
             }
-            match config.build(features, &self.memory) {
-                Ok(queue) => queues.push(ActiveQueue {
-                    // Below MAX_QUEUES.
-                    index: index as u16,
-                    queue,
-                    notify: notify.clone(),
-                }),
-                Err(reason) => {
-                    self.needs_reset(&format!("queue {index}: {reason}"));
-                    return;
-                }
-            }
-        }
+        };
         self.activated = true;
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupts.clone();
         if let Err(e) = self
@@ -1238,6 +1203,37 @@ impl VirtioPciDevice {
         {
             self.needs_reset(&e.to_string());
         }
+    }
+
+    /// The enabled queues as the driver described them, for the device: each at the position
+    /// `progress` gives it (a restore), or at the start. `Err` names the first queue that is
+    /// unusable on guest memory.
+    fn active_queues(
+        &self,
+        features: u64,
+        progress: &[QueueProgress],
+    ) -> Result<Vec<ActiveQueue>, String> {
+        let mut queues = Vec::new();
+        for (index, (config, notify)) in self.queues.iter().zip(&self.notify).enumerate() {
+            if !config.enabled {
+                continue;
+            }
+            let mut queue = config
+                .build(features, &self.memory)
+                .map_err(|reason| format!("queue {index}: {reason}"))?;
+            // A device that does not use a queue's rings reports no progress for it.
+            if let Some(p) = progress.iter().find(|p| usize::from(p.index) == index) {
+                queue.set_next_avail(p.next_avail);
+                queue.set_next_used(p.next_used);
+            }
+            queues.push(ActiveQueue {
+                // Below MAX_QUEUES.
+                index: index as u16,
+                queue,
+                notify: notify.clone(),
+            });
+        }
+        Ok(queues)
     }
 
     /// Sets DEVICE_NEEDS_RESET and tells the driver through a configuration interrupt (§2.1.2).
