@@ -517,10 +517,8 @@ impl PciDevices {
                 });
             }
         }
-        let mut config = BlockConfig::new(&disk.path, &id);
-        config.readonly = disk.readonly;
-        config.num_queues = self.queues_per_disk.max(1);
-        let (mut block, identity) = match disk.file {
+        let config = self.block_config(&disk.path, &id, disk.readonly);
+        let (block, identity) = match disk.file {
             Some(file) => {
                 let identity = BackendIdentity::of(&file);
                 (Block::with_file(config, file)?, identity)
@@ -535,15 +533,7 @@ impl PciDevices {
         };
         let identity = identity.map_err(|e| AddDeviceError::Transport(format!("{id}: {e}")))?;
         let capacity = block.capacity();
-        block.set_backend_error_observer(Some(Arc::new(DiskBackendErrors {
-            id: id.clone(),
-            hub: self.backend_errors.clone(),
-        })));
-        let vectors = VirtioPciDevice::msix_vector_count(&block);
-        let msi = KvmMsiGroup::new(self.router.clone(), vectors)
-            .map_err(|e| AddDeviceError::Interrupts(id.clone(), e))?;
-        let mut dev = VirtioPciDevice::new(Box::new(block), self.memory.clone(), Arc::new(msi))
-            .map_err(|e| AddDeviceError::Transport(format!("{id}: {e}")))?;
+        let mut dev = self.virtio_function(&id, block)?;
         if let Placement::RootBus(bdf) = &placement {
             if let Some(occupant) = self.root_bus_occupant(bdf.device()) {
                 return Err(AddDeviceError::SlotOccupied {
@@ -698,6 +688,32 @@ impl PciDevices {
             }
         }
         Ok(())
+    }
+
+    /// The configuration of disk `id` on `path`: one queue per vCPU.
+    fn block_config(&self, path: &Path, id: &str, readonly: bool) -> BlockConfig {
+        let mut config = BlockConfig::new(path, id);
+        config.readonly = readonly;
+        config.num_queues = self.queues_per_disk.max(1);
+        config
+    }
+
+    /// `block` as a virtio-pci function: its backend failures reported to the hub, its MSI-X
+    /// vectors on irqfds.
+    fn virtio_function(
+        &self,
+        id: &str,
+        mut block: Block,
+    ) -> Result<VirtioPciDevice, AddDeviceError> {
+        block.set_backend_error_observer(Some(Arc::new(DiskBackendErrors {
+            id: id.to_string(),
+            hub: self.backend_errors.clone(),
+        })));
+        let vectors = VirtioPciDevice::msix_vector_count(&block);
+        let msi = KvmMsiGroup::new(self.router.clone(), vectors)
+            .map_err(|e| AddDeviceError::Interrupts(id.to_string(), e))?;
+        VirtioPciDevice::new(Box::new(block), self.memory.clone(), Arc::new(msi))
+            .map_err(|e| AddDeviceError::Transport(format!("{id}: {e}")))
     }
 
     /// Takes disk `id` away after the guest let go of it: off the bus (its configuration
@@ -1131,11 +1147,9 @@ impl PciDevices {
     fn restore_disk(&self, d: &DiskState, file: Option<std::fs::File>) -> Result<(), String> {
         let id = &d.id;
         let err = |e: &dyn std::fmt::Display| format!("{id}: {e}");
-        let mut config = BlockConfig::new(&d.path, id);
-        config.readonly = d.readonly;
-        config.num_queues = self.queues_per_disk.max(1);
+        let config = self.block_config(&d.path, id, d.readonly);
         let attached = file.is_some();
-        let mut block = match file {
+        let block = match file {
             Some(file) => Block::with_file(config, file),
             None => Block::without_backend(config, d.capacity),
         }
@@ -1147,14 +1161,7 @@ impl PciDevices {
                 d.capacity
             ));
         }
-        block.set_backend_error_observer(Some(Arc::new(DiskBackendErrors {
-            id: id.clone(),
-            hub: self.backend_errors.clone(),
-        })));
-        let vectors = VirtioPciDevice::msix_vector_count(&block);
-        let msi = KvmMsiGroup::new(self.router.clone(), vectors).map_err(|e| err(&e))?;
-        let mut dev = VirtioPciDevice::new(Box::new(block), self.memory.clone(), Arc::new(msi))
-            .map_err(|e| err(&e))?;
+        let mut dev = self.virtio_function(id, block).map_err(|e| e.to_string())?;
         dev.restore(&d.function).map_err(|e| err(&e))?;
         let (placement, bdf) = match &d.placement {
             SavedPlacement::RootBus(device) => {
