@@ -31,8 +31,9 @@ use devices::pci::{PcieRootPort, SlotEvent, SlotObserver};
 use devices::virtio::InFlightOutcome;
 use serde_json::{json, Map, Value};
 
+use crate::backend_identity::BackendIdentity;
 use crate::config::parse_backend_error;
-use crate::pci_devices::{AddDeviceError, BackendIdentity, DiskSpec, PciDevices};
+use crate::pci_devices::{AddDeviceError, DiskSpec, PciDevices};
 use crate::qmp::typed::parse_args;
 use crate::qmp::{QmpError, QmpEvents};
 use serde::Deserialize;

@@ -1,5 +1,6 @@
 //! hotplug-vmm: a minimal x86_64 VMM on KVM for PCI Express hotplug research.
 
+mod backend_identity;
 mod boot;
 mod config;
 mod console;

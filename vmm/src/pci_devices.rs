@@ -19,6 +19,8 @@ use devices::virtio::pci::{VirtioPciDevice, VirtioPciState, BAR0_SIZE};
 use devices::virtio::{GuestMemory, InFlightOutcome, InFlightPolicy};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use serde::{Deserialize, Serialize};
+
+use crate::backend_identity::BackendIdentity;
 use serde_json::json;
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
@@ -75,61 +77,6 @@ struct VirtioFunction {
     capacity: u64,
     /// Pulled out and still failing: what its BARs read meanwhile.
     pulled_bar_reads: Option<BarReads>,
-}
-
-/// Which file a backend is, and how big: a snapshot is restored only onto the same file, not
-/// one that replaced it under the same name, and not resized.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackendIdentity {
-    /// Device of the file system holding it.
-    pub dev: u64,
-    /// Its inode.
-    pub ino: u64,
-    /// Its size in bytes.
-    pub size: u64,
-}
-
-impl BackendIdentity {
-    /// The identity of `file`.
-    pub fn of(file: &std::fs::File) -> std::io::Result<Self> {
-        Ok(Self::from_metadata(&file.metadata()?))
-    }
-
-    fn from_metadata(m: &std::fs::Metadata) -> Self {
-        use std::os::unix::fs::MetadataExt;
-        BackendIdentity {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.len(),
-        }
-    }
-
-    /// Opens `path` (read-write unless `readonly`) if it is still the file this identity
-    /// names, with the same size; otherwise says how it changed.
-    pub fn reopen(&self, path: &Path, readonly: bool) -> Result<std::fs::File, String> {
-        let name = path.display();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => format!("backing file {name} is missing"),
-                _ => format!("cannot open backing file {name}: {e}"),
-            })?;
-        let now = Self::of(&file).map_err(|e| format!("backing file {name}: {e}"))?;
-        if (now.dev, now.ino) != (self.dev, self.ino) {
-            return Err(format!(
-                "backing file {name} was replaced: it is not the file the source used"
-            ));
-        }
-        if now.size != self.size {
-            return Err(format!(
-                "backing file {name} was resized: {} bytes, the source's had {}",
-                now.size, self.size
-            ));
-        }
-        Ok(file)
-    }
 }
 
 /// Where a saved disk sat.
@@ -525,10 +472,7 @@ impl PciDevices {
             }
             None => {
                 let block = Block::new(config)?;
-                (
-                    block,
-                    std::fs::metadata(&disk.path).map(|m| BackendIdentity::from_metadata(&m)),
-                )
+                (block, BackendIdentity::of_path(&disk.path))
             }
         };
         let identity = identity.map_err(|e| AddDeviceError::Transport(format!("{id}: {e}")))?;
@@ -1054,8 +998,7 @@ impl PciDevices {
         let disk = |f: &VirtioFunction| -> Result<DiskState, String> {
             // The size now, if the name still leads to the file the disk uses.
             let mut identity = f.identity;
-            if let Ok(now) = std::fs::metadata(&f.path).map(|m| BackendIdentity::from_metadata(&m))
-            {
+            if let Ok(now) = BackendIdentity::of_path(&f.path) {
                 if (now.dev, now.ino) == (identity.dev, identity.ino) {
                     identity.size = now.size;
                 }
