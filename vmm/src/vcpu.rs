@@ -279,16 +279,15 @@ impl Vcpu {
         &self.fd
     }
 
-    /// Makes the vCPU one of `set`'s, saving its state with the MSRs `msrs`; returns it ready
-    /// to [`spawn`](Self::spawn).
-    pub fn attach(mut self, set: &VcpuSet, msrs: Arc<Vec<u32>>) -> Self {
+    /// Runs the vCPU on a new thread named `vcpuN`, one of `set`'s, saving its state with the
+    /// MSRs `msrs`.
+    pub fn spawn(
+        mut self,
+        set: &VcpuSet,
+        msrs: Arc<Vec<u32>>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
         self.gate = set.gate.clone();
         self.msrs = msrs;
-        self
-    }
-
-    /// Runs the vCPU on a new thread named `vcpuN`, registered with `set`.
-    pub fn spawn(mut self, set: &VcpuSet) -> std::io::Result<std::thread::JoinHandle<()>> {
         let (tx, rx) = channel();
         self.requests = Some(rx);
         let handle = std::thread::Builder::new()
@@ -327,7 +326,7 @@ impl Vcpu {
 
     /// Runs the vCPU until the VM exits. Never returns normally: the VM's exit is reported
     /// through the [`ExitSignal`], and the vCPU thread parks until the process ends.
-    pub fn run(mut self) {
+    fn run(mut self) {
         loop {
             if self.gate.is_closed() {
                 if !self.park() {

@@ -582,8 +582,7 @@ impl Machine {
         let mut threads = Vec::new();
         for vcpu in vcpus {
             let t = vcpu
-                .attach(&set, msrs.clone())
-                .spawn(&set)
+                .spawn(&set, msrs.clone())
                 .map_err(|e| VmError::Io("spawning a vCPU thread", e))?;
             threads.push(t);
         }
