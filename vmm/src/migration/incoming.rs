@@ -18,7 +18,7 @@ use devices::virtio::GuestRam;
 use super::compat::{self, MachineConfig};
 use super::memory::{self, ImageLayout, PassStats};
 use super::status::{MigrationInfo, Status};
-use super::stream::{tag, tag_name, StreamError, StreamReader, FLAG_IMAGE};
+use super::stream::{tag, tag_name, StreamError, StreamReader, FLAG_IMAGE, PAGE_SIZE};
 use super::uri::MigrationUri;
 use crate::runtime::Shared;
 use crate::snapshot::MachineState;
@@ -342,7 +342,7 @@ fn read_file(
     let memory = memory::map_image(&file, &layout, ram).map_err(|e| e.to_string())?;
     {
         let mut m = shared.migration();
-        m.normal_pages = layout.runs.iter().map(|r| r.1).sum::<u64>() / 4096;
+        m.normal_pages = layout.runs.iter().map(|r| r.1).sum::<u64>() / PAGE_SIZE;
         m.transferred = file.metadata().map(|m| m.len()).unwrap_or(0);
     }
     finish(memory, state)
