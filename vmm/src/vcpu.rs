@@ -187,7 +187,7 @@ impl VcpuSet {
             .collect()
     }
 
-    /// Registers the thread `tid` running the vCPU that [`Vcpu::attach`] gave `requests`.
+    /// Registers the thread `tid` running a vCPU, which takes `requests` while parked ([`Vcpu::spawn`]).
     fn add(&self, tid: libc::pthread_t, requests: Sender<Request>) {
         self.threads().push((tid, requests));
     }
