@@ -444,7 +444,10 @@ impl Machine {
                 }
                 pci.restore(&state.pci, disk_files)
                     .map_err(VmError::Restore)?;
-                (state.hotplug.control.clone(), state.hotplug.now)
+                // The policies are this VMM's command line's, not the source's.
+                let mut control = state.hotplug.control.clone();
+                control.set_options(hotplug_options(cli));
+                (control, state.hotplug.now)
             }
         };
         let handler: Arc<dyn BarReprogrammingHandler> = pci.clone();
@@ -797,24 +800,27 @@ fn add_acpi_hotplug(
     Ok(acpi_hotplug)
 }
 
+/// The control plane's policies of the command line (`--unplug-stall-timeout`, `--surprise-*`,
+/// `--backend-error`).
+fn hotplug_options(cli: &Cli) -> HotplugOptions {
+    HotplugOptions {
+        stall_after: std::time::Duration::from_secs(cli.unplug_stall_timeout),
+        surprise: SurprisePolicy {
+            in_flight: cli.surprise_in_flight,
+            bar_reads: cli.surprise_bar_reads,
+        },
+        remove_on_backend_error: cli.remove_on_backend_error,
+        ..HotplugOptions::default()
+    }
+}
+
 /// The hot-plug control plane, knowing every `--disk` from the start, and the disks plugged.
 fn cold_plug_disks(
     cli: &Cli,
     pci: &PciDevices,
     topology: Topology,
 ) -> Result<HotplugControl, VmError> {
-    let mut control = HotplugControl::new(
-        topology,
-        HotplugOptions {
-            stall_after: std::time::Duration::from_secs(cli.unplug_stall_timeout),
-            surprise: SurprisePolicy {
-                in_flight: cli.surprise_in_flight,
-                bar_reads: cli.surprise_bar_reads,
-            },
-            remove_on_backend_error: cli.remove_on_backend_error,
-            ..HotplugOptions::default()
-        },
-    );
+    let mut control = HotplugControl::new(topology, hotplug_options(cli));
     let mut next_root_slot = FIRST_ROOT_BUS_SLOT;
     for (i, d) in cli.disk.iter().enumerate() {
         let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));

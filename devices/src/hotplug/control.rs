@@ -113,6 +113,14 @@ impl HotplugControl {
         &self.options
     }
 
+    /// Replaces the settings, as a VMM restoring a snapshot does with its own: they are the
+    /// VMM's policies, not the machine's. What was decided under the old ones stays decided
+    /// (a device pulled keeps the policy it was pulled with; an unplug keeps its age, and the
+    /// new `stall_after` applies to it from now on).
+    pub fn set_options(&mut self, options: Options) {
+        self.options = options;
+    }
+
     /// Every `blockdev-add` node, by name.
     pub fn nodes(&self) -> &BTreeMap<String, Node> {
         &self.nodes

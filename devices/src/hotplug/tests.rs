@@ -812,6 +812,40 @@ fn the_surprise_policy_defaults_are_the_users() {
 }
 
 #[test]
+fn a_restored_control_plane_takes_the_new_vmms_policies_and_keeps_what_was_decided() {
+    let (mut c, mut regs) = machine();
+    plugged(&mut c, &mut regs, "before", "rp0");
+    plugged(&mut c, &mut regs, "after", "rp1");
+    c.command(ms(0), pull("before", None), &regs).unwrap();
+    // Saved and restored into a VMM started with other policies.
+    let mut restored: HotplugControl =
+        serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+    let zero = SurprisePolicy {
+        in_flight: InFlightPolicy::Drop,
+        bar_reads: BarReads::Zero,
+    };
+    let options = Options {
+        surprise: zero,
+        stall_after: ms(1_000),
+        ..Options::default()
+    };
+    restored.set_options(options);
+    assert_eq!(restored.options(), &options);
+    // The device pulled before is still the same pulled device; the next pull is the new way.
+    assert_eq!(
+        restored.pulled().collect::<Vec<_>>(),
+        c.pulled().collect::<Vec<_>>()
+    );
+    let a = restored
+        .command(ms(10), pull("after", None), &regs)
+        .unwrap();
+    assert!(
+        matches!(a[0], Action::Pull { policy, .. } if policy == zero),
+        "{a:?}"
+    );
+}
+
+#[test]
 fn a_failing_backend_is_reported_once_and_pulls_the_disk_if_asked() {
     let (mut c, mut regs) = machine();
     plugged(&mut c, &mut regs, "keep", "rp0");
