@@ -25,7 +25,7 @@ use serde_json::json;
 fn backend_failure(version: &str) {
     let dir = TempDir::new(&format!("backend-{version}"));
     let sock = dir.path("qmp.sock");
-    let mut opts = BootOptions::new(version);
+    let mut opts = BootOptions::shared(version);
     // (BARs reading zero after the pull let the guest's virtio-pci finish the removal and the
     // guest power off: see tests/surprise.rs.)
     opts.extra_args.extend([
@@ -34,7 +34,7 @@ fn backend_failure(version: &str) {
         "--surprise-bar-reads".to_string(),
         "zero".to_string(),
     ]);
-    let (mut g, _) = Guest::boot(&opts);
+    let mut g = Guest::restore(&opts);
     let mut q = QmpClient::negotiated(&sock);
 
     // ---- Default: the guest gets I/O errors, the VMM reports and stays up. ----

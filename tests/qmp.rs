@@ -68,14 +68,10 @@ fn control_socket_on_a_running_guest() {
     let disk = dir.path("d.img");
     common::make_mbr_disk(&disk, 16, &[4]);
     let sock = dir.path("qmp.sock");
-    let mut opts = BootOptions::new(&version);
-    opts.extra_args.extend([
-        "--disk".to_string(),
-        format!("path={},id=data0,readonly=on", disk.display()),
-        "--qmp".to_string(),
-        sock.display().to_string(),
-    ]);
-    let (mut g, _) = Guest::boot(&opts);
+    let mut opts = BootOptions::shared(&version);
+    opts.extra_args
+        .extend(["--qmp".to_string(), sock.display().to_string()]);
+    let mut g = Guest::restore(&opts);
 
     let (mut a, greeting) = Client::connect(&sock);
     assert!(greeting["QMP"]["version"].is_object(), "{greeting}");
@@ -92,6 +88,24 @@ fn control_socket_on_a_running_guest() {
     let status = a.cmd("query-status", json!({}));
     assert_eq!(status["return"]["running"], true, "{status}");
     assert_eq!(status["id"], "query-status");
+    // A read-only disk on the root bus, where the guest finds it.
+    let added = b.cmd(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "d0", "read-only": true,
+               "file": {"driver": "file", "filename": disk.display().to_string()}}),
+    );
+    assert_eq!(added["return"], json!({}), "{added}");
+    let added = b.cmd(
+        "device_add",
+        json!({"driver": "virtio-blk-pci", "id": "data0", "drive": "d0", "bus": "pcie.0"}),
+    );
+    assert_eq!(added["return"], json!({}), "{added}");
+    let line = g.wait_for_line(
+        |l| common::hotplug::block_event(l, "BLOCK-ADD").is_some(),
+        common::hotplug::ADD_TIMEOUT,
+    );
+    let dev = common::hotplug::block_event(&line, "BLOCK-ADD").unwrap();
+    assert_eq!(g.run(&format!("cat /sys/block/{dev}/ro")), "1");
     let pci = b.cmd("query-pci", json!({}));
     let devices = pci["return"][0]["devices"].as_array().unwrap().clone();
     let disk_fn = devices

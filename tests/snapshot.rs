@@ -1,11 +1,13 @@
 //! Snapshots and migrations that carry an unfinished hot-plug (issue 19), on real guests.
 //!
-//! One boot per kernel. The guest writes to a cold-plugged disk; disks are hot-added to a native
-//! slot, an ACPI slot and another native slot; then, at once, a `device_del` of the first (the
-//! guest blinking its 5 s), a `device_del` of the ACPI one (an eject request), a `device_add`
-//! to a third native slot (the guest enabling it) and a surprise removal (policy `fail`) of the
-//! last; the VM is stopped and saved to a file. The saved state is checked there and then: the
-//! press, the eject request, the pulled device still failing.
+//! Each kernel's guest is restored from the suite's shared boot (`Guest::restore`), so what is
+//! saved here is itself a restored VM. The guest writes to a disk hot-added to a native slot;
+//! disks are hot-added to another native slot, the root bus (ACPI) and the ACPI root port;
+//! then, at once, a `device_del` of the first (the guest blinking its 5 s), a `device_del` of
+//! the root bus's (an eject request), a `device_add` to a third native slot (the guest enabling
+//! it) and a surprise removal (policy `fail`) of the last; the VM is stopped and saved to a
+//! file. The saved state is checked there and then: the press, the eject request, the pulled
+//! device still failing.
 //!
 //! A second VMM restores the file (paused, as the source was when it was saved), and after
 //! `cont`: the removals complete with `DEVICE_DELETED` from the restored VMM (the source sent
@@ -25,40 +27,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::hotplug::*;
+use common::migration::*;
 use common::qmp::QmpClient;
 use common::surprise::*;
 use common::{BootOptions, Guest, TempDir};
 use serde_json::{json, Value};
-
-/// How long a migration of the test guest may take on a slow host.
-const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Waits for the `MIGRATION` event with `status`; fails with query-migrate's reply otherwise.
-fn wait_migration(q: &mut QmpClient, status: &str) {
-    let got = q.wait_event_where(
-        |v| {
-            v["event"] == "MIGRATION"
-                && matches!(
-                    v["data"]["status"].as_str(),
-                    Some("completed" | "failed" | "cancelled")
-                )
-        },
-        MIGRATE_TIMEOUT,
-    );
-    let info = q.ok("query-migrate", json!({}));
-    assert_eq!(
-        got.as_ref().map(|e| e["data"]["status"].clone()),
-        Some(json!(status)),
-        "migration: {info}"
-    );
-    assert_eq!(info["status"], status, "{info}");
-}
-
-/// Starts a migration to `uri`, forgetting the MIGRATION events of earlier ones.
-fn migrate(q: &mut QmpClient, uri: &str) {
-    q.events.retain(|e| e["event"] != "MIGRATION");
-    q.ok("migrate", json!({ "uri": uri }));
-}
 
 /// DEVICE_DELETED events for `id` a client has seen.
 fn deleted_events(q: &QmpClient, id: &str) -> usize {
@@ -66,25 +39,6 @@ fn deleted_events(q: &QmpClient, id: &str) -> usize {
         .iter()
         .filter(|e| e["event"] == "DEVICE_DELETED" && e["data"]["device"] == id)
         .count()
-}
-
-fn status(q: &mut QmpClient) -> String {
-    q.ok("query-status", json!({}))["status"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
-/// The run state once a migration coming in has ended (the control socket is up before).
-fn status_after_incoming(q: &mut QmpClient) -> String {
-    let deadline = Instant::now() + MIGRATE_TIMEOUT;
-    loop {
-        let s = status(q);
-        if s != "inmigrate" || Instant::now() > deadline {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Options for a VMM that takes its guest from `uri` (the kernel options are ignored then).
@@ -98,26 +52,17 @@ fn incoming(opts: &BootOptions, uri: &str) -> BootOptions {
 fn snapshot_hotplug(version: &str) {
     let dir = TempDir::new(&format!("snapshot-{version}"));
     let sock = dir.path("qmp.sock");
-    let cold = make_disk(&dir, "cold");
-    let mut opts = BootOptions::new(version);
-    opts.extra_args.extend([
-        "--qmp".to_string(),
-        sock.display().to_string(),
-        "--disk".to_string(),
-        format!("path={},id=cold,bus=rp0", cold.display()),
-    ]);
-    let (mut g, _) = Guest::boot(&opts);
+    let mut opts = BootOptions::shared(version);
+    opts.extra_args
+        .extend(["--qmp".to_string(), sock.display().to_string()]);
+    let mut g = Guest::restore(&opts);
     let mut q = QmpClient::negotiated(&sock);
 
     // ---- Before the snapshot ----
-    let disks = guest_disks(&mut g);
-    let cold_dev = disks
-        .iter()
-        .find(|(_, s)| s == "cold")
-        .map(|(d, _)| d.clone())
-        .unwrap_or_else(|| g.fail(&format!("no cold disk in {disks:?}")));
+    blockdev_add(&mut q, "data", &make_disk(&dir, "data"));
+    let data_dev = hot_add(&mut g, &mut q, "data", "data", "rp0");
     g.run(&format!(
-        "printf written-before-the-snapshot | dd of=/dev/{cold_dev} bs=512 seek=100 conv=fsync 2>/dev/null"
+        "printf written-before-the-snapshot | dd of=/dev/{data_dev} bs=512 seek=100 conv=fsync 2>/dev/null"
     ));
     for (id, bus) in [("gone", "rp1"), ("eject", "pcie.0"), ("pulled", "rp3")] {
         blockdev_add(&mut q, id, &make_disk(&dir, id));
@@ -217,13 +162,13 @@ fn snapshot_hotplug(version: &str) {
     wait_pulled_released(&g, &mut q, DEL_TIMEOUT);
     // The data written before the snapshot.
     let back = g.run(&format!(
-        "dd if=/dev/{cold_dev} bs=512 skip=100 count=1 2>/dev/null | head -c 27"
+        "dd if=/dev/{data_dev} bs=512 skip=100 count=1 2>/dev/null | head -c 27"
     ));
     assert_eq!(back.trim(), "written-before-the-snapshot");
     let mut present = guest_disks(&mut g);
     present.sort_by(|a, b| a.1.cmp(&b.1));
     let serials: Vec<&str> = present.iter().map(|(_, s)| s.as_str()).collect();
-    assert_eq!(serials, ["cold", "late"], "{present:?}");
+    assert_eq!(serials, ["data", "late"], "{present:?}");
     assert_eq!(deleted_events(&q, "gone"), 1);
     assert_eq!(deleted_events(&q, "eject"), 1);
 
@@ -276,7 +221,7 @@ fn snapshot_hotplug(version: &str) {
     q.ok("quit", json!({}));
     g.wait_exit(Duration::from_secs(30));
     let back = d.run(&format!(
-        "dd if=/dev/{cold_dev} bs=512 skip=100 count=1 2>/dev/null | head -c 27"
+        "dd if=/dev/{data_dev} bs=512 skip=100 count=1 2>/dev/null | head -c 27"
     ));
     assert_eq!(back.trim(), "written-before-the-snapshot");
 

@@ -9,7 +9,9 @@
 
 pub mod fuse;
 pub mod hotplug;
+pub mod migration;
 pub mod qmp;
+pub mod restore;
 pub mod surprise;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -92,6 +94,10 @@ pub struct BootOptions {
     pub memory: String,
     /// Extra kernel parameters appended to the VMM's default command line.
     pub extra_cmdline: String,
+    /// Options that make the machine (`--root-ports`, `--root-port-hotplug`, ...): with the
+    /// fields above, what a snapshot of the booted guest is kept by (see [`restore`]).
+    pub machine: Vec<String>,
+    /// Every other option: the control socket, disks, policies, the trace.
     pub extra_args: Vec<String>,
 }
 
@@ -104,8 +110,18 @@ impl BootOptions {
             cpus: 1,
             memory: "256M".into(),
             extra_cmdline: String::new(),
+            machine: Vec::new(),
             extra_args: Vec::new(),
         }
+    }
+
+    /// The machine most guest tests share, restored from one boot per kernel
+    /// ([`Guest::restore`]): four root ports, rp0–rp2 native (the guest's pciehp drives them),
+    /// rp3 in ACPI mode, and the root bus's ACPI slots (acpiphp).
+    pub fn shared(version: &str) -> Self {
+        let mut o = Self::new(version);
+        o.machine = vec!["--root-port-hotplug".into(), "rp3=acpi".into()];
+        o
     }
 
     /// Appends kernel parameters.
@@ -168,7 +184,8 @@ impl Guest {
         if let Some(i) = &opts.initramfs {
             cmd.arg("--initramfs").arg(i);
         }
-        cmd.args(&opts.extra_args)
+        cmd.args(&opts.machine)
+            .args(&opts.extra_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
