@@ -10,6 +10,7 @@ mod common;
 mod acpi_hotplug;
 mod backend;
 mod boot;
+mod cycles;
 mod hotplug;
 mod osc;
 mod qmp;

@@ -9,8 +9,8 @@
 //! whose requests were failed with an I/O error, the block layer logging it) instead of hanging,
 //! the shell stays responsive, and the same slot takes a new disk right after, which the guest
 //! reads. From the VMM's: `x-surprise-remove` returns at once with what it did to the requests
-//! in flight, `DEVICE_DELETED` follows, the VMM keeps running, the trace records every step, and
-//! (on one kernel) 50 surprise cycles leave it with the file descriptors and threads it had.
+//! in flight, `DEVICE_DELETED` follows, the VMM keeps running and the trace records every step
+//! (50 surprise cycles that must leak nothing are in tests/cycles.rs).
 //!
 //! The runs pull with `--surprise-bar-reads zero`: with BARs reading all-ones, as on hardware,
 //! Linux's virtio-pci (`vp_reset`, 6.1 and 6.12 alike) polls the departed device's status until
@@ -198,7 +198,7 @@ fn free_reader(g: &mut Guest, q: &mut QmpClient, dir: &TempDir, bus: &str, tag: 
     }
 }
 
-fn surprise(version: &str, cycles: usize) {
+fn surprise(version: &str) {
     let dir = TempDir::new(&format!("surprise-{version}"));
     let sock = dir.path("qmp.sock");
     let trace = dir.path("trace.jsonl");
@@ -247,33 +247,6 @@ fn surprise(version: &str, cycles: usize) {
     // ---- A reader nothing holds, native and ACPI. ----
     free_reader(&mut g, &mut q, &dir, "rp0", "nf");
     free_reader(&mut g, &mut q, &dir, "rp3", "af");
-
-    // ---- Cycles leak nothing. ----
-    if cycles > 0 {
-        let node = "cyc";
-        blockdev_add(&mut q, node, &make_disk(&dir, node));
-        wait_pulled_released(&g, &mut q, Duration::from_secs(10));
-        let before = open_fds_and_threads(g.pid());
-        for i in 0..cycles {
-            let id = format!("c{i}");
-            let bus = if i % 2 == 0 { "rp0" } else { "pcie.0" };
-            q.ok(
-                "device_add",
-                json!({"driver": "virtio-blk-pci", "id": id, "drive": node, "bus": bus}),
-            );
-            let line = g.wait_for_line(|l| block_event(l, "BLOCK-ADD").is_some(), ADD_TIMEOUT);
-            let dev = block_event(&line, "BLOCK-ADD").unwrap();
-            pull(&g, &mut q, &id, None, None);
-            wait_block_removed(&mut g, &dev);
-        }
-        wait_pulled_released(&g, &mut q, Duration::from_secs(30));
-        let after = open_fds_and_threads(g.pid());
-        assert_eq!(
-            before, after,
-            "(open fds, threads) before and after {cycles} surprise cycles"
-        );
-        q.ok("blockdev-del", json!({"node-name": node}));
-    }
 
     // ---- The trace has every step. ----
     check_trace(&std::fs::read_to_string(&trace).unwrap());
@@ -410,10 +383,10 @@ fn check_trace(text: &str) {
 
 #[test]
 fn surprise_removal_linux_6_1() {
-    surprise("6.1", 0);
+    surprise("6.1");
 }
 
 #[test]
 fn surprise_removal_linux_6_12() {
-    surprise("6.12", cycles());
+    surprise("6.12");
 }
