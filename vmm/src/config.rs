@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use devices::hotplug::{BarReads, InFlightPolicy, PortMode};
+use devices::virtio::block::AioBackend;
 
 /// Kernel parameters every guest gets unless `--cmdline` replaces them: the console, and the
 /// switches that keep a stock kernel off instructions KVM's emulator cannot run on PVM hosts
@@ -105,6 +106,13 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub hotplug_trace: Option<PathBuf>,
 
+    /// How the disks' host I/O runs: `io_uring` (one ring per queue), `threads` (a pool of
+    /// threads per queue doing preadv/pwritev, as QEMU's aio=threads), or `auto`: io_uring
+    /// where the host allows it, threads otherwise. A host-side choice: a restored or migrated
+    /// VM uses the destination's.
+    #[arg(long, value_name = "auto|io_uring|threads", default_value = "auto", value_parser = parse_aio)]
+    pub aio: AioBackend,
+
     /// A cold-plugged virtio-blk disk backed by a raw file: path=FILE, then optionally ,id=ID
     /// ,readonly=on ,bus=pcie.0|rpN. The id is the disk's serial (/sys/block/vdX/serial); on bus
     /// rpN the disk sits in that root port's slot and can be removed with device_del;
@@ -202,6 +210,11 @@ pub fn parse_root_port_hotplug(s: &str) -> Result<RootPortHotplug, String> {
 
 fn parse_bar_reads(s: &str) -> Result<BarReads, String> {
     s.parse()
+}
+
+fn parse_aio(s: &str) -> Result<AioBackend, String> {
+    AioBackend::from_name(s)
+        .ok_or_else(|| format!("'{s}' is not an I/O engine (auto, io_uring, threads)"))
 }
 
 fn parse_in_flight(s: &str) -> Result<InFlightPolicy, String> {
@@ -392,6 +405,17 @@ mod tests {
         for bad in ["", "M", "12X", "-1G", "1M", "99999999999G", "67108865"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn aio() {
+        assert_eq!(parse_aio("io_uring"), Ok(AioBackend::IoUring));
+        assert_eq!(parse_aio("threads"), Ok(AioBackend::Threads));
+        assert_eq!(parse_aio("auto"), Ok(AioBackend::Auto));
+        let err = parse_aio("native").unwrap_err();
+        assert!(err.contains("auto, io_uring, threads"), "{err}");
+        let cli = Cli::try_parse_from(["hotplug-vmm", "--kernel", "k"]).unwrap();
+        assert_eq!(cli.aio, AioBackend::Auto);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use devices::pci::{
     same_device, BarReprogram, BarReprogrammingHandler, BarSpace, Bdf, PciDevice, PciRoot,
     PcieRootPort, RootPortOptions, SharedPciDevice, VacatedRegion, VacatedWrites,
 };
-use devices::virtio::block::{BackendErrorObserver, Block, BlockConfig};
+use devices::virtio::block::{AioBackend, BackendErrorObserver, Block, BlockConfig};
 use devices::virtio::pci::{VirtioPciDevice, VirtioPciState, BAR0_SIZE};
 use devices::virtio::{GuestMemory, InFlightOutcome, InFlightPolicy};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -200,6 +200,8 @@ pub struct PciDevices {
     /// What the guest's `_OSC` asked for and got.
     osc: Option<Arc<Mutex<OscReport>>>,
     queues_per_disk: u16,
+    /// The engine every disk's host I/O runs on.
+    aio: AioBackend,
     backend_errors: Arc<BackendErrorHub>,
 }
 
@@ -306,6 +308,7 @@ impl PciDevices {
             acpi: None,
             osc: None,
             queues_per_disk,
+            aio: AioBackend::Auto,
             backend_errors: Arc::default(),
         })
     }
@@ -325,6 +328,12 @@ impl PciDevices {
     /// Lets the control socket show what the guest's `_OSC` reported to `report`.
     pub fn with_osc_report(mut self, report: Arc<Mutex<OscReport>>) -> Self {
         self.osc = Some(report);
+        self
+    }
+
+    /// Runs every disk's host I/O on `aio` (from the next disk made).
+    pub fn with_aio(mut self, aio: AioBackend) -> Self {
+        self.aio = aio;
         self
     }
 
@@ -639,6 +648,7 @@ impl PciDevices {
         let mut config = BlockConfig::new(path, id);
         config.readonly = readonly;
         config.num_queues = self.queues_per_disk.max(1);
+        config.aio = self.aio;
         config
     }
 

@@ -429,7 +429,8 @@ impl Machine {
                 (&topology, cli.no_command_completed),
             )?
             .with_acpi_hotplug(acpi_hotplug)
-            .with_osc_report(osc_report),
+            .with_osc_report(osc_report)
+            .with_aio(cli.aio),
         );
         let (control, now) = match state {
             None => (

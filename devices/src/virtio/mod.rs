@@ -79,13 +79,13 @@ pub trait VirtioInterrupt: Send + Sync {
 /// What a device pulled out without the driver's knowledge (surprise removal) does with the
 /// requests the driver had made available and the device had not completed.
 ///
-/// Either way the request the device is serving at that moment finishes its host I/O first
-/// (a `pread` cannot be taken back) and then shares the others' fate; the backend is released
-/// once it has.
+/// Either way the requests whose host I/O is under way at that moment finish it first (a read
+/// into guest memory cannot be taken back) and then share the others' fate; the backend is
+/// released once they have.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum InFlightPolicy {
     /// Complete every one of them with the device type's I/O error (virtio-blk:
-    /// `VIRTIO_BLK_S_IOERR`) — the one being served too, whatever its host I/O did — and raise
+    /// `VIRTIO_BLK_S_IOERR`) — those in the host too, whatever their host I/O did — and raise
     /// the queue interrupts; then go on failing, the same way, every request the driver makes
     /// available until it resets the device. The driver does not learn at once that the
     /// device is gone and may submit more meanwhile (Linux's virtio_blk does until its removal
@@ -130,8 +130,9 @@ pub struct InFlightOutcome {
     /// Requests left uncompleted ([`InFlightPolicy::Drop`], or any request whose host I/O
     /// outlasted the removal).
     pub dropped: u64,
-    /// The host I/O of the request being served had not finished when the removal returned:
-    /// the device's thread finishes it alone, then releases the backend.
+    /// Host I/O of requests in flight had not finished when the removal returned (it waits a
+    /// short while): the device's thread finishes it alone, publishing nothing more (those
+    /// requests are counted in [`dropped`](Self::dropped)), then releases the backend.
     pub host_io_pending: bool,
     /// The device goes on failing every request the driver makes available until the driver
     /// resets it ([`InFlightPolicy::Fail`]): the transport keeps the queues' notifications and

@@ -1,6 +1,7 @@
 //! Serving one virtio-blk request: parse the chain, do the I/O, write the status byte
 //! (Virtio 1.2 §5.2.6).
 
+use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
 use log::debug;
@@ -9,10 +10,13 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::disk::{Disk, SECTOR_SIZE};
-use super::request::{read_data, write_data, ChainLayout, RequestType};
+use super::host_io::{run_blocking, HostResult, IoVec};
+use super::in_flight::{IoKind, Slot};
+use super::request::{read_data, write_data, ChainLayout, RequestType, Segment};
 use super::stats::{BlockStats, Counter};
 use super::{
     BackendErrorObserver, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS,
@@ -44,8 +48,30 @@ pub enum Completion {
 /// Outcome of a request: bytes written to device-writable data buffers, or a non-OK status.
 type Outcome = Result<u32, u8>;
 
-/// Serves requests of one device against its disk. Holds the scratch space for parsing, so one
-/// processor per I/O thread; nothing is allocated per request.
+/// What [`RequestProcessor::start`] made of a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Started {
+    /// Done without host I/O (or refused): its status is written; this is its used length.
+    Complete(u32),
+    /// Its host operation is in the slot, to be run and then
+    /// [`finish`](RequestProcessor::finish)ed.
+    HostIo,
+}
+
+/// What a parsed request needs.
+enum Plan {
+    /// A host operation of this kind, laid out in the slot.
+    Host(IoKind),
+    /// Nothing more: done, with this many bytes written to the driver's buffers.
+    Done(u32),
+}
+
+/// Serves requests of one device against its disk: takes a chain apart into the host operation
+/// it needs, and writes the outcome once that operation is done; the device's I/O thread runs
+/// the operations in between, many at once ([`process`](Self::process) does all three in a
+/// row).
+/// Holds the scratch space for parsing, so one processor per I/O thread; nothing is allocated
+/// per request.
 #[derive(Debug)]
 pub struct RequestProcessor {
     /// `None` once the device was pulled out (see [`release_backend`](Self::release_backend)).
@@ -55,6 +81,8 @@ pub struct RequestProcessor {
     layout: ChainLayout,
     stats: Arc<BlockStats>,
     backend_errors: Option<Arc<dyn BackendErrorObserver>>,
+    /// The slot of requests served synchronously ([`process`](Self::process)).
+    scratch: Slot,
 }
 
 impl RequestProcessor {
@@ -94,6 +122,7 @@ impl RequestProcessor {
             layout: ChainLayout::new(seg_max as usize),
             stats,
             backend_errors: None,
+            scratch: Slot::default(),
         }
     }
 
@@ -107,10 +136,10 @@ impl RequestProcessor {
         self
     }
 
-    /// Serves the request in `chain` and returns the used length to report for it: bytes
-    /// written to device-writable buffers, status byte included; 0 when the chain has no usable
-    /// status byte (then nothing at all was written). On a failed request the used length
-    /// counts the status byte only.
+    /// Serves the request in `chain` synchronously and returns the used length to report for
+    /// it: bytes written to device-writable buffers, status byte included; 0 when the chain has
+    /// no usable status byte (then nothing at all was written). On a failed request the used
+    /// length counts the status byte only.
     pub fn process(&mut self, chain: DescriptorChain<&GuestRam>) -> u32 {
         self.process_then(chain, || Completion::Publish)
             .unwrap_or(0)
@@ -125,28 +154,101 @@ impl RequestProcessor {
         then: impl FnOnce() -> Completion,
     ) -> Option<u32> {
         let mem: &GuestRam = chain.memory();
+        let mut slot = std::mem::take(&mut self.scratch);
+        slot.clear();
+        let used = match self.start(chain.clone(), &mut slot) {
+            Started::Complete(used) => Some(used),
+            Started::HostIo => {
+                // SAFETY: the slot's iovecs point into `mem`, which the chain borrows for the
+                // whole call; the slot is ours alone.
+                let result = unsafe { run_blocking(slot.op()) };
+                let result = result.inspect(|&n| {
+                    slot.transferred(n);
+                });
+                self.finish(mem, &slot, result, then())
+            }
+        };
+        self.scratch = slot;
+        used
+    }
+
+    /// Takes the request in `chain` apart into `slot` (cleared by the caller). A request that
+    /// needs no host operation — GET_ID, DISCARD, WRITE_ZEROES, a flush of a read-only disk, a
+    /// refused or malformed one — is done here, its status written: [`Started::Complete`] with
+    /// its used length. Otherwise the slot holds the host operation ([`Slot::op`]):
+    /// [`Started::HostIo`].
+    pub(super) fn start(&mut self, chain: DescriptorChain<&GuestRam>, slot: &mut Slot) -> Started {
+        let mem: &GuestRam = chain.memory();
+        slot.head = chain.head_index();
         self.layout.parse(chain.clone());
         let Some(status_addr) = self.layout.status() else {
             debug!(
                 "virtio-blk: chain {} without status byte: {:?}",
-                chain.head_index(),
+                slot.head,
                 self.layout.chain_fault()
             );
             self.stats.add(Counter::MalformedChains, 1);
-            return Some(0);
+            return Started::Complete(0);
         };
-        let (status, written) = match self.execute(mem) {
-            Ok(written) => (S_OK, written),
-            Err(status) => (status, 0),
-        };
-        match then() {
-            Completion::Publish => Some(self.complete(mem, status_addr, status, written)),
-            Completion::Fail => {
-                self.stats.add(Counter::FailedOnRemoval, 1);
-                Some(self.complete(mem, status_addr, S_IOERR, 0))
+        slot.status = status_addr;
+        match self.prepare(mem, slot) {
+            Ok(Plan::Host(kind)) => {
+                slot.kind = kind;
+                Started::HostIo
             }
+            Ok(Plan::Done(written)) => {
+                Started::Complete(self.complete(mem, status_addr, S_OK, written))
+            }
+            Err(status) => Started::Complete(self.complete(mem, status_addr, status, 0)),
+        }
+    }
+
+    /// The host operation of `slot` ended with `result` (the slot's [`Slot::transferred`]
+    /// already told): writes the request's status as `completion` says and returns its used
+    /// length, or `None` for [`Completion::Discard`] (nothing written).
+    pub(super) fn finish(
+        &mut self,
+        mem: &GuestRam,
+        slot: &Slot,
+        result: HostResult,
+        completion: Completion,
+    ) -> Option<u32> {
+        let result = match result {
+            Ok(_) if slot.short_by() > 0 => Err(libc::EIO),
+            other => other,
+        };
+        let (status, written) = match result {
+            Ok(_) => match slot.kind {
+                IoKind::Read => {
+                    mark_dirty(mem, &slot.segments);
+                    self.stats.add(Counter::BytesRead, u64::from(slot.len));
+                    (S_OK, slot.len)
+                }
+                IoKind::Write => {
+                    self.stats.add(Counter::BytesWritten, u64::from(slot.len));
+                    (S_OK, 0)
+                }
+                IoKind::Flush => (S_OK, 0),
+            },
+            Err(errno) => (
+                self.host_error(slot.kind.name(), std::io::Error::from_raw_os_error(errno)),
+                0,
+            ),
+        };
+        match completion {
+            Completion::Publish => Some(self.complete(mem, slot.status, status, written)),
+            Completion::Fail => Some(self.fail_started(mem, slot)),
             Completion::Discard => None,
         }
+    }
+
+    /// Completes a started request with `VIRTIO_BLK_S_IOERR` whatever its host operation did
+    /// or would have done: the device was pulled out
+    /// ([`InFlightPolicy::Fail`](crate::virtio::InFlightPolicy::Fail)). Returns its used
+    /// length.
+    pub(super) fn fail_started(&mut self, mem: &GuestRam, slot: &Slot) -> u32 {
+        self.stats.add(Counter::FailedOnRemoval, 1);
+        self.complete(mem, slot.status, S_IOERR, 0)
     }
 
     /// Completes the request in `chain` with `VIRTIO_BLK_S_IOERR` without doing it: the device
@@ -184,6 +286,12 @@ impl RequestProcessor {
         self.disk = None;
     }
 
+    /// Whether the backing file's I/O may block the thread that submits it
+    /// ([`Disk::submission_may_block`]).
+    pub fn submission_may_block(&self) -> bool {
+        self.disk.as_ref().is_some_and(|d| d.submission_may_block())
+    }
+
     /// Requests failed because the device was pulled out, so far.
     pub fn failed_on_removal(&self) -> u64 {
         self.stats.snapshot().failed_on_removal
@@ -214,7 +322,9 @@ impl RequestProcessor {
         written.saturating_add(1)
     }
 
-    fn execute(&self, mem: &GuestRam) -> Outcome {
+    /// What the parsed request needs: a host operation (the slot filled in), nothing more (done,
+    /// OK), or a status to fail with.
+    fn prepare(&self, mem: &GuestRam, slot: &mut Slot) -> Result<Plan, u8> {
         if let Some(fault) = self.layout.chain_fault() {
             debug!("virtio-blk: bad request chain: {fault:?}");
             return Err(S_IOERR);
@@ -223,30 +333,43 @@ impl RequestProcessor {
         match header.request_type {
             RequestType::In => {
                 self.stats.add(Counter::Reads, 1);
-                self.read(mem, header.sector)
+                let len = self.layout.writable_len();
+                if self.layout.readable_len() != 0 {
+                    return Err(S_IOERR);
+                }
+                self.data_io(mem, slot, header.sector, len, self.layout.writable())?;
+                Ok(Plan::Host(IoKind::Read))
             }
             RequestType::Out => {
                 self.stats.add(Counter::Writes, 1);
-                self.write(mem, header.sector)
+                let len = self.layout.readable_len();
+                if self.disk()?.readonly() || self.layout.writable_len() != 0 {
+                    return Err(S_IOERR);
+                }
+                self.data_io(mem, slot, header.sector, len, self.layout.readable())?;
+                Ok(Plan::Host(IoKind::Write))
             }
             RequestType::Flush => {
                 self.stats.add(Counter::Flushes, 1);
-                self.disk()?
-                    .flush()
-                    .map_err(|e| self.host_error("flush", e))?;
-                Ok(0)
+                let disk = self.disk()?;
+                if disk.readonly() {
+                    // Nothing was written: nothing to make durable.
+                    return Ok(Plan::Done(0));
+                }
+                slot.fd = disk.as_raw_fd();
+                Ok(Plan::Host(IoKind::Flush))
             }
             RequestType::GetId => {
                 self.stats.add(Counter::GetIds, 1);
-                self.get_id(mem)
+                self.get_id(mem).map(Plan::Done)
             }
             RequestType::Discard => {
                 self.stats.add(Counter::Discards, 1);
-                self.discard_or_write_zeroes(mem, false)
+                self.discard_or_write_zeroes(mem, false).map(Plan::Done)
             }
             RequestType::WriteZeroes => {
                 self.stats.add(Counter::WriteZeroes, 1);
-                self.discard_or_write_zeroes(mem, true)
+                self.discard_or_write_zeroes(mem, true).map(Plan::Done)
             }
             RequestType::Unsupported(ty) => {
                 debug!("virtio-blk: unsupported request type {ty}");
@@ -255,42 +378,42 @@ impl RequestProcessor {
         }
     }
 
-    /// VIRTIO_BLK_T_IN: all data device-writable, whole sectors, inside the disk.
-    fn read(&self, mem: &GuestRam, sector: u64) -> Outcome {
-        let len = self.layout.writable_len();
-        if self.layout.readable_len() != 0 || !len.is_multiple_of(SECTOR_SIZE) {
+    /// Fills `slot` for reading or writing `len` bytes at `sector` to or from `segments`:
+    /// whole sectors, inside the disk, every byte in guest memory.
+    fn data_io(
+        &self,
+        mem: &GuestRam,
+        slot: &mut Slot,
+        sector: u64,
+        len: u64,
+        segments: &[Segment],
+    ) -> Result<(), u8> {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(S_IOERR);
         }
-        let mut offset = self.disk()?.byte_range(sector, len).ok_or(S_IOERR)?;
-        for seg in self.layout.writable() {
-            self.disk()?
-                .read_to_guest(mem, seg.addr, seg.len as usize, offset)
-                .map_err(|e| self.host_error("read", e))?;
-            offset += u64::from(seg.len);
-        }
-        self.stats.add(Counter::BytesRead, len);
+        let disk = self.disk()?;
+        slot.offset = disk.byte_range(sector, len).ok_or(S_IOERR)?;
         // The chain is at most 2^32 - 1 bytes long (virtio-queue enforces it).
-        u32::try_from(len).map_err(|_| S_IOERR)
-    }
-
-    /// VIRTIO_BLK_T_OUT: all data device-readable, whole sectors, inside a writable disk.
-    fn write(&self, mem: &GuestRam, sector: u64) -> Outcome {
-        let len = self.layout.readable_len();
-        if self.disk()?.readonly()
-            || self.layout.writable_len() != 0
-            || !len.is_multiple_of(SECTOR_SIZE)
-        {
+        slot.len = u32::try_from(len).map_err(|_| S_IOERR)?;
+        slot.fd = disk.as_raw_fd();
+        for seg in segments {
+            slot.segments.push(*seg);
+            for part in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
+                // The parser checked every buffer is in guest memory: this is no backend error.
+                let part = part.map_err(|_| S_IOERR)?;
+                // The pointer stays valid after the guard: guest memory is an mmap that lives
+                // as long as the memory object the I/O thread holds (no Xen-style mapping).
+                let ptr = part.ptr_guard_mut().as_ptr();
+                slot.iovecs.push(IoVec::new(ptr, part.len()));
+            }
+        }
+        // The host takes at most UIO_MAXIOV iovecs in one call: more is the guest's doing (a
+        // queue larger than 1026 entries, every segment its own descriptor), not a backend
+        // failure.
+        if slot.iovecs.len() > libc::UIO_MAXIOV as usize {
             return Err(S_IOERR);
         }
-        let mut offset = self.disk()?.byte_range(sector, len).ok_or(S_IOERR)?;
-        for seg in self.layout.readable() {
-            self.disk()?
-                .write_from_guest(mem, seg.addr, seg.len as usize, offset)
-                .map_err(|e| self.host_error("write", e))?;
-            offset += u64::from(seg.len);
-        }
-        self.stats.add(Counter::BytesWritten, len);
-        Ok(0)
+        Ok(())
     }
 
     /// VIRTIO_BLK_T_GET_ID: as much of the serial as the writable data holds.
@@ -373,6 +496,17 @@ impl RequestProcessor {
         let bytes = u64::from(num) * SECTOR_SIZE;
         let offset = self.disk()?.byte_range(sector, bytes).ok_or(S_IOERR)?;
         Ok((offset, bytes, unmap))
+    }
+}
+
+/// Marks the guest memory a read filled as dirty, for a migration's next pass (KVM's dirty
+/// log sees only the vCPUs' writes). Done once the data has landed, never before: a page sent
+/// between the mark and the data would go stale on the destination.
+fn mark_dirty(mem: &GuestRam, segments: &[Segment]) {
+    for seg in segments {
+        for part in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize).flatten() {
+            part.bitmap().mark_dirty(0, part.len());
+        }
     }
 }
 

@@ -3,8 +3,10 @@
 //! - [`Block`] is the [`VirtioDevice`]: feature bits, configuration space, lifecycle.
 //! - [`request`] takes a descriptor chain apart, [`RequestProcessor`] serves it on the [`Disk`].
 //! - One I/O thread per device, named `blk-<id>`, serves all of the device's queues between
-//!   `activate` and `reset` (see the `worker` module). Requests are served synchronously, in
-//!   order, with `pread`/`pwrite` straight into guest memory.
+//!   `activate` and `reset` (see the `worker` module). Requests are served asynchronously:
+//!   each queue has its own engine ([`AioBackend`]: io_uring, or a thread pool where io_uring is
+//!   unavailable) that runs every request the driver made available at once, with `iovec`s
+//!   straight into guest memory, and completes them in whatever order the host finishes them.
 //!
 //! Lifecycle: [`Block::new`] opens the image; `activate` starts the thread; `reset` (or drop)
 //! stops and joins it, after which the device never touches guest memory again — the image
@@ -14,12 +16,18 @@
 //! Queue-level driver bugs set DEVICE_NEEDS_RESET: see [`VirtioDevice::needs_reset`].
 
 mod config_space;
+#[cfg(test)]
+mod depth_tests;
 mod disk;
 mod executor;
+mod host_io;
+mod in_flight;
 pub mod request;
 mod stats;
 #[cfg(test)]
 mod testing;
+mod thread_pool;
+mod uring;
 mod worker;
 
 use std::fs::File;
@@ -41,10 +49,12 @@ use super::{
     VirtioDevice, VirtioInterrupt,
 };
 use config_space::{ConfigSpace, ConfigValues};
+use host_io::EngineSource;
 use worker::{Parked, Pulled, Worker, WorkerContext};
 
 pub use disk::{Disk, SECTOR_SIZE};
 pub use executor::{Completion, RequestProcessor};
+pub use host_io::AioBackend;
 pub use stats::{BlockStats, BlockStatsSnapshot};
 
 /// Virtio device ID of a block device (§5.2.1).
@@ -81,6 +91,8 @@ pub struct BlockConfig {
     pub num_queues: u16,
     /// Maximum size of each queue: a power of two, at most [`MAX_QUEUE_SIZE`].
     pub queue_size: u16,
+    /// The engine the host I/O runs on.
+    pub aio: AioBackend,
 }
 
 impl BlockConfig {
@@ -92,6 +104,7 @@ impl BlockConfig {
             readonly: false,
             num_queues: 1,
             queue_size: DEFAULT_QUEUE_SIZE,
+            aio: AioBackend::Auto,
         }
     }
 
@@ -155,6 +168,8 @@ pub struct Block {
     /// The I/O thread's context while the device is paused.
     parked: Option<Parked>,
     backend_errors: Option<Arc<dyn BackendErrorObserver>>,
+    /// Where the queues' engines come from (`config.aio`, unless a test says otherwise).
+    engines: EngineSource,
 }
 
 impl Block {
@@ -227,7 +242,6 @@ impl Block {
             if config.readonly { ", read-only" } else { "" }
         );
         Ok(Block {
-            config,
             disk: disk.map(Arc::new),
             avail_features,
             capacity,
@@ -237,6 +251,8 @@ impl Block {
             worker: None,
             parked: None,
             backend_errors: None,
+            engines: EngineSource::Backend(config.aio),
+            config,
         })
     }
 
@@ -286,6 +302,12 @@ impl Block {
     /// on.
     pub fn set_backend_error_observer(&mut self, observer: Option<Arc<dyn BackendErrorObserver>>) {
         self.backend_errors = observer;
+    }
+
+    /// Runs the queues' host I/O on engines `factory` makes, from the next activation on.
+    #[cfg(test)]
+    pub(crate) fn set_engine_factory(&mut self, factory: host_io::EngineFactory) {
+        self.engines = EngineSource::Factory(factory);
     }
 
     /// Whether the I/O thread is running.
@@ -394,6 +416,7 @@ impl VirtioDevice for Block {
             queues,
             processor,
             needs_reset: self.needs_reset.clone(),
+            engines: self.engines.clone(),
         };
         let worker = Worker::spawn(self.worker_name(), ctx)
             .map_err(|e| fail(format!("cannot start I/O thread: {e}")))?;
@@ -534,6 +557,7 @@ impl VirtioDevice for Block {
                 queues,
                 processor,
                 needs_reset: self.needs_reset.clone(),
+                engines: self.engines.clone(),
             },
             broken,
         });
@@ -558,40 +582,14 @@ impl Drop for Block {
 mod tests {
     use super::*;
     use crate::virtio::GuestRam;
-    use crate::virtio::{QueueProgress, VirtioInterruptType};
-    use std::sync::atomic::AtomicUsize;
-    use std::time::{Duration, Instant};
+    use crate::virtio::QueueProgress;
+    use std::time::Duration;
     use testing::*;
     use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
     use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-    #[derive(Default)]
-    struct CountingInterrupt {
-        queue: AtomicUsize,
-        config: AtomicUsize,
-    }
-
-    impl VirtioInterrupt for CountingInterrupt {
-        fn trigger(&self, kind: VirtioInterruptType) -> io::Result<()> {
-            match kind {
-                VirtioInterruptType::Queue(0) => self.queue.fetch_add(1, Ordering::SeqCst),
-                VirtioInterruptType::Queue(_) => panic!("unexpected queue"),
-                VirtioInterruptType::Config => self.config.fetch_add(1, Ordering::SeqCst),
-            };
-            Ok(())
-        }
-    }
-
-    fn wait_for(what: &str, cond: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !cond() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
 
     fn block(tmp: &vmm_sys_util::tempfile::TempFile, readonly: bool, num_queues: u16) -> Block {
         let mut config = BlockConfig::new(tmp.as_path(), "disk0");

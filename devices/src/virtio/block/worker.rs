@@ -1,31 +1,40 @@
 //! The I/O thread of a virtio-blk device.
 //!
 //! One thread per device serves all of its queues: it sleeps in `epoll_wait` on the queues'
-//! notification events and a stop event, and on a notification drains that queue — pops every
-//! available chain, serves it synchronously (`pread`/`pwrite` on the backing file), adds it to
-//! the used ring — then raises the queue's interrupt if the driver wants one
-//! (VIRTIO_RING_F_EVENT_IDX, §2.7.10). Notifications stay suppressed while the queue is being
-//! drained.
+//! notification events, their engines' completion events and a stop event. On a notification it
+//! takes every available chain of that queue, parses it into a slot of its own (the
+//! `in_flight` module) and hands its host operation to the queue's engine (io_uring, or the
+//! thread pool: the `host_io` module) — all of them in one submission — without waiting for
+//! any. On a completion it writes the request's status, adds it to the used ring, and frees the
+//! slot: requests complete in the order the host finishes them, not the order they came
+//! (Virtio 1.2 §2.7.8 allows it). Used-ring updates are batched: the interrupt is considered
+//! once per wake-up, after every completion that wake-up brought, and raised only if the driver
+//! wants one (VIRTIO_RING_F_EVENT_IDX, §2.7.10). Notifications stay suppressed while a queue
+//! is being drained, and while it cannot take more (every slot in use, or a flush waiting for
+//! the writes before it).
 //!
 //! A queue the device cannot keep serving — the driver published more chains than the queue
 //! holds, a head index outside the table, a used ring the device cannot write — is a driver
 //! bug the device cannot report per request: it stops serving that queue, sets
-//! DEVICE_NEEDS_RESET (§2.1.2) and raises a configuration-change interrupt.
+//! DEVICE_NEEDS_RESET (§2.1.2) and raises a configuration-change interrupt. Requests of that
+//! queue already in the host finish there; nothing more is published for them.
 //!
-//! The thread stops on a pause (the VM is paused, saved or migrated): it finishes and publishes
-//! the request it is serving, with its interrupt, and hands back its queues as they are
-//! ([`Parked`]); the chains still available stay in the rings for the thread that resumes
-//! them, here or on the destination of a migration.
+//! The thread stops on a pause (the VM is paused, saved or migrated): it takes no more chains,
+//! waits for every request in flight, publishes them with their interrupts, and hands back its
+//! queues ([`Parked`]) with nothing in flight — the ring indices then say everything a snapshot
+//! needs. The chains still available stay in the rings for the thread that resumes them, here
+//! or on the destination of a migration.
 //!
-//! The thread stops on a reset, publishing nothing more, and on a surprise removal with
-//! [`InFlightPolicy::Drop`], publishing nothing more and counting the chains it leaves behind
+//! The thread stops on a reset, and on a surprise removal with [`InFlightPolicy::Drop`], taking
+//! nothing more and publishing nothing more: it waits for the host I/O in flight (the kernel
+//! may be writing into guest memory) and ends; a Drop counts every request it leaves behind
 //! ([`Mode`]). A surprise removal with [`InFlightPolicy::Fail`] does not stop it: it completes
-//! every request it holds with `VIRTIO_BLK_S_IOERR` (the one whose host I/O was running too,
-//! whatever that I/O did), lets go of the backend, and from then on fails every chain the
-//! driver makes available, until the driver resets the device. A driver does not learn at
-//! once that its device is gone: Linux's virtio_blk goes on submitting requests until its
-//! removal path breaks the virtqueues, and waits in `del_gendisk` for every request it
-//! submitted — failing them is what lets it finish.
+//! every available chain with `VIRTIO_BLK_S_IOERR` at once, and every request in flight with
+//! `VIRTIO_BLK_S_IOERR` as its host I/O ends (whatever that I/O did), lets go of the backend
+//! once none is left, and from then on fails every chain the driver makes available, until the
+//! driver resets the device. A driver does not learn at once that its device is gone: Linux's
+//! virtio_blk goes on submitting requests until its removal path breaks the virtqueues, and
+//! waits in `del_gendisk` for every request it submitted — failing them is what lets it finish.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -40,41 +49,54 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::executor::{Completion, RequestProcessor};
+use super::executor::{Completion, RequestProcessor, Started};
+use super::host_io::{EngineSource, HostResult, IoEngine};
+use super::in_flight::{InFlight, IoKind};
 use crate::virtio::GuestRam;
 use crate::virtio::{
     ActiveQueue, GuestMemory, InFlightPolicy, VirtioInterrupt, VirtioInterruptType,
 };
 
-/// epoll token of the stop event (queue tokens are their position in the queue list).
+/// epoll token of the stop event.
 const STOP_TOKEN: u64 = u64::MAX;
 
-/// How long a surprise removal waits for the request the thread is serving (its host I/O)
-/// before leaving the thread to finish it alone. Host I/O on a dead network backend can block
+/// epoll token of queue `i`'s notification event.
+fn notify_token(i: usize) -> u64 {
+    2 * i as u64
+}
+
+/// epoll token of queue `i`'s engine's completion event.
+fn completion_token(i: usize) -> u64 {
+    2 * i as u64 + 1
+}
+
+/// How long a surprise removal waits for the requests in the host (their host I/O) before
+/// leaving the thread to finish them alone. Host I/O on a dead network backend can block
 /// for minutes; the control socket must not.
 pub(super) const PULL_WAIT: Duration = Duration::from_millis(500);
 
-/// What the thread is told to do, in one atomic the thread reads before each chain and
-/// before publishing each completion.
+/// What the thread is told to do, in one atomic the thread reads on every wake-up, before
+/// taking chains and before publishing each completion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 enum Mode {
     /// Serve the queues.
     Run = 0,
-    /// Device reset: stop, publish nothing more (the driver may free the rings right after).
+    /// Device reset: take and publish nothing more (the driver may free the rings right after),
+    /// wait for the host I/O in flight, stop.
     Reset = 1,
     /// Surprise removal, [`InFlightPolicy::Fail`]: complete every available chain with an I/O
     /// error, raise the interrupts, and go on doing so for every chain the driver makes
     /// available until a reset.
     Fail = 2,
-    /// Surprise removal, [`InFlightPolicy::Drop`]: stop, publish nothing more, count what is
-    /// left behind.
+    /// Surprise removal, [`InFlightPolicy::Drop`]: take and publish nothing more, count what is
+    /// left behind, wait for the host I/O in flight, stop.
     Drop = 3,
-    /// Pause while serving: finish and publish the chain being served, then hand the queues
-    /// back.
+    /// Pause while serving: take no more chains, finish and publish the requests in flight,
+    /// then hand the queues back.
     Pause = 4,
-    /// Pause while failing (after a pull with [`InFlightPolicy::Fail`]): the same, failing the
-    /// chain in hand.
+    /// Pause while failing (after a pull with [`InFlightPolicy::Fail`]): the same, failing
+    /// what is in flight.
     PauseFailing = 5,
 }
 
@@ -101,10 +123,12 @@ pub(super) struct WorkerContext {
     pub queues: Vec<ActiveQueue>,
     pub processor: RequestProcessor,
     pub needs_reset: Arc<AtomicBool>,
+    /// Where each queue's engine comes from.
+    pub engines: EngineSource,
 }
 
-/// What a paused thread handed back: its context with the queues as it left them (the
-/// request it was serving finished and published), and which queues it had given up on.
+/// What a paused thread handed back: its context with the queues as it left them (every
+/// request it had taken finished and published), and which queues it had given up on.
 pub(super) struct Parked {
     pub ctx: WorkerContext,
     pub broken: Vec<bool>,
@@ -118,8 +142,10 @@ pub(super) struct Worker {
     /// Disconnected when the thread has ended (its sender is dropped on the way out).
     exited: mpsc::Receiver<()>,
     /// Receives once the thread, told to fail the requests in flight, has failed every chain
-    /// available and let go of the backend.
+    /// available and every request in the host, and let go of the backend.
     failed_all: mpsc::Receiver<()>,
+    /// Receives once the thread, told to drop the requests in flight, has counted them.
+    counted: mpsc::Receiver<()>,
 }
 
 /// What [`Worker::pull`] left behind.
@@ -130,7 +156,8 @@ pub(super) enum Pulled {
     /// every chain the driver makes available until [`Worker::stop`] (the driver's reset).
     Failing(Worker),
     /// The host I/O in progress outlasted [`PULL_WAIT`]: the thread finishes it alone,
-    /// publishing nothing, releases the backend and ends.
+    /// publishing nothing more (the requests still in the host are counted dropped), releases
+    /// the backend and ends.
     HostIoPending,
 }
 
@@ -157,15 +184,26 @@ impl Worker {
             std::os::unix::io::AsRawFd::as_raw_fd(&stop_event),
             EpollEvent::new(EventSet::IN, STOP_TOKEN),
         )?;
+        let mut engines = Vec::with_capacity(ctx.queues.len());
         for (i, q) in ctx.queues.iter().enumerate() {
+            let engine = ctx
+                .engines
+                .open(q.queue.size(), ctx.processor.submission_may_block())?;
             epoll.ctl(
                 ControlOperation::Add,
                 std::os::unix::io::AsRawFd::as_raw_fd(q.notify.as_ref()),
-                EpollEvent::new(EventSet::IN, i as u64),
+                EpollEvent::new(EventSet::IN, notify_token(i)),
             )?;
+            epoll.ctl(
+                ControlOperation::Add,
+                engine.completion_fd(),
+                EpollEvent::new(EventSet::IN, completion_token(i)),
+            )?;
+            engines.push(engine);
         }
         let (exit_tx, exited) = mpsc::channel::<()>();
         let (failed_tx, failed_all) = mpsc::channel::<()>();
+        let (counted_tx, counted) = mpsc::channel::<()>();
         let thread_mode = mode.clone();
         let thread = thread::Builder::new().name(name).spawn(move || {
             let _exit = exit_tx;
@@ -173,8 +211,9 @@ impl Worker {
                 epoll,
                 stop: thread_stop,
                 failed_all: failed_tx,
+                counted: counted_tx,
             };
-            run(events, ctx, broken, &thread_mode)
+            run(events, ctx, engines, broken, &thread_mode)
         })?;
         Ok(Worker {
             mode,
@@ -182,6 +221,7 @@ impl Worker {
             thread,
             exited,
             failed_all,
+            counted,
         })
     }
 
@@ -192,8 +232,8 @@ impl Worker {
         }
     }
 
-    /// Pauses the thread and waits for it: the request being served finishes and is published
-    /// (with its interrupt if the driver wants one), then the thread hands back its queues.
+    /// Pauses the thread and waits for it: the requests in flight finish and are published
+    /// (with their interrupts if the driver wants them), then the thread hands back its queues.
     /// `None` if the thread had already ended (it could not go on; see the log).
     pub fn pause(self) -> Option<Parked> {
         let failing = Mode::load(&self.mode) == Mode::Fail;
@@ -212,8 +252,8 @@ impl Worker {
     }
 
     /// Stops the thread and waits for it (device reset): when this returns, the device no
-    /// longer touches guest memory. The request being served finishes its host I/O but its
-    /// completion is not published, nor anything else: the driver resetting the device may
+    /// longer touches guest memory. The requests in the host finish their host I/O but their
+    /// completions are not published, nor anything else: the driver resetting the device may
     /// free the rings as soon as it reads the status back.
     pub fn stop(self) {
         self.signal(Mode::Reset);
@@ -223,7 +263,7 @@ impl Worker {
     }
 
     /// Tells the thread the device is pulled out, dealing with the requests in flight as
-    /// `in_flight` says, and waits up to [`PULL_WAIT`] for the request being served. With
+    /// `in_flight` says, and waits up to [`PULL_WAIT`] for the requests in the host. With
     /// [`InFlightPolicy::Drop`] the thread ends; with [`InFlightPolicy::Fail`] it goes on
     /// failing requests ([`Pulled::Failing`]). If the host I/O takes longer the thread is left
     /// to finish it alone, publishing nothing, and releases the backend (its reference to the
@@ -246,8 +286,11 @@ impl Worker {
                 Pulled::Ended
             }
             (_, Err(RecvTimeoutError::Timeout)) => {
-                // From here on the thread publishes nothing, whatever the policy.
-                self.mode.store(Mode::Drop as u8, Ordering::Release);
+                // From here on the thread publishes nothing, whatever the policy. It never
+                // blocks on host I/O (that is asynchronous), so it counts what it leaves behind
+                // at once.
+                self.signal(Mode::Drop);
+                let _ = self.counted.recv_timeout(PULL_WAIT);
                 warn!(
                     "virtio-blk: host I/O still in flight {} ms after the surprise removal; its I/O thread finishes it alone and then releases the backend",
                     PULL_WAIT.as_millis()
@@ -261,153 +304,436 @@ impl Worker {
 /// What the thread waits on, and how it tells [`Worker::pull`] it has failed everything.
 struct Events {
     epoll: Epoll,
-    /// The stop event (a clone of the handle's): drained once the thread goes on failing.
+    /// The stop event (a clone of the handle's): drained on every wake-up it causes; the mode
+    /// says why it was signalled.
     stop: EventFd,
     failed_all: mpsc::Sender<()>,
+    counted: mpsc::Sender<()>,
 }
 
 /// Per-queue state of the thread.
 struct QueueState {
     active: ActiveQueue,
     broken: bool,
+    engine: Box<dyn IoEngine>,
+    requests: InFlight,
+    /// Used entries were added since the interrupt was last considered.
+    used: bool,
 }
 
-fn run(events: Events, ctx: WorkerContext, broken: Vec<bool>, mode: &AtomicU8) -> Option<Parked> {
+/// What the thread does with the chains the driver makes available.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Take {
+    /// Serve them.
+    Serve,
+    /// Complete them with `VIRTIO_BLK_S_IOERR` at once (pulled out, [`InFlightPolicy::Fail`]).
+    Fail,
+    /// Leave them in the ring (pausing, resetting, dropping).
+    Nothing,
+}
+
+impl Mode {
+    fn take(self) -> Take {
+        match self {
+            Mode::Run => Take::Serve,
+            Mode::Fail => Take::Fail,
+            Mode::Reset | Mode::Drop | Mode::Pause | Mode::PauseFailing => Take::Nothing,
+        }
+    }
+
+    /// What becomes of a request whose host I/O ends now.
+    fn completion(self) -> Completion {
+        match self {
+            Mode::Run | Mode::Pause => Completion::Publish,
+            Mode::Fail | Mode::PauseFailing => Completion::Fail,
+            Mode::Reset | Mode::Drop => Completion::Discard,
+        }
+    }
+}
+
+fn run(
+    events: Events,
+    ctx: WorkerContext,
+    engines: Vec<Box<dyn IoEngine>>,
+    broken: Vec<bool>,
+    mode: &AtomicU8,
+) -> Option<Parked> {
     let WorkerContext {
         failing,
         memory,
         interrupt,
         queues,
-        mut processor,
+        processor,
         needs_reset,
+        engines: source,
     } = ctx;
+    // Held for the thread's life: the iovecs of requests in the host point into it.
+    let guard = memory.memory();
     let mut queues: Vec<QueueState> = queues
         .into_iter()
+        .zip(engines)
         .zip(broken.into_iter().chain(std::iter::repeat(false)))
-        .map(|(active, broken)| QueueState { active, broken })
+        .map(|((active, engine), broken)| QueueState {
+            requests: InFlight::new(active.queue.size()),
+            active,
+            broken,
+            engine,
+            used: false,
+        })
         .collect();
-    let io = Io {
-        memory: &memory,
+    let largest = queues
+        .iter()
+        .map(|q| usize::from(q.active.queue.size()))
+        .max()
+        .unwrap_or(1);
+    let mut io = Io {
+        mem: &guard,
         interrupt: interrupt.as_ref(),
         needs_reset: &needs_reset,
-        mode,
+        processor,
+        completions: Vec::with_capacity(largest),
     };
-    // The driver may have queued requests before its first notification reached us (or
-    // before the pause that this thread resumes from).
-    for q in queues.iter_mut() {
-        io.serve(q, &mut processor);
-    }
-    let parked = |queues: Vec<QueueState>, processor: RequestProcessor, failing: bool| {
-        let (queues, broken) = queues.into_iter().map(|q| (q.active, q.broken)).unzip();
-        Some(Parked {
-            ctx: WorkerContext {
-                failing,
-                memory: memory.clone(),
-                interrupt: interrupt.clone(),
-                queues,
-                processor,
-                needs_reset: needs_reset.clone(),
-            },
-            broken,
-        })
-    };
-    if !failing && !serve_notified(&events.epoll, &mut queues, &io, &mut processor, Mode::Run) {
-        return None;
-    }
-    match Mode::load(mode) {
-        Mode::Pause => return parked(queues, processor, false),
-        // Serving in Fail mode completes every available chain with an error.
-        Mode::Fail => {
-            if !failing {
+    // A thread resumed failing has nothing to announce: its backend is long gone.
+    let mut failed_all_sent = failing;
+    let mut failed_at_announce = io.processor.failed_on_removal();
+    let mut drop_counted = false;
+    let mut ready = vec![EpollEvent::default(); 2 * queues.len() + 1];
+    loop {
+        let now = Mode::load(mode);
+        match now {
+            Mode::Drop if !drop_counted => {
+                // Everything taken and not completed, and everything still available, is left
+                // behind: counted now, once, whatever its host I/O does later.
+                let left: u64 = queues.iter_mut().map(|q| io.abandon(q)).sum();
+                io.processor.count_dropped(left);
+                drop_counted = true;
+                let _ = events.counted.send(());
+            }
+            Mode::Reset => {
                 for q in queues.iter_mut() {
-                    io.serve(q, &mut processor);
+                    if let Some(tag) = q.requests.take_held_flush() {
+                        q.requests.release(tag);
+                    }
                 }
-                // A pull that gave up waiting turned Fail into Drop meanwhile: end.
-                if Mode::load(mode) != Mode::Fail {
-                    return None;
+            }
+            Mode::Fail if !failed_all_sent => {
+                for q in queues.iter_mut() {
+                    io.fail_held_flush(q);
                 }
-                processor.release_backend();
+            }
+            _ => {}
+        }
+        let take = now.take();
+        if take != Take::Nothing {
+            for q in queues.iter_mut() {
+                io.take(q, take);
+            }
+        }
+        for q in queues.iter_mut() {
+            io.signal(q);
+        }
+        let idle = queues.iter().all(|q| q.requests.is_idle());
+        match now {
+            Mode::Fail if !failed_all_sent && idle => {
+                io.processor.release_backend();
                 let _ = events.failed_all.send(());
-                // The stop event woke us; only the next one (the reset) is to end the loop.
-                let _ = events.stop.read();
+                failed_all_sent = true;
+                failed_at_announce = io.processor.failed_on_removal();
             }
-            let before = processor.failed_on_removal();
-            serve_notified(&events.epoll, &mut queues, &io, &mut processor, Mode::Fail);
-            if Mode::load(mode) == Mode::PauseFailing {
-                return parked(queues, processor, true);
+            Mode::Pause | Mode::PauseFailing if idle => {
+                let (queues, broken) = queues.into_iter().map(|q| (q.active, q.broken)).unzip();
+                return Some(Parked {
+                    ctx: WorkerContext {
+                        failing: now == Mode::PauseFailing,
+                        memory: memory.clone(),
+                        interrupt: interrupt.clone(),
+                        queues,
+                        processor: io.processor,
+                        needs_reset: needs_reset.clone(),
+                        engines: source,
+                    },
+                    broken,
+                });
             }
-            info!(
-                "virtio-blk: pulled-out device reset; it failed {} request(s) submitted after the pull",
-                processor.failed_on_removal() - before
-            );
+            Mode::Reset if idle => {
+                if failed_all_sent && !failing {
+                    info!(
+                        "virtio-blk: pulled-out device reset; it failed {} request(s) submitted after the pull",
+                        io.processor.failed_on_removal() - failed_at_announce
+                    );
+                }
+                return None;
+            }
+            Mode::Drop if idle => return None,
+            _ => {}
         }
-        Mode::Drop => {
-            let guard = memory.memory();
-            let left: u64 = queues
-                .iter()
-                .filter(|q| !q.broken && q.active.queue.ready())
-                .filter_map(|q| {
-                    let avail = q.active.queue.avail_idx(&*guard, Ordering::Acquire).ok()?;
-                    Some(u64::from(avail.0.wrapping_sub(q.active.queue.next_avail())))
-                })
-                .sum();
-            processor.count_dropped(left);
-        }
-        Mode::Run | Mode::Reset | Mode::PauseFailing => {}
-    }
-    None
-}
-
-/// Serves each queue that is notified, as long as the mode stays `mode`. Returns false if
-/// the thread cannot go on (epoll failed).
-fn serve_notified(
-    epoll: &Epoll,
-    queues: &mut [QueueState],
-    io: &Io,
-    processor: &mut RequestProcessor,
-    mode: Mode,
-) -> bool {
-    let mut events = vec![EpollEvent::default(); queues.len() + 1];
-    while Mode::load(io.mode) == mode {
-        let n = match epoll.wait(-1, &mut events) {
+        let n = match events.epoll.wait(-1, &mut ready) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 error!("virtio-blk: epoll_wait failed, I/O thread exits: {e}");
-                return false;
+                return None;
             }
         };
-        for ev in &events[..n] {
+        for ev in &ready[..n] {
             let token = ev.data();
             if token == STOP_TOKEN {
-                break;
+                let _ = events.stop.read();
+                continue;
             }
-            let Some(q) = usize::try_from(token).ok().and_then(|i| queues.get_mut(i)) else {
+            let Some(q) = usize::try_from(token / 2)
+                .ok()
+                .and_then(|i| queues.get_mut(i))
+            else {
                 continue;
             };
-            // Drain the counter; a spurious wake-up (EAGAIN) is harmless.
-            let _ = q.active.notify.read();
-            io.serve(q, processor);
+            if token % 2 == 0 {
+                // Drain the counter; the chains are taken at the top of the loop. A spurious
+                // wake-up (EAGAIN) is harmless.
+                let _ = q.active.notify.read();
+            } else {
+                io.reap(q, Mode::load(mode).completion());
+            }
         }
     }
-    true
 }
 
+/// The thread's means, borrowed for its life.
 struct Io<'a> {
-    memory: &'a GuestMemory,
+    mem: &'a GuestRam,
     interrupt: &'a dyn VirtioInterrupt,
     needs_reset: &'a AtomicBool,
-    mode: &'a AtomicU8,
+    processor: RequestProcessor,
+    /// Completions reaped from an engine, before they are published (reused).
+    completions: Vec<(u16, HostResult)>,
 }
 
 impl Io<'_> {
-    fn serve(&self, q: &mut QueueState, processor: &mut RequestProcessor) {
-        if q.broken {
+    /// Takes every chain available on `q` as `how` says, as long as the queue can take more.
+    fn take(&mut self, q: &mut QueueState, how: Take) {
+        if q.broken || !q.active.queue.ready() {
             return;
         }
-        let guard = self.memory.memory();
-        let mem: &GuestRam = &guard;
-        match drain(mem, &mut q.active, processor, self.mode) {
+        let result = self.take_available(q, how);
+        if let Err(e) = q.engine.submit() {
+            // The operations stay queued in the engine; the next submission takes them.
+            error!(
+                "virtio-blk: queue {} {} submission failed: {e}",
+                q.active.index,
+                q.engine.name()
+            );
+        }
+        if let Err(fault) = result {
+            self.fault(q, fault);
+        }
+    }
+
+    fn take_available(&mut self, q: &mut QueueState, how: Take) -> Result<(), virtio_queue::Error> {
+        let mem = self.mem;
+        loop {
+            q.active.queue.disable_notification(mem)?;
+            loop {
+                if how == Take::Serve && q.requests.blocked() {
+                    // Notifications stay off: completions make room and take the rest.
+                    return Ok(());
+                }
+                let Some(chain) = q.active.queue.iter(mem)?.next() else {
+                    break;
+                };
+                if how == Take::Fail {
+                    let head = chain.head_index();
+                    let len = self.processor.fail(chain);
+                    q.active.queue.add_used(mem, head, len)?;
+                    q.used = true;
+                    continue;
+                }
+                let Some(tag) = q.requests.alloc() else {
+                    return Ok(());
+                };
+                let Some(slot) = q.requests.slot(tag) else {
+                    return Ok(());
+                };
+                match self.processor.start(chain, slot) {
+                    Started::Complete(len) => {
+                        let head = slot.head;
+                        q.requests.release(tag);
+                        q.active.queue.add_used(mem, head, len)?;
+                        q.used = true;
+                    }
+                    Started::HostIo => {
+                        if slot.kind == IoKind::Flush && q.requests.hold_flush(tag) {
+                            debug!(
+                                "virtio-blk: queue {} flush waits for {} request(s)",
+                                q.active.index,
+                                q.requests.in_host()
+                            );
+                            continue;
+                        }
+                        self.submit(q, tag)?;
+                    }
+                }
+            }
+            if !q.active.queue.enable_notification(mem)? {
+                return Ok(());
+            }
+            debug!(
+                "virtio-blk: queue {} refilled while draining",
+                q.active.index
+            );
+        }
+    }
+
+    /// Hands slot `tag`'s host operation to the engine; if the engine refuses it, the request
+    /// fails at once.
+    fn submit(&mut self, q: &mut QueueState, tag: u16) -> Result<(), virtio_queue::Error> {
+        let Some(slot) = q.requests.slot(tag) else {
+            return Ok(());
+        };
+        // SAFETY: the slot's iovecs point into guest memory, which `self.mem` keeps mapped for
+        // the thread's life; the slot is not touched again until its completion is reaped
+        // (`reap`), and the thread never ends with a request in the host (it waits until
+        // every queue is idle). The image's descriptor stays open: the processor holds it until
+        // no request is in the host.
+        match unsafe { q.engine.push(tag, slot.op()) } {
+            Ok(()) => {
+                q.requests.submitted();
+                Ok(())
+            }
+            Err(e) => {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                let len = self
+                    .processor
+                    .finish(self.mem, slot, Err(errno), Completion::Publish);
+                let head = slot.head;
+                q.requests.release(tag);
+                self.publish(q, head, len)
+            }
+        }
+    }
+
+    /// Publishes the completions `q`'s engine has, as `completion` says.
+    fn reap(&mut self, q: &mut QueueState, completion: Completion) {
+        let mut done = std::mem::take(&mut self.completions);
+        done.clear();
+        q.engine.reap(&mut done);
+        let mut result = Ok(());
+        for &(tag, host) in &done {
+            q.requests.returned();
+            let Some(slot) = q.requests.slot(tag) else {
+                error!(
+                    "virtio-blk: queue {}: completion of unknown slot {tag}",
+                    q.active.index
+                );
+                continue;
+            };
+            if let Ok(n) = host {
+                if !slot.transferred(n) && completion == Completion::Publish {
+                    // A short transfer: the rest goes back to the host.
+                    if let Err(e) = self.submit(q, tag) {
+                        result = Err(e);
+                    }
+                    continue;
+                }
+            }
+            let len = self.processor.finish(self.mem, slot, host, completion);
+            let head = slot.head;
+            q.requests.release(tag);
+            if result.is_ok() {
+                result = self.publish(q, head, len);
+            }
+        }
+        self.completions = done;
+        // A flush held for the requests before it goes now, if they are all done.
+        if let Some(tag) = q.requests.release_held_flush() {
+            match completion {
+                Completion::Publish => {
+                    if let Err(e) = self.submit(q, tag) {
+                        result = Err(e);
+                    }
+                }
+                Completion::Fail => self.fail_slot(q, tag),
+                Completion::Discard => q.requests.release(tag),
+            }
+        }
+        if let Err(e) = q.engine.submit() {
+            error!(
+                "virtio-blk: queue {} resubmission failed: {e}",
+                q.active.index
+            );
+        }
+        if let Err(fault) = result {
+            self.fault(q, fault);
+        }
+    }
+
+    /// Adds a completion to the used ring (`None`: nothing to publish).
+    fn publish(
+        &mut self,
+        q: &mut QueueState,
+        head: u16,
+        len: Option<u32>,
+    ) -> Result<(), virtio_queue::Error> {
+        let Some(len) = len else {
+            return Ok(());
+        };
+        if q.broken {
+            return Ok(());
+        }
+        q.active.queue.add_used(self.mem, head, len)?;
+        q.used = true;
+        Ok(())
+    }
+
+    /// A flush held for the requests before it fails with them (pulled out).
+    fn fail_held_flush(&mut self, q: &mut QueueState) {
+        if let Some(tag) = q.requests.take_held_flush() {
+            self.fail_slot(q, tag);
+        }
+    }
+
+    /// Completes the request in slot `tag`, not in the host, with `VIRTIO_BLK_S_IOERR`.
+    fn fail_slot(&mut self, q: &mut QueueState, tag: u16) {
+        let Some(slot) = q.requests.slot(tag) else {
+            return;
+        };
+        let len = self.processor.fail_started(self.mem, slot);
+        let head = slot.head;
+        q.requests.release(tag);
+        if let Err(fault) = self.publish(q, head, Some(len)) {
+            self.fault(q, fault);
+        }
+    }
+
+    /// Gives up on `q` (pulled out, [`InFlightPolicy::Drop`]): returns how many requests are
+    /// left behind — taken and not completed, and still available.
+    fn abandon(&mut self, q: &mut QueueState) -> u64 {
+        let held = match q.requests.take_held_flush() {
+            Some(tag) => {
+                q.requests.release(tag);
+                1
+            }
+            None => 0,
+        };
+        let taken = q.requests.in_host() as u64 + held;
+        if q.broken || !q.active.queue.ready() {
+            return taken;
+        }
+        let available = q
+            .active
+            .queue
+            .avail_idx(self.mem, Ordering::Acquire)
+            .map(|avail| u64::from(avail.0.wrapping_sub(q.active.queue.next_avail())))
+            .unwrap_or(0);
+        taken + available
+    }
+
+    /// Raises `q`'s interrupt if completions were published since the last time and the
+    /// driver wants to hear of them.
+    fn signal(&mut self, q: &mut QueueState) {
+        if !std::mem::take(&mut q.used) || q.broken {
+            return;
+        }
+        match q.active.queue.needs_notification(self.mem) {
             Ok(true) => {
                 if let Err(e) = self
                     .interrupt
@@ -417,76 +743,23 @@ impl Io<'_> {
                 }
             }
             Ok(false) => {}
-            Err(fault) => {
-                error!(
-                    "virtio-blk: queue {} unusable ({fault:?}): device needs reset",
-                    q.active.index
-                );
-                q.broken = true;
-                self.needs_reset.store(true, Ordering::Release);
-                if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Config) {
-                    warn!("virtio-blk: config interrupt failed: {e}");
-                }
-            }
+            Err(fault) => self.fault(q, fault),
         }
     }
-}
 
-/// Serves every available chain of `active`; returns whether the driver must be notified.
-///
-/// Each pop re-reads the avail index; `iter` refuses one more than a queue size ahead of the
-/// device, so a corrupt index is a fault rather than a long walk over stale entries. The loop
-/// runs as long as the driver keeps publishing chains. `mode` is read before each chain (in
-/// Fail mode chains are failed rather than served) and again before each completion is
-/// published (a reset or a Drop that came while the host I/O ran publishes nothing). A pause
-/// lets the chain in hand finish as the mode before it would have (served, or failed), then
-/// stops the drain, leaving the other chains available.
-fn drain(
-    mem: &GuestRam,
-    active: &mut ActiveQueue,
-    processor: &mut RequestProcessor,
-    mode: &AtomicU8,
-) -> Result<bool, virtio_queue::Error> {
-    let queue = &mut active.queue;
-    if !queue.ready() {
-        // Not enabled by the driver: nothing to serve, and not an error.
-        return Ok(false);
-    }
-    let mut used_any = false;
-    'drain: loop {
-        queue.disable_notification(mem)?;
-        while let Some(chain) = queue.iter(mem)?.next() {
-            let head = chain.head_index();
-            let len = match Mode::load(mode) {
-                // A pull or reset that comes while the host I/O runs decides its completion.
-                Mode::Run | Mode::Pause => {
-                    processor.process_then(chain, || match Mode::load(mode) {
-                        Mode::Run | Mode::Pause | Mode::PauseFailing => Completion::Publish,
-                        Mode::Fail => Completion::Fail,
-                        Mode::Reset | Mode::Drop => Completion::Discard,
-                    })
-                }
-                Mode::Fail | Mode::PauseFailing => Some(processor.fail(chain)),
-                Mode::Reset | Mode::Drop => return Ok(false),
-            };
-            let len = match (Mode::load(mode), len) {
-                (Mode::Reset, _) => return Ok(false),
-                (Mode::Drop, _) | (_, None) => {
-                    processor.count_dropped(1);
-                    return Ok(false);
-                }
-                (Mode::Run | Mode::Fail | Mode::Pause | Mode::PauseFailing, Some(len)) => len,
-            };
-            queue.add_used(mem, head, len)?;
-            used_any = true;
-            if matches!(Mode::load(mode), Mode::Pause | Mode::PauseFailing) {
-                break 'drain;
-            }
+    /// `q` cannot be served any more: needs reset.
+    fn fault(&mut self, q: &mut QueueState, fault: virtio_queue::Error) {
+        if q.broken {
+            return;
         }
-        if !queue.enable_notification(mem)? {
-            break;
+        error!(
+            "virtio-blk: queue {} unusable ({fault:?}): device needs reset",
+            q.active.index
+        );
+        q.broken = true;
+        self.needs_reset.store(true, Ordering::Release);
+        if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Config) {
+            warn!("virtio-blk: config interrupt failed: {e}");
         }
-        debug!("virtio-blk: queue {} refilled while draining", active.index);
     }
-    Ok(used_any && queue.needs_notification(mem)?)
 }
