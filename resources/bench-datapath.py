@@ -109,6 +109,12 @@ def qemu_img(image, rw, bs, qd, direct, iops_hint, runtime):
     return {"engine": "qemu-img bench", "iops": count / secs, "sequential": True}
 
 
+def median_run(runs):
+    """The run with the median IOPS (the lower middle one of an even count)."""
+    ordered = sorted(runs, key=lambda r: r["iops"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def floor(binary):
     runs = [json.loads(sh([binary, "--floor"]))["p50_us"] for _ in range(3)]
     return statistics.median(runs)
@@ -119,10 +125,11 @@ def goal_fio(qd, direct):
 
 
 def plot(rows, path):
+    pylib = os.path.join(CACHE, "pylib")
+    sys.path.insert(0, pylib)
     try:
         import matplotlib
     except ImportError:
-        pylib = os.path.join(CACHE, "pylib")
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", pylib,
                         "matplotlib"], check=True)
         sys.path.insert(0, pylib)
@@ -155,6 +162,8 @@ def main():
                     help="the image (on a file system with O_DIRECT: not tmpfs)")
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--quick", action="store_true", help="one queue, depth-32 and QD1 rows only")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of each tool per row, taking turns; the median is kept")
     ap.add_argument("--json")
     ap.add_argument("--png")
     a = ap.parse_args()
@@ -175,9 +184,19 @@ def main():
                 sh(["sync"])
                 if not direct:
                     sh(["dd", f"if={a.file}", "of=/dev/null", "bs=1M"])
-                o = ours(binary, a.file, rw, bs, qd, queues, direct, a.runtime)
-                f = fio(a.file, rw, bs, qd, queues, direct, a.runtime)
-                q = qemu_img(a.file, rw, bs, qd, direct, o["iops"], a.runtime) if queues == 1 else None
+                # The host's storage drifts (a VM's virtual disk here: fio's own figure moved
+                # 2.5x between two runs of a row), so each tool runs --repeat times, taking
+                # turns, and each keeps its median run.
+                runs = {"ours": [], "fio": [], "qemu": []}
+                for _ in range(a.repeat):
+                    o = ours(binary, a.file, rw, bs, qd, queues, direct, a.runtime)
+                    runs["ours"].append(o)
+                    runs["fio"].append(fio(a.file, rw, bs, qd, queues, direct, a.runtime))
+                    if queues == 1:
+                        runs["qemu"].append(
+                            qemu_img(a.file, rw, bs, qd, direct, o["iops"], a.runtime))
+                o, f = median_run(runs["ours"]), median_run(runs["fio"])
+                q = median_run(runs["qemu"]) if runs["qemu"] else None
                 rows.append({"label": label, "rw": rw, "bs": bs, "qd": qd, "queues": queues,
                              "direct": direct, "ours": o, "fio": f, "qemu": q})
                 print(f"{label}: ours {o['iops']:.0f}/s, fio {f['iops']:.0f}/s"

@@ -11,6 +11,7 @@ mod acpi_hotplug;
 mod backend;
 mod boot;
 mod cycles;
+mod datapath;
 mod hotplug;
 mod osc;
 mod qmp;

@@ -13,7 +13,7 @@
 //! ```text
 //! cargo run --release -p hotplug-vmm-devices --example blk_bench -- \
 //!     --file IMAGE --rw randread|randwrite|read|write --bs 4096 --qd 32 \
-//!     [--queues 1] [--direct] [--runtime 5]
+//!     [--queues 1] [--direct] [--aio auto|io_uring|threads] [--driver-poll] [--runtime 5]
 //! cargo run --release -p hotplug-vmm-devices --example blk_bench -- --floor
 //! ```
 //!
@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use hotplug_vmm_devices::virtio::block::{Block, BlockConfig};
+use hotplug_vmm_devices::virtio::block::{AioBackend, Block, BlockConfig};
 use hotplug_vmm_devices::virtio::{
     ActiveQueue, GuestMemory, GuestRam, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
 };
@@ -55,12 +55,15 @@ struct Params {
     queues: u16,
     direct: bool,
     runtime: Duration,
+    aio: AioBackend,
+    /// The driver polls the used ring instead of sleeping until the interrupt.
+    driver_poll: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: blk_bench --file IMAGE --rw randread|randwrite|read|write --bs BYTES --qd N \
-         [--queues N] [--direct] [--runtime SECS] | --floor"
+         [--queues N] [--direct] [--aio auto|io_uring|threads] [--driver-poll] [--runtime SECS] | --floor"
     );
     std::process::exit(2)
 }
@@ -75,6 +78,8 @@ fn parse_args() -> Option<Params> {
         queues: 1,
         direct: false,
         runtime: Duration::from_secs(5),
+        aio: AioBackend::Auto,
+        driver_poll: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -95,6 +100,8 @@ fn parse_args() -> Option<Params> {
             "--qd" => p.qd = value().parse().unwrap_or_else(|_| usage()),
             "--queues" => p.queues = value().parse().unwrap_or_else(|_| usage()),
             "--direct" => p.direct = true,
+            "--driver-poll" => p.driver_poll = true,
+            "--aio" => p.aio = AioBackend::from_name(&value()).unwrap_or_else(|| usage()),
             "--runtime" => {
                 p.runtime = Duration::from_secs_f64(value().parse().unwrap_or_else(|_| usage()))
             }
@@ -299,7 +306,7 @@ fn drive(
         let mut used_idx: u16 = mem
             .load(GuestAddress(l.used + 2), Ordering::Acquire)
             .unwrap();
-        if used_idx == last_used {
+        if used_idx == last_used && !p.driver_poll {
             irq.read().unwrap();
             used_idx = mem
                 .load(GuestAddress(l.used + 2), Ordering::Acquire)
@@ -356,14 +363,20 @@ fn run(p: &Params) {
     config.num_queues = p.queues;
     config.queue_size = QUEUE_SIZE;
     config.readonly = !p.write;
+    config.aio = p.aio;
     let mut block = Block::with_file(config, file).expect("the device");
     let sectors = block.capacity();
 
     let per_queue_data = u64::from(p.qd) * p.bs;
     let per_queue = RING_AREA + ((per_queue_data + 4095) & !4095);
-    let ram =
-        GuestRam::from_ranges(&[(GuestAddress(0), (u64::from(p.queues) * per_queue) as usize)])
-            .unwrap();
+    let ram_size = u64::from(p.queues) * per_queue;
+    let ram = GuestRam::from_ranges(&[(GuestAddress(0), ram_size as usize)]).unwrap();
+    // A running guest's memory is populated: so is this (an untouched page is no page yet,
+    // and the host's O_DIRECT path cannot pin it without blocking: io_uring would hand every
+    // such write to a kernel worker).
+    for page in (0..ram_size).step_by(4096) {
+        ram.write_obj(0x5au8, GuestAddress(page)).unwrap();
+    }
     let layouts: Vec<Layout> = (0..u64::from(p.queues))
         .map(|q| Layout::new(q * per_queue, q * per_queue + RING_AREA))
         .collect();
@@ -432,8 +445,9 @@ fn run(p: &Params) {
     lat.sort_unstable();
     let iops = done as f64 / elapsed;
     println!(
-        "{{\"engine\":\"hotplug-vmm\",\"rw\":\"{}{}\",\"bs\":{},\"qd\":{},\"queues\":{},\"direct\":{},\
+        "{{\"engine\":\"hotplug-vmm\",\"aio\":\"{}\",\"rw\":\"{}{}\",\"bs\":{},\"qd\":{},\"queues\":{},\"direct\":{},\
          \"iops\":{:.0},\"mib_s\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"errors\":{}}}",
+        p.aio.name(),
         if p.random { "rand" } else { "" },
         if p.write { "write" } else { "read" },
         p.bs,

@@ -3,23 +3,18 @@
 //! way. Host I/O runs on a [`ManualEngine`], so the test decides when and in which order each
 //! request's host operation ends; the last test runs the real engines.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::testing::*;
 use super::{AioBackend, Block, BlockConfig};
-use crate::virtio::{
-    ActiveQueue, GuestMemory, GuestRam, InFlightOutcome, InFlightPolicy, QueueProgress,
-    VirtioDevice,
-};
+use crate::virtio::{GuestRam, InFlightOutcome, InFlightPolicy, QueueProgress, VirtioDevice};
 
 /// Queue size: room for 42 requests of three descriptors.
 const QUEUE: u16 = 128;
@@ -39,42 +34,6 @@ fn status_of(i: u16) -> u64 {
 
 fn data(i: u16) -> u64 {
     DATA + 0x1000 * u64::from(i)
-}
-
-struct Rig {
-    memory: GuestMemory,
-    interrupt: Arc<CountingInterrupt>,
-    notify: Arc<EventFd>,
-}
-
-impl Rig {
-    fn new() -> Self {
-        Rig {
-            memory: GuestMemoryAtomic::new(guest_memory()),
-            interrupt: Arc::new(CountingInterrupt::default()),
-            notify: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-        }
-    }
-
-    fn activate(&self, dev: &mut Block, q: &MockSplitQueue<'_, GuestRam>) {
-        let aq = ActiveQueue {
-            index: 0,
-            queue: q.create_queue().unwrap(),
-            notify: self.notify.clone(),
-        };
-        let features = dev.features();
-        dev.activate(
-            self.memory.clone(),
-            self.interrupt.clone(),
-            features,
-            vec![aq],
-        )
-        .unwrap();
-    }
-
-    fn interrupts(&self) -> usize {
-        self.interrupt.queue.load(Ordering::SeqCst)
-    }
 }
 
 /// Request `i` of type `ty` on `sector`: header, 512 bytes of data (device-writable for a
@@ -166,7 +125,7 @@ fn reads_in_flight<'a>(
     for i in 0..n {
         publish(mem, &q, i, VIRTIO_BLK_T_IN, u64::from(i));
     }
-    rig.activate(&mut dev, &q);
+    rig.activate(&mut dev, q.create_queue().unwrap()).unwrap();
     let engine = engine(&made);
     engine.wait_pending(usize::from(n));
     (dev, q, engine)
@@ -225,7 +184,7 @@ fn a_flush_waits_for_the_writes_before_it_and_holds_back_what_follows() {
     }
     publish(mem, &q, 3, VIRTIO_BLK_T_FLUSH, 0);
     publish(mem, &q, 4, VIRTIO_BLK_T_IN, 1);
-    rig.activate(&mut dev, &q);
+    rig.activate(&mut dev, q.create_queue().unwrap()).unwrap();
     let engine = engine(&made);
     engine.wait_pending(3);
     std::thread::sleep(Duration::from_millis(20));
@@ -300,20 +259,41 @@ fn reset_waits_for_the_host_io_and_publishes_nothing() {
     assert_eq!(rig.interrupts(), 0);
 }
 
+/// Four reads in the host and two more available, not notified (so not taken), when the
+/// device is pulled out with `policy`; the host finishes the four 100 ms later, or, unless
+/// `host_answers`, not before the removal returns.
+fn pulled_under_load<'a>(
+    tmp: &TempFile,
+    rig: &Rig,
+    mem: &'a GuestRam,
+    policy: InFlightPolicy,
+    host_answers: bool,
+) -> (
+    Block,
+    MockSplitQueue<'a, GuestRam>,
+    EngineGuard,
+    InFlightOutcome,
+) {
+    let (mut dev, q, engine) = reads_in_flight(tmp, rig, mem, 4);
+    for i in 4..6 {
+        publish(mem, &q, i, VIRTIO_BLK_T_IN, 0);
+    }
+    let host = host_answers.then(|| complete_later(&engine));
+    let outcome = dev.surprise_remove(policy);
+    if let Some(host) = host {
+        host.join().unwrap();
+    }
+    (dev, q, engine, outcome)
+}
+
 #[test]
 fn surprise_removal_fails_every_request_in_flight_and_available() {
     let tmp = image();
     let rig = Rig::new();
     let guard = rig.memory.memory();
     let mem: &GuestRam = &guard;
-    let (mut dev, q, engine) = reads_in_flight(&tmp, &rig, mem, 4);
-    // Two more made available, not notified: not taken.
-    for i in 4..6 {
-        publish(mem, &q, i, VIRTIO_BLK_T_IN, 0);
-    }
-    let host = complete_later(&engine);
-    let outcome = dev.surprise_remove(InFlightPolicy::Fail);
-    host.join().unwrap();
+    let (mut dev, q, _engine, outcome) =
+        pulled_under_load(&tmp, &rig, mem, InFlightPolicy::Fail, true);
     assert_eq!(
         outcome,
         InFlightOutcome {
@@ -336,13 +316,7 @@ fn surprise_removal_drops_and_counts_every_request_in_flight_and_available() {
     let rig = Rig::new();
     let guard = rig.memory.memory();
     let mem: &GuestRam = &guard;
-    let (mut dev, q, engine) = reads_in_flight(&tmp, &rig, mem, 4);
-    for i in 4..6 {
-        publish(mem, &q, i, VIRTIO_BLK_T_IN, 0);
-    }
-    let host = complete_later(&engine);
-    let outcome = dev.surprise_remove(InFlightPolicy::Drop);
-    host.join().unwrap();
+    let (dev, q, _engine, outcome) = pulled_under_load(&tmp, &rig, mem, InFlightPolicy::Drop, true);
     assert_eq!(
         outcome,
         InFlightOutcome {
@@ -365,23 +339,22 @@ fn surprise_removal_returns_while_host_io_hangs_and_counts_it_dropped() {
     let rig = Rig::new();
     let guard = rig.memory.memory();
     let mem: &GuestRam = &guard;
-    let (mut dev, q, engine) = reads_in_flight(&tmp, &rig, mem, 4);
-    publish(mem, &q, 4, VIRTIO_BLK_T_IN, 0);
-    let outcome = dev.surprise_remove(InFlightPolicy::Fail);
+    let (_dev, q, engine, outcome) =
+        pulled_under_load(&tmp, &rig, mem, InFlightPolicy::Fail, false);
     assert_eq!(
         outcome,
         InFlightOutcome {
-            failed: 1,
+            failed: 2,
             dropped: 4,
             host_io_pending: true,
             failing: false,
         },
-        "the available request failed at once, the four in the host are left behind"
+        "the available requests failed at once, the four in the host are left behind"
     );
     // The host I/O ends at last: nothing of it is published.
     engine.complete_reversed();
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(q.used().idx().load(), 1);
+    assert_eq!(q.used().idx().load(), 2);
     assert!((0..4).all(|i| status(mem, i) == 0xee));
 }
 
@@ -406,7 +379,7 @@ fn each_engine_serves_many_requests_at_once() {
                 publish(mem, &q, i, VIRTIO_BLK_T_OUT, 32 + u64::from(i));
             }
         }
-        rig.activate(&mut dev, &q);
+        rig.activate(&mut dev, q.create_queue().unwrap()).unwrap();
         wait_for("32 completions", || q.used().idx().load() == 32);
         for i in 0..32u16 {
             assert_eq!(status(mem, i), S_OK, "{aio:?} request {i}");

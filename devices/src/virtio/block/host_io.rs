@@ -137,6 +137,10 @@ pub trait IoEngine: Send {
     /// Readable when completions are waiting to be reaped (cleared by [`reap`](Self::reap)).
     fn completion_fd(&self) -> RawFd;
 
+    /// Whether completions are waiting, found without a system call: what the I/O thread
+    /// polls for before it goes to sleep.
+    fn has_completions(&mut self) -> bool;
+
     /// The engine's name, for logs.
     fn name(&self) -> &'static str;
 }

@@ -588,8 +588,7 @@ mod tests {
     use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
-    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
     fn block(tmp: &vmm_sys_util::tempfile::TempFile, readonly: bool, num_queues: u16) -> Block {
         let mut config = BlockConfig::new(tmp.as_path(), "disk0");
@@ -601,66 +600,6 @@ mod tests {
     const HDR: u64 = BUF;
     const DATA: u64 = BUF + 0x1000;
     const STATUS: u64 = BUF + 0x800;
-
-    struct Rig {
-        memory: GuestMemory,
-        interrupt: Arc<CountingInterrupt>,
-        notify: Arc<EventFd>,
-    }
-
-    impl Rig {
-        fn new() -> Self {
-            Rig {
-                memory: GuestMemoryAtomic::new(guest_memory()),
-                interrupt: Arc::new(CountingInterrupt::default()),
-                notify: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-            }
-        }
-
-        /// `dev` restored active on `q`'s queue at (next available, next used) = `at`,
-        /// failing or not, then resumed.
-        fn restore(
-            &self,
-            dev: &mut Block,
-            q: &MockSplitQueue<'_, GuestRam>,
-            at: (u16, u16),
-            failing: bool,
-        ) {
-            let mut queue: Queue = q.create_queue().unwrap();
-            queue.set_next_avail(at.0);
-            queue.set_next_used(at.1);
-            let aq = ActiveQueue {
-                index: 0,
-                queue,
-                notify: self.notify.clone(),
-            };
-            let features = dev.features();
-            dev.restore_active(
-                self.memory.clone(),
-                self.interrupt.clone(),
-                features,
-                vec![aq],
-                (failing, false),
-            )
-            .unwrap();
-            assert!(!dev.is_active(), "restored paused");
-            dev.resume().unwrap();
-        }
-
-        fn activate(&self, dev: &mut Block, queue: Queue) -> Result<(), ActivateError> {
-            let aq = ActiveQueue {
-                index: 0,
-                queue,
-                notify: self.notify.clone(),
-            };
-            dev.activate(
-                self.memory.clone(),
-                self.interrupt.clone(),
-                dev.features(),
-                vec![aq],
-            )
-        }
-    }
 
     #[test]
     fn features_and_config_space() {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
 
@@ -20,7 +20,13 @@ use super::disk::Disk;
 use super::executor::RequestProcessor;
 use super::host_io::{HostOp, HostResult, IoEngine, IoVec};
 use super::stats::BlockStats;
-use crate::virtio::{GuestRam, VirtioInterrupt, VirtioInterruptType};
+use super::Block;
+use crate::virtio::{
+    ActivateError, ActiveQueue, GuestMemory, GuestRam, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType,
+};
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Guest RAM in tests: 2 MiB at 0. The queue lives at 0, buffers at [`BUF`] and above.
 pub const RAM_SIZE: u64 = 0x20_0000;
@@ -313,6 +319,10 @@ impl IoEngine for ManualHandle {
         self.0.signal.as_raw_fd()
     }
 
+    fn has_completions(&mut self) -> bool {
+        !self.0.done.lock().unwrap().is_empty()
+    }
+
     fn name(&self) -> &'static str {
         "manual"
     }
@@ -329,4 +339,82 @@ pub fn manual_engines(dev: &mut super::Block) -> Arc<std::sync::Mutex<Vec<Arc<Ma
         Ok(Box::new(ManualHandle(engine)) as Box<dyn IoEngine>)
     }));
     made
+}
+
+/// A driver's side of one queue: guest memory, the interrupts the device raises, the queue's
+/// notification event.
+pub struct Rig {
+    /// Guest memory.
+    pub memory: GuestMemory,
+    /// The device's interrupts.
+    pub interrupt: Arc<CountingInterrupt>,
+    /// Queue 0's notification event.
+    pub notify: Arc<EventFd>,
+}
+
+impl Default for Rig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Rig {
+    /// Fresh memory, no interrupt yet.
+    pub fn new() -> Self {
+        Rig {
+            memory: GuestMemoryAtomic::new(guest_memory()),
+            interrupt: Arc::new(CountingInterrupt::default()),
+            notify: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        }
+    }
+
+    /// `dev` restored active on `q`'s queue at (next available, next used) = `at`,
+    /// failing or not, then resumed.
+    pub fn restore(
+        &self,
+        dev: &mut Block,
+        q: &MockSplitQueue<'_, GuestRam>,
+        at: (u16, u16),
+        failing: bool,
+    ) {
+        let mut queue: Queue = q.create_queue().unwrap();
+        queue.set_next_avail(at.0);
+        queue.set_next_used(at.1);
+        let aq = ActiveQueue {
+            index: 0,
+            queue,
+            notify: self.notify.clone(),
+        };
+        let features = dev.features();
+        dev.restore_active(
+            self.memory.clone(),
+            self.interrupt.clone(),
+            features,
+            vec![aq],
+            (failing, false),
+        )
+        .unwrap();
+        assert!(!dev.is_active(), "restored paused");
+        dev.resume().unwrap();
+    }
+
+    /// Activates `dev` on `queue` as queue 0.
+    pub fn activate(&self, dev: &mut Block, queue: Queue) -> Result<(), ActivateError> {
+        let aq = ActiveQueue {
+            index: 0,
+            queue,
+            notify: self.notify.clone(),
+        };
+        dev.activate(
+            self.memory.clone(),
+            self.interrupt.clone(),
+            dev.features(),
+            vec![aq],
+        )
+    }
+
+    /// Queue interrupts raised so far.
+    pub fn interrupts(&self) -> usize {
+        self.interrupt.queue.load(Ordering::SeqCst)
+    }
 }

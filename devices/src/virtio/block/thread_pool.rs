@@ -119,6 +119,10 @@ impl IoEngine for ThreadPoolEngine {
         self.shared.completions.as_raw_fd()
     }
 
+    fn has_completions(&mut self) -> bool {
+        !self.shared.lock().done.is_empty()
+    }
+
     fn name(&self) -> &'static str {
         "threads"
     }
