@@ -38,6 +38,12 @@ class Console:
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
+                # A line the guest prints on its own starts with SOH; one that lands inside an
+                # open line of a command's output is taken out whole (see resources/guest/init).
+                if b"\x01" in line:
+                    head, marked = line.split(b"\x01", 1)
+                    buf = head + buf
+                    line = marked
                 with self.cond:
                     self.lines.append(line.decode(errors="replace").rstrip("\r"))
                     self.cond.notify_all()

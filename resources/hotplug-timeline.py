@@ -89,7 +89,7 @@ def describe(rec):
     return "?", json.dumps(rec)
 
 
-DMESG = re.compile(r"^\[\s*(\d+\.\d+)\]\s?(.*)$")
+DMESG = re.compile(r"^\x01?\[\s*(\d+\.\d+)\]\s?(.*)$")  # \x01: a console capture
 
 
 def read_dmesg(path, offset):

@@ -374,3 +374,28 @@ fn harness_tells_async_lines_from_command_output() {
     assert!(!common::is_async_line("[1b36:0008]"));
     assert!(!common::is_async_line("0x060000"));
 }
+
+/// A kernel line that arrives while a command's output line is open (here `cat` of a sysfs
+/// attribute, which has no newline, before the harness's `echo` ends it) comes out whole, and
+/// the command's line goes on where it left off. (The CI run of 09be00e read a disk's serial as
+/// "stuck[   68.223416] clocksource: ...".)
+#[test]
+fn harness_takes_marked_lines_out_of_open_ones() {
+    let mut con = common::Console::default();
+    let stream = b"@@B7\r\nstu\x01[   68.223416] clocksource: skew\r\nck\r\n\x01BLOCK-ADD vdb uptime=1.2\r\n~ # \x01BLOCK-REMOVE vdb uptime=2.3\r\necho\r\n";
+    for &b in stream {
+        con.push_byte(b, std::time::Duration::ZERO);
+    }
+    let lines: Vec<&str> = con.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "@@B7",
+            "[   68.223416] clocksource: skew",
+            "stuck",
+            "BLOCK-ADD vdb uptime=1.2",
+            "BLOCK-REMOVE vdb uptime=2.3",
+            "~ # echo",
+        ]
+    );
+}

@@ -1,7 +1,9 @@
 /*
  * /sbin/uevent-helper of the hotplug-vmm test guest: the kernel runs it for every uevent
  * (/proc/sys/kernel/hotplug). It prints "BLOCK-ADD vda uptime=12.34" or "BLOCK-REMOVE vda ..."
- * on the console for whole-disk block devices and nothing for anything else.
+ * on the console for whole-disk block devices and nothing for anything else. The line starts with
+ * SOH (\001), the mark /init's forwarded kernel lines carry too: it may land inside a line a
+ * shell command is still writing, and the mark lets the reader of the console take it out whole.
  *
  * It is freestanding (no libc, raw system calls) on purpose: on PVM hosts every page a new
  * process touches costs a trap to the host, and a hotplug produces a dozen uevents. A busybox
@@ -75,6 +77,7 @@ void helper_main(long *sp)
 		sys3(SYS_exit, 0, 0, 0);
 	if (!equal(subsystem, "block") || !equal(devtype, "disk"))
 		sys3(SYS_exit, 0, 0, 0);
+	*p++ = '\001';
 	if (equal(action, "add"))
 		p = append(p, "BLOCK-ADD ", 0);
 	else if (equal(action, "remove"))

@@ -74,13 +74,54 @@ pub fn kernel_versions() -> Vec<String> {
         .collect()
 }
 
+/// The byte (SOH) that starts every line the test guest prints on its own: the kernel log lines
+/// its /init forwards and the uevent helper's block-device reports.
+pub const ASYNC_MARK: u8 = 0x01;
+
+/// The guest's console output, cut into lines.
 #[derive(Default)]
-struct Console {
+pub struct Console {
     /// Every complete line the guest printed, with the host time it arrived.
     lines: Vec<(Duration, String)>,
     /// Bytes of the line being printed.
     partial: Vec<u8>,
+    /// The line a marked line interrupted, given back its bytes when the marked one ends.
+    interrupted: Option<Vec<u8>>,
     closed: bool,
+}
+
+impl Console {
+    /// Takes one byte the guest printed. A line that starts with [`ASYNC_MARK`] inside another
+    /// (a command's output line still open when a kernel line arrived) becomes a line of its own,
+    /// and the line it interrupted goes on where it left off.
+    pub fn push_byte(&mut self, b: u8, at: Duration) -> Option<&str> {
+        match b {
+            ASYNC_MARK => {
+                let open = std::mem::take(&mut self.partial);
+                if !open.is_empty() {
+                    self.interrupted = Some(open);
+                }
+                None
+            }
+            b'\n' => {
+                let line = String::from_utf8_lossy(&self.partial)
+                    .trim_end_matches('\r')
+                    .to_string();
+                self.partial = self.interrupted.take().unwrap_or_default();
+                self.lines.push((at, line));
+                self.lines.last().map(|(_, l)| l.as_str())
+            }
+            b => {
+                self.partial.push(b);
+                None
+            }
+        }
+    }
+
+    /// The complete lines so far.
+    pub fn lines(&self) -> impl Iterator<Item = &str> {
+        self.lines.iter().map(|(_, l)| l.as_str())
+    }
 }
 
 type Shared = Arc<(Mutex<Console>, Condvar)>;
@@ -218,17 +259,11 @@ impl Guest {
                     return;
                 }
                 for &b in &buf[..n] {
-                    if b == b'\n' {
-                        let line = String::from_utf8_lossy(&con.partial)
-                            .trim_end_matches('\r')
-                            .to_string();
+                    let at = started.elapsed();
+                    if let Some(line) = con.push_byte(b, at) {
                         if echo {
-                            eprintln!("[{tag} {:7.2}] {line}", started.elapsed().as_secs_f64());
+                            eprintln!("[{tag} {:7.2}] {line}", at.as_secs_f64());
                         }
-                        con.partial.clear();
-                        con.lines.push((started.elapsed(), line));
-                    } else {
-                        con.partial.push(b);
                     }
                 }
                 cv.notify_all();
