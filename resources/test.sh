@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 need=()
-for p in acpica-tools python3-fusepy e2fsprogs; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+for p in acpica-tools python3-fusepy e2fsprogs qemu-utils; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if [ ${#need[@]} -gt 0 ]; then
     sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
     $sudo apt-get update -q >&2 || true

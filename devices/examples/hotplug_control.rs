@@ -13,6 +13,7 @@ use hotplug_vmm_devices::hotplug::{
     SlotRegisters, Topology,
 };
 use hotplug_vmm_devices::pci::{Indicator, SlotEvent, SlotNotifications};
+use hotplug_vmm_devices::virtio::block::ImageFormat;
 
 /// The guest's side of the one root port's slot, as the registers would show it.
 struct Registers(PortSlotView);
@@ -57,8 +58,9 @@ fn main() {
 
     let open = Command::BlockdevAdd {
         node: "disk0".into(),
-        path: "/tmp/disk0.img".into(),
+        path: "/tmp/disk0.qcow2".into(),
         readonly: false,
+        format: ImageFormat::Qcow2,
     };
     run("blockdev-add", control.command(ms(0), open, &regs).unwrap());
     let add = Command::DeviceAdd(DeviceAdd {

@@ -29,9 +29,14 @@ pub fn make_disk(dir: &TempDir, name: &str) -> PathBuf {
 }
 
 pub fn blockdev_add(q: &mut QmpClient, node: &str, path: &Path) {
+    blockdev_add_as(q, node, path, "raw");
+}
+
+/// `blockdev-add` of a `driver` (`raw`, `qcow2`) node over the file at `path`.
+pub fn blockdev_add_as(q: &mut QmpClient, node: &str, path: &Path, driver: &str) {
     q.ok(
         "blockdev-add",
-        json!({"driver": "raw", "node-name": node,
+        json!({"driver": driver, "node-name": node,
                "file": {"driver": "file", "filename": path.display().to_string()}}),
     );
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use devices::hotplug::{BarReads, InFlightPolicy, PortMode};
-use devices::virtio::block::AioBackend;
+use devices::virtio::block::{AioBackend, ImageFormat};
 
 /// Kernel parameters every guest gets unless `--cmdline` replaces them: the console, and the
 /// switches that keep a stock kernel off instructions KVM's emulator cannot run on PVM hosts
@@ -253,8 +253,10 @@ pub enum SerialMode {
 /// A `--disk` argument.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskSpec {
-    /// The raw image file.
+    /// The image file.
     pub path: PathBuf,
+    /// `format=`: its format; probed when not given (qcow2 by its header, raw otherwise).
+    pub format: Option<ImageFormat>,
     /// The device id, also its serial; `disk<N>` when not given.
     pub id: Option<String>,
     /// Whether the guest may only read it.
@@ -282,10 +284,11 @@ pub fn check_id(id: &str) -> Result<(), String> {
     }
 }
 
-/// Parses `path=FILE[,id=ID][,readonly=on|off][,bus=BUS]`.
+/// Parses `path=FILE[,format=raw|qcow2][,id=ID][,readonly=on|off][,bus=BUS]`.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     let mut disk = DiskSpec {
         path: PathBuf::new(),
+        format: None,
         id: None,
         readonly: false,
         bus: "pcie.0".to_string(),
@@ -296,6 +299,12 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
             .ok_or_else(|| format!("'{part}' in --disk is not key=value"))?;
         match key {
             "path" if !value.is_empty() => disk.path = PathBuf::from(value),
+            "format" => {
+                disk.format =
+                    Some(ImageFormat::from_name(value).ok_or_else(|| {
+                        format!("format={value}: not an image format (raw, qcow2)")
+                    })?)
+            }
             "id" => {
                 check_id(value)?;
                 disk.id = Some(value.to_string());
@@ -311,7 +320,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
             "path" | "bus" => return Err(format!("{key}= needs a value")),
             _ => {
                 return Err(format!(
-                    "unknown --disk key '{key}' (path, id, readonly, bus)"
+                    "unknown --disk key '{key}' (path, format, id, readonly, bus)"
                 ))
             }
         }
@@ -491,6 +500,16 @@ mod tests {
         assert!(d.readonly);
         assert_eq!(d.bus, "pcie.0");
         assert_eq!(parse_disk("path=x,bus=rp1").unwrap().bus, "rp1");
+        assert_eq!(d.format, None, "probed");
+        let q = parse_disk("path=x.qcow2,format=qcow2").unwrap();
+        assert_eq!(q.format, Some(ImageFormat::Qcow2));
+        assert_eq!(
+            parse_disk("format=raw,path=x").unwrap().format,
+            Some(ImageFormat::Raw)
+        );
+        assert!(parse_disk("path=x,format=vmdk")
+            .unwrap_err()
+            .contains("raw, qcow2"));
         for bad in [
             "",
             "id=a",
@@ -503,6 +522,8 @@ mod tests {
             "path=x,colour=red",
             "path=x,bus=",
             "path=x,junk",
+            "path=x,format=",
+            "path=x,format=QCOW2",
         ] {
             assert!(parse_disk(bad).is_err(), "{bad}");
         }

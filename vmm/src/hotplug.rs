@@ -28,6 +28,7 @@ use devices::hotplug::{
 };
 use devices::osc_report::OscEvaluation;
 use devices::pci::{PcieRootPort, SlotEvent, SlotObserver};
+use devices::virtio::block::{Disk, ImageFormat};
 use devices::virtio::InFlightOutcome;
 use serde_json::{json, Map, Value};
 
@@ -352,7 +353,7 @@ fn parsed<T: std::str::FromStr<Err = String>>(
         .transpose()
 }
 
-/// `blockdev-add`'s arguments (QEMU's `BlockdevOptions`, the subset of raw and file).
+/// `blockdev-add`'s arguments (QEMU's `BlockdevOptions`, the subset of raw, qcow2 and file).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BlockdevAddArgs {
@@ -365,7 +366,7 @@ struct BlockdevAddArgs {
     read_only: bool,
 }
 
-/// A `raw` node's `file`.
+/// A `raw` or `qcow2` node's `file`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileArgs {
@@ -376,12 +377,13 @@ struct FileArgs {
 /// `blockdev-add`: the typed command.
 pub fn blockdev_add_command(args: &Map<String, Value>) -> Result<Command, QmpError> {
     let a: BlockdevAddArgs = parse_args(args)?;
-    let filename = match a.driver.as_str() {
-        "raw" => {
+    let (filename, format) = match a.driver.as_str() {
+        "raw" | "qcow2" => {
+            let driver = &a.driver;
             if a.filename.is_some() {
-                return Err(generic(
-                    "driver 'raw' takes its image as 'file': {\"driver\": \"file\", \"filename\": ...}",
-                ));
+                return Err(generic(format!(
+                    "driver '{driver}' takes its image as 'file': {{\"driver\": \"file\", \"filename\": ...}}"
+                )));
             }
             let file = a
                 .file
@@ -392,18 +394,21 @@ pub fn blockdev_add_command(args: &Map<String, Value>) -> Result<Command, QmpErr
                     file.driver
                 )));
             }
-            file.filename
+            let format = ImageFormat::from_name(driver).expect("raw and qcow2 are formats");
+            (file.filename, format)
         }
         "file" => {
             if a.file.is_some() {
                 return Err(generic("driver 'file' takes 'filename', not 'file'"));
             }
-            a.filename
-                .ok_or_else(|| generic("Parameter 'filename' is missing"))?
+            let filename = a
+                .filename
+                .ok_or_else(|| generic("Parameter 'filename' is missing"))?;
+            (filename, ImageFormat::Raw)
         }
         other => {
             return Err(generic(format!(
-                "Invalid parameter value for 'driver': '{other}' (supported: raw, file)"
+                "Invalid parameter value for 'driver': '{other}' (supported: raw, qcow2, file)"
             )))
         }
     };
@@ -411,6 +416,7 @@ pub fn blockdev_add_command(args: &Map<String, Value>) -> Result<Command, QmpErr
         node: a.node_name,
         path: filename.into(),
         readonly: a.read_only,
+        format,
     })
 }
 
@@ -615,10 +621,11 @@ impl Inner {
                     node,
                     path,
                     readonly,
+                    format,
                 } => {
-                    let file = open_backend(&path, readonly)?;
+                    let file = open_backend(&path, readonly, format)?;
                     log::info!(
-                        "blockdev {node}: {} (read-only: {readonly})",
+                        "blockdev {node}: {} ({format}, read-only: {readonly})",
                         path.display()
                     );
                     plane.files.insert(node, file);
@@ -638,6 +645,7 @@ impl Inner {
                         .function(key)
                         .map(|f| f.backing.clone())
                         .ok_or_else(|| generic(format!("{id}: not in the control plane")))?;
+                    let format = plane.control.nodes().get(&node).map(|n| n.format);
                     let file = plane
                         .files
                         .get(&node)
@@ -653,6 +661,7 @@ impl Inner {
                         id,
                         path: backing.path,
                         readonly: backing.readonly,
+                        format,
                         file: Some(file),
                         node: Some(node),
                     };
@@ -959,8 +968,11 @@ impl Inner {
     }
 }
 
-/// Opens a `blockdev-add` image: read-write unless `readonly`; a directory is refused.
-fn open_backend(path: &Path, readonly: bool) -> Result<File, QmpError> {
+/// Opens a `blockdev-add` image: read-write unless `readonly`; a directory is refused, and so is
+/// an image that `format` cannot open (a qcow2 node's header and tables are read here, as QEMU
+/// reads them at `blockdev-add`, so that a bad image fails this command and not a later
+/// `device_add`).
+fn open_backend(path: &Path, readonly: bool, format: ImageFormat) -> Result<File, QmpError> {
     let filename = path.display();
     let file = OpenOptions::new()
         .read(true)
@@ -969,6 +981,17 @@ fn open_backend(path: &Path, readonly: bool) -> Result<File, QmpError> {
         .map_err(|e| generic(format!("Could not open '{filename}': {e}")))?;
     match file.metadata() {
         Ok(m) if m.is_dir() => Err(generic(format!("'{filename}' is a directory"))),
+        Ok(_) if format != ImageFormat::Raw => {
+            let check = file
+                .try_clone()
+                .and_then(|f| Disk::from_file_format(f, path, readonly, Some(format)));
+            match check {
+                Ok(_) => Ok(file),
+                Err(e) => Err(generic(format!(
+                    "Could not open '{filename}' as {format}: {e}"
+                ))),
+            }
+        }
         Ok(_) => Ok(file),
         Err(e) => Err(generic(format!("Could not open '{filename}': {e}"))),
     }
@@ -1017,4 +1040,75 @@ fn osc_support_names(value: u32) -> Vec<String> {
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn add(args: Value) -> Result<Command, String> {
+        let Value::Object(m) = args else { panic!() };
+        blockdev_add_command(&m).map_err(|e| e.desc)
+    }
+
+    #[test]
+    fn blockdev_add_takes_raw_qcow2_and_file_nodes() {
+        let file = json!({"driver": "file", "filename": "/i"});
+        for (driver, format) in [("raw", ImageFormat::Raw), ("qcow2", ImageFormat::Qcow2)] {
+            let cmd = add(json!({"driver": driver, "node-name": "n", "file": file})).unwrap();
+            assert_eq!(
+                cmd,
+                Command::BlockdevAdd {
+                    node: "n".into(),
+                    path: "/i".into(),
+                    readonly: false,
+                    format,
+                }
+            );
+        }
+        let cmd =
+            add(json!({"driver": "file", "node-name": "n", "filename": "/i", "read-only": true}));
+        assert!(matches!(
+            cmd,
+            Ok(Command::BlockdevAdd {
+                format: ImageFormat::Raw,
+                readonly: true,
+                ..
+            })
+        ));
+        for (bad, needle) in [
+            (
+                json!({"driver": "qcow2", "node-name": "n", "filename": "/i"}),
+                "driver 'qcow2' takes its image as 'file'",
+            ),
+            (
+                json!({"driver": "qcow2", "node-name": "n"}),
+                "'file' is missing",
+            ),
+            (
+                json!({"driver": "qcow2", "node-name": "n", "file": {"driver": "nbd", "filename": "/i"}}),
+                "only 'file'",
+            ),
+            (
+                json!({"driver": "vmdk", "node-name": "n", "file": file}),
+                "supported: raw, qcow2, file",
+            ),
+        ] {
+            let e = add(bad).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_qcow2_node_is_read_when_it_is_added() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let raw = dir.as_path().join("r.img");
+        std::fs::write(&raw, [0u8; 65536]).unwrap();
+        let e = open_backend(&raw, false, ImageFormat::Qcow2).unwrap_err();
+        assert!(e.desc.starts_with("Could not open"), "{}", e.desc);
+        assert!(e.desc.contains("as qcow2"), "{}", e.desc);
+        assert!(open_backend(&raw, false, ImageFormat::Raw).is_ok());
+        let e = open_backend(dir.as_path(), true, ImageFormat::Raw).unwrap_err();
+        assert!(e.desc.contains("is a directory"), "{}", e.desc);
+    }
 }

@@ -14,7 +14,7 @@ use devices::pci::{
     same_device, BarReprogram, BarReprogrammingHandler, BarSpace, Bdf, PciDevice, PciRoot,
     PcieRootPort, RootPortOptions, SharedPciDevice, VacatedRegion, VacatedWrites,
 };
-use devices::virtio::block::{AioBackend, BackendErrorObserver, Block, BlockConfig};
+use devices::virtio::block::{AioBackend, BackendErrorObserver, Block, BlockConfig, ImageFormat};
 use devices::virtio::pci::{VirtioPciDevice, VirtioPciState, BAR0_SIZE};
 use devices::virtio::{GuestMemory, InFlightOutcome, InFlightPolicy};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -51,6 +51,8 @@ pub struct DiskSpec {
     pub id: String,
     pub path: std::path::PathBuf,
     pub readonly: bool,
+    /// Its format; `None` probes it.
+    pub format: Option<ImageFormat>,
     /// An open image (a clone of a `blockdev-add` node's file); `None` opens `path`.
     pub file: Option<std::fs::File>,
     /// The `blockdev-add` node it uses, if any.
@@ -64,6 +66,8 @@ struct VirtioFunction {
     shared: SharedPciDevice,
     path: std::path::PathBuf,
     readonly: bool,
+    /// Its image's format, and whether it was probed.
+    format: (ImageFormat, bool),
     node: Option<String>,
     placement: Placement,
     /// Where BAR 0 is decoded (and the ioeventfds registered), if it is.
@@ -99,6 +103,14 @@ pub struct DiskState {
     pub path: PathBuf,
     /// Read-only.
     pub readonly: bool,
+    /// Its image's format (raw in snapshots older than qcow2 support).
+    #[serde(default)]
+    pub format: ImageFormat,
+    /// Whether that format was probed (`--disk` without `format=`): a restore probes again
+    /// and requires the same answer, so that a probed raw image keeps its guarded first
+    /// sector.
+    #[serde(default)]
+    pub format_probed: bool,
     /// The `blockdev-add` node it uses.
     pub node: Option<String>,
     /// Where it sat.
@@ -473,7 +485,7 @@ impl PciDevices {
                 });
             }
         }
-        let config = self.block_config(&disk.path, &id, disk.readonly);
+        let config = self.block_config(&disk.path, &id, disk.readonly, disk.format);
         let (block, identity) = match disk.file {
             Some(file) => {
                 let identity = BackendIdentity::of(&file);
@@ -486,6 +498,7 @@ impl PciDevices {
         };
         let identity = identity.map_err(|e| AddDeviceError::Transport(format!("{id}: {e}")))?;
         let capacity = block.capacity();
+        let format = (block.format(), block.format_probed());
         let mut dev = self.virtio_function(&id, block)?;
         if let Placement::RootBus(bdf) = &placement {
             if let Some(occupant) = self.root_bus_occupant(bdf.device()) {
@@ -552,6 +565,7 @@ impl PciDevices {
                 shared,
                 path: disk.path.clone(),
                 readonly: disk.readonly,
+                format,
                 node: disk.node,
                 placement: placement.clone(),
                 bar0: None,
@@ -643,10 +657,18 @@ impl PciDevices {
         Ok(())
     }
 
-    /// The configuration of disk `id` on `path`: one queue per vCPU.
-    fn block_config(&self, path: &Path, id: &str, readonly: bool) -> BlockConfig {
+    /// The configuration of disk `id` on `path` in `format` (probed if `None`): one queue per
+    /// vCPU.
+    fn block_config(
+        &self,
+        path: &Path,
+        id: &str,
+        readonly: bool,
+        format: Option<ImageFormat>,
+    ) -> BlockConfig {
         let mut config = BlockConfig::new(path, id);
         config.readonly = readonly;
+        config.format = format;
         config.num_queues = self.queues_per_disk.max(1);
         config.aio = self.aio;
         config
@@ -972,7 +994,7 @@ impl PciDevices {
                         "node-name": f.node.clone().unwrap_or_else(|| id.clone()),
                         "file": f.path.display().to_string(),
                         "ro": f.readonly,
-                        "drv": "raw",
+                        "drv": f.format.0.name(),
                     },
                 })
             })
@@ -1018,6 +1040,8 @@ impl PciDevices {
                 id: f.id(),
                 path: f.path.clone(),
                 readonly: f.readonly,
+                format: f.format.0,
+                format_probed: f.format.1,
                 node: f.node.clone(),
                 placement: match &f.placement {
                     Placement::RootBus(bdf) => SavedPlacement::RootBus(bdf.device()),
@@ -1100,13 +1124,21 @@ impl PciDevices {
     fn restore_disk(&self, d: &DiskState, file: Option<std::fs::File>) -> Result<(), String> {
         let id = &d.id;
         let err = |e: &dyn std::fmt::Display| format!("{id}: {e}");
-        let config = self.block_config(&d.path, id, d.readonly);
+        let format = (!d.format_probed).then_some(d.format);
+        let config = self.block_config(&d.path, id, d.readonly, format);
         let attached = file.is_some();
         let block = match file {
             Some(file) => Block::with_file(config, file),
             None => Block::without_backend(config, d.capacity),
         }
         .map_err(|e| err(&e))?;
+        if attached && block.format() != d.format {
+            return Err(format!(
+                "{id}: its image probes as {} now, the guest knew a {} image",
+                block.format(),
+                d.format
+            ));
+        }
         if block.capacity() != d.capacity {
             return Err(format!(
                 "{id}: its image has {} sectors, the guest knew {}",
@@ -1164,6 +1196,7 @@ impl PciDevices {
             shared: shared.clone(),
             path: d.path.clone(),
             readonly: d.readonly,
+            format: (d.format, d.format_probed),
             node: d.node.clone(),
             placement: placement.clone(),
             bar0: None,

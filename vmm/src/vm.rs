@@ -255,6 +255,7 @@ pub fn machine_config(cli: &Cli) -> MachineConfig {
                 id: d.id.clone(),
                 readonly: d.readonly,
                 bus: d.bus.clone(),
+                format: d.format,
             })
             .collect(),
     }
@@ -848,6 +849,7 @@ fn cold_plug_disks(
             id,
             path: d.path.clone(),
             readonly: d.readonly,
+            format: d.format,
             file: None,
             node: None,
         };

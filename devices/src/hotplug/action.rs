@@ -9,6 +9,7 @@ use super::function::FunctionKey;
 use super::policy::SurprisePolicy;
 use super::topology::{BusId, SlotId};
 use crate::pci::SlotEvent;
+use crate::virtio::block::ImageFormat;
 
 /// Why the attention button is pressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +58,8 @@ pub enum Action {
         path: PathBuf,
         /// Read-only.
         readonly: bool,
+        /// Its format.
+        format: ImageFormat,
     },
     /// Close node `node`: no device uses it.
     CloseBackend {

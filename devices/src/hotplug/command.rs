@@ -7,6 +7,7 @@ use super::function::FunctionKey;
 use super::policy::{BarReads, InFlightPolicy};
 use super::topology::{BusId, DeviceAddr};
 use crate::pci::SlotEvent;
+use crate::virtio::block::ImageFormat;
 
 /// A hot-plug command of the control socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,6 +20,8 @@ pub enum Command {
         path: PathBuf,
         /// Opened read-only.
         readonly: bool,
+        /// Its format (the node's driver: `raw`, `file` or `qcow2`).
+        format: ImageFormat,
     },
     /// `blockdev-del`: close backend `node`, refused while a device uses it.
     BlockdevDel {

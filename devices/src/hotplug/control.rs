@@ -14,6 +14,7 @@ use super::policy::{BarReads, InFlightPolicy, PortMode, SurprisePolicy};
 use super::registers::SlotRegisters;
 use super::topology::{BusId, DeviceAddr, SlotId, Topology, FIRST_ROOT_BUS_SLOT};
 use crate::pci::{Indicator, SlotEvent};
+use crate::virtio::block::ImageFormat;
 
 /// How long a requested removal may go unanswered before `X_UNPLUG_STALLED`, unless
 /// configured (Linux's pciehp takes its 5 s grace period plus the driver's teardown).
@@ -66,6 +67,9 @@ pub struct Node {
     pub path: PathBuf,
     /// Opened read-only.
     pub readonly: bool,
+    /// Its format (raw in snapshots made before qcow2 was supported).
+    #[serde(default)]
+    pub format: ImageFormat,
 }
 
 /// The hot-plug control plane: every backend node and every function with its lifecycle, in
@@ -210,7 +214,8 @@ impl HotplugControl {
                 node,
                 path,
                 readonly,
-            } => self.blockdev_add(node, path, readonly),
+                format,
+            } => self.blockdev_add(node, path, readonly, format),
             Command::BlockdevDel { node } => self.blockdev_del(&node),
             Command::DeviceAdd(add) => self.device_add(add, regs),
             Command::DeviceDel { id } => self.device_del(now, &id, regs),
@@ -346,6 +351,7 @@ impl HotplugControl {
         node: String,
         path: PathBuf,
         readonly: bool,
+        format: ImageFormat,
     ) -> Result<Vec<Action>, HotplugError> {
         if !valid_node_name(&node) {
             return Err(HotplugError::InvalidNodeName(node));
@@ -358,12 +364,14 @@ impl HotplugControl {
             Node {
                 path: path.clone(),
                 readonly,
+                format,
             },
         );
         Ok(vec![Action::OpenBackend {
             node,
             path,
             readonly,
+            format,
         }])
     }
 

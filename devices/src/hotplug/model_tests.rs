@@ -36,6 +36,7 @@ use crate::acpi_hotplug::{
 use crate::interrupt::CountingInterrupt;
 use crate::pci::slot::*;
 use crate::pci::{HotplugSlot, SlotCapabilities};
+use crate::virtio::block::ImageFormat;
 
 /// splitmix64: small, seedable, good enough to pick test inputs.
 struct Rng(u64);
@@ -370,6 +371,11 @@ impl Sim {
                 node: rng.pick(NODES).to_string(),
                 path: PathBuf::from("/img"),
                 readonly: rng.chance(2),
+                format: if rng.chance(2) {
+                    ImageFormat::Qcow2
+                } else {
+                    ImageFormat::Raw
+                },
             },
             2 => Command::BlockdevDel { node },
             3..=6 => Command::DeviceAdd(DeviceAdd {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::*;
 use crate::acpi_hotplug::AcpiBusState;
 use crate::pci::{Indicator, SlotEvent, SlotNotifications};
+use crate::virtio::block::ImageFormat;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -79,6 +80,7 @@ fn node(c: &mut HotplugControl, regs: &Regs, name: &str) {
         node: name.into(),
         path: PathBuf::from(format!("/img/{name}")),
         readonly: false,
+        format: ImageFormat::Raw,
     };
     c.command(ms(0), cmd, regs).unwrap();
 }
@@ -165,13 +167,15 @@ fn nodes_open_once_and_close_only_when_unused() {
         node: "n1".into(),
         path: "/img/a".into(),
         readonly: true,
+        format: ImageFormat::Qcow2,
     };
     assert_eq!(
         c.command(ms(0), open.clone(), &regs).unwrap(),
         vec![Action::OpenBackend {
             node: "n1".into(),
             path: "/img/a".into(),
-            readonly: true
+            readonly: true,
+            format: ImageFormat::Qcow2,
         }]
     );
     assert_eq!(
@@ -183,6 +187,7 @@ fn nodes_open_once_and_close_only_when_unused() {
             node: bad.into(),
             path: "/x".into(),
             readonly: false,
+            format: ImageFormat::Raw,
         };
         assert!(matches!(
             refused(&mut c, ms(0), cmd, &regs),

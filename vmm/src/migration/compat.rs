@@ -3,6 +3,7 @@
 //! describes its own from its command line, and [`check`] names the first difference, with
 //! the option that makes it.
 
+use devices::virtio::block::ImageFormat;
 use std::path::PathBuf;
 
 use devices::hotplug::PortMode;
@@ -19,6 +20,9 @@ pub struct ColdDisk {
     pub readonly: bool,
     /// `bus=`.
     pub bus: String,
+    /// `format=`, if given.
+    #[serde(default)]
+    pub format: Option<ImageFormat>,
 }
 
 /// What a machine is made of: what must be the same on both sides of a migration.
@@ -115,6 +119,7 @@ mod tests {
                 id: None,
                 readonly: false,
                 bus: "rp0".into(),
+                format: None,
             }],
         }
     }
@@ -144,6 +149,10 @@ mod tests {
                 "_OSC grants native hot-plug, this one's denies",
             ),
             (Box::new(|m| m.disks[0].readonly = true), "--disk"),
+            (
+                Box::new(|m| m.disks[0].format = Some(ImageFormat::Qcow2)),
+                "--disk",
+            ),
         ];
         for (change, needle) in cases {
             let mut here = machine();

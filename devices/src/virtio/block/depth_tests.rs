@@ -17,12 +17,12 @@ use super::{AioBackend, Block, BlockConfig};
 use crate::virtio::{GuestRam, InFlightOutcome, InFlightPolicy, QueueProgress, VirtioDevice};
 
 /// Queue size: room for 42 requests of three descriptors.
-const QUEUE: u16 = 128;
+pub(super) const QUEUE: u16 = 128;
 const HDR: u64 = 0x1_0000;
 const STATUS: u64 = 0x1_8000;
 const DATA: u64 = 0x4_0000;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
+pub(super) const S_OK: u8 = 0;
+pub(super) const S_IOERR: u8 = 1;
 
 fn header(i: u16) -> u64 {
     HDR + 16 * u64::from(i)
@@ -32,14 +32,20 @@ fn status_of(i: u16) -> u64 {
     STATUS + u64::from(i)
 }
 
-fn data(i: u16) -> u64 {
+pub(super) fn data(i: u16) -> u64 {
     DATA + 0x1000 * u64::from(i)
 }
 
 /// Request `i` of type `ty` on `sector`: header, 512 bytes of data (device-writable for a
 /// read), status byte (set to 0xee so that its completion shows); a flush has no data.
 /// Published at descriptor table index `3 * i`.
-fn publish(mem: &GuestRam, q: &MockSplitQueue<'_, GuestRam>, i: u16, ty: u32, sector: u64) {
+pub(super) fn publish(
+    mem: &GuestRam,
+    q: &MockSplitQueue<'_, GuestRam>,
+    i: u16,
+    ty: u32,
+    sector: u64,
+) {
     put_header(mem, header(i), ty, sector);
     mem.write_obj(0xeeu8, GuestAddress(status_of(i))).unwrap();
     let at = 3 * i;
@@ -60,17 +66,17 @@ fn publish(mem: &GuestRam, q: &MockSplitQueue<'_, GuestRam>, i: u16, ty: u32, se
     q.add_desc_chains(&chain, at).unwrap();
 }
 
-fn status(mem: &GuestRam, i: u16) -> u8 {
+pub(super) fn status(mem: &GuestRam, i: u16) -> u8 {
     mem.read_obj(GuestAddress(status_of(i))).unwrap()
 }
 
-fn guest_data(mem: &GuestRam, i: u16) -> Vec<u8> {
+pub(super) fn guest_data(mem: &GuestRam, i: u16) -> Vec<u8> {
     let mut v = vec![0u8; 512];
     mem.read_slice(&mut v, GuestAddress(data(i))).unwrap();
     v
 }
 
-fn expected(sector: u64) -> Vec<u8> {
+pub(super) fn expected(sector: u64) -> Vec<u8> {
     (sector * 512..(sector + 1) * 512).map(pattern).collect()
 }
 

@@ -1,14 +1,21 @@
-//! The backing file of a virtio-blk device: a raw image, addressed in 512-byte sectors.
+//! The backing file of a virtio-blk device: an image, raw or qcow2, addressed in 512-byte
+//! sectors.
 //!
-//! Data moves between the file and guest memory straight on the guest's pages, never through an
-//! intermediate buffer: the I/O thread hands the kernel `iovec`s into guest memory (see the
-//! `host_io` module); this file knows the image's size and does what is not data transfer.
+//! Data moves between the image and guest memory straight on the guest's pages, never through
+//! an intermediate buffer: the I/O thread hands the kernel `iovec`s into guest memory (see the
+//! `host_io` module) — for a raw image at the file's own offsets, for a qcow2 image through
+//! `imago` on the device's thread pool (see the `qcow2` module). This file knows the image's
+//! format and size and does what is not data transfer.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
+use std::sync::Arc;
+
+use super::image_format::{is_format_header, ImageFormat};
+use super::qcow2::Qcow2Image;
 
 /// Sector size of the virtio-blk protocol: `sector` fields and `capacity` count 512-byte units
 /// whatever `blk_size` says (Virtio 1.2 §5.2.4, §5.2.6).
@@ -19,7 +26,7 @@ pub const SECTOR_SHIFT: u32 = 9;
 /// Chunk of zeros written when the filesystem cannot zero a range itself.
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 
-/// A raw disk image opened for a virtio-blk device.
+/// A disk image opened for a virtio-blk device.
 #[derive(Debug)]
 pub struct Disk {
     file: File,
@@ -27,6 +34,12 @@ pub struct Disk {
     readonly: bool,
     /// The file lives on a file system whose I/O can block the thread that submits it.
     submission_may_block: bool,
+    format: ImageFormat,
+    /// Raw because no header was found, not because the user said so: the guest may not write
+    /// one (see the `image_format` module).
+    probed_raw: bool,
+    /// The qcow2 layer, for a qcow2 image.
+    qcow2: Option<Arc<Qcow2Image>>,
 }
 
 impl AsRawFd for Disk {
@@ -36,16 +49,49 @@ impl AsRawFd for Disk {
 }
 
 impl Disk {
-    /// Opens `path`, read-only when `readonly` is set (and then never written).
+    /// Opens the raw image at `path`, read-only when `readonly` is set (and then never
+    /// written).
     pub fn open(path: &Path, readonly: bool) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(!readonly).open(path)?;
-        Self::from_file(file, readonly)
+        Self::open_format(path, readonly, Some(ImageFormat::Raw))
     }
 
-    /// Uses an already-open `file`. The capacity is the file size in whole sectors: a trailing
-    /// partial sector is not addressable by the guest.
+    /// Opens the image at `path` in `format`, or in the format its first bytes show when
+    /// `format` is `None` ([`ImageFormat::probe`]).
+    pub fn open_format(
+        path: &Path,
+        readonly: bool,
+        format: Option<ImageFormat>,
+    ) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(!readonly).open(path)?;
+        Self::from_file_format(file, path, readonly, format)
+    }
+
+    /// Uses an already-open raw image `file`. The capacity is the file size in whole sectors:
+    /// a trailing partial sector is not addressable by the guest.
     pub fn from_file(file: File, readonly: bool) -> io::Result<Self> {
-        let size = file.metadata()?.len();
+        Self::from_file_format(file, Path::new(""), readonly, Some(ImageFormat::Raw))
+    }
+
+    /// Uses an already-open image `file` in `format` (probed when `None`). `path` is where it
+    /// was opened from: a qcow2 image's relative backing file name is resolved from there.
+    pub fn from_file_format(
+        file: File,
+        path: &Path,
+        readonly: bool,
+        format: Option<ImageFormat>,
+    ) -> io::Result<Self> {
+        let probed = format.is_none();
+        let format = match format {
+            Some(f) => f,
+            None => ImageFormat::probe(&file)?,
+        };
+        let (size, qcow2) = match format {
+            ImageFormat::Raw => (file.metadata()?.len(), None),
+            ImageFormat::Qcow2 => {
+                let image = Qcow2Image::open(&file, path, readonly)?;
+                (image.size(), Some(Arc::new(image)))
+            }
+        };
         let mut fs = std::mem::MaybeUninit::<libc::statfs>::zeroed();
         // SAFETY: fstatfs fills the buffer it is given, which has room for one `statfs`.
         let ret = unsafe { libc::fstatfs(file.as_raw_fd(), fs.as_mut_ptr()) };
@@ -59,7 +105,32 @@ impl Disk {
             capacity: size >> SECTOR_SHIFT,
             readonly,
             submission_may_block: submission_may_block(f_type),
+            format,
+            probed_raw: probed && format == ImageFormat::Raw,
+            qcow2,
         })
+    }
+
+    /// The image's format.
+    pub fn format(&self) -> ImageFormat {
+        self.format
+    }
+
+    /// Whether its raw format was probed rather than given: the guest may then not write an
+    /// image format's header to its first sector ([`Disk::write_allowed`]).
+    pub fn probed_raw(&self) -> bool {
+        self.probed_raw
+    }
+
+    /// Whether a guest write at byte `offset` whose data starts with `head` may go ahead: not
+    /// if it would make a probed raw image look like another format.
+    pub fn write_allowed(&self, offset: u64, head: &[u8]) -> bool {
+        !(self.probed_raw && offset == 0 && is_format_header(head))
+    }
+
+    /// The qcow2 layer, for a qcow2 image.
+    pub(super) fn qcow2(&self) -> Option<&Arc<Qcow2Image>> {
+        self.qcow2.as_ref()
     }
 
     /// Whether I/O on the image may block the thread that submits it, even through io_uring:
@@ -91,14 +162,21 @@ impl Disk {
         if self.readonly {
             return Ok(());
         }
-        self.file.sync_data()
+        match &self.qcow2 {
+            Some(q) => q.flush(),
+            None => self.file.sync_data(),
+        }
     }
 
-    /// Discard (§5.2.6): deallocates the byte range if the filesystem can punch holes; otherwise
-    /// does nothing, which the specification allows ("the device MAY deallocate").
+    /// Discard (§5.2.6): deallocates the byte range if the filesystem can punch holes (a qcow2
+    /// image: frees the clusters wholly inside it); otherwise does nothing, which the
+    /// specification allows ("the device MAY deallocate").
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.readonly {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        if let Some(q) = &self.qcow2 {
+            return q.discard(offset, len);
         }
         match self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -112,10 +190,14 @@ impl Disk {
 
     /// Write zeroes (§5.2.6): afterwards the range reads as zeros. With `unmap`, tries to
     /// deallocate it (punch a hole); otherwise, or if that fails, asks the filesystem to zero it
-    /// (`FALLOC_FL_ZERO_RANGE`), and as a last resort writes zeros.
+    /// (`FALLOC_FL_ZERO_RANGE`), and as a last resort writes zeros. A qcow2 image makes zero
+    /// clusters (freeing them with `unmap`) and writes zeros around them.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         if self.readonly {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        if let Some(q) = &self.qcow2 {
+            return q.write_zeroes(offset, len, unmap);
         }
         if unmap {
             match self.fallocate(

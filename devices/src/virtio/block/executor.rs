@@ -15,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::disk::{Disk, SECTOR_SIZE};
 use super::host_io::{run_blocking, HostResult, IoVec};
+use super::image_format::HEADER_PROBE_BYTES;
 use super::in_flight::{IoKind, Slot};
 use super::request::{read_data, write_data, ChainLayout, RequestType, Segment};
 use super::stats::{BlockStats, Counter};
@@ -161,7 +162,12 @@ impl RequestProcessor {
             Started::HostIo => {
                 // SAFETY: the slot's iovecs point into `mem`, which the chain borrows for the
                 // whole call; the slot is ours alone.
-                let result = unsafe { run_blocking(slot.op()) };
+                let result = unsafe {
+                    match self.disk.as_ref().and_then(|d| d.qcow2()) {
+                        Some(qcow2) => qcow2.run(slot.op()),
+                        None => run_blocking(slot.op()),
+                    }
+                };
                 let result = result.inspect(|&n| {
                     slot.transferred(n);
                 });
@@ -292,6 +298,11 @@ impl RequestProcessor {
         self.disk.as_ref().is_some_and(|d| d.submission_may_block())
     }
 
+    /// The image, until it is released.
+    pub(super) fn image(&self) -> Option<&Disk> {
+        self.disk.as_deref()
+    }
+
     /// Requests failed because the device was pulled out, so far.
     pub fn failed_on_removal(&self) -> u64 {
         self.stats.snapshot().failed_on_removal
@@ -337,7 +348,7 @@ impl RequestProcessor {
                 if self.layout.readable_len() != 0 {
                     return Err(S_IOERR);
                 }
-                self.data_io(mem, slot, header.sector, len, self.layout.writable())?;
+                self.data_io(mem, slot, header.sector, len, self.layout.writable(), true)?;
                 Ok(Plan::Host(IoKind::Read))
             }
             RequestType::Out => {
@@ -346,7 +357,18 @@ impl RequestProcessor {
                 if self.disk()?.readonly() || self.layout.writable_len() != 0 {
                     return Err(S_IOERR);
                 }
-                self.data_io(mem, slot, header.sector, len, self.layout.readable())?;
+                self.data_io(mem, slot, header.sector, len, self.layout.readable(), false)?;
+                if slot.offset == 0 && self.disk()?.probed_raw() {
+                    let mut head = [0u8; HEADER_PROBE_BYTES];
+                    let n = head.len().min(len as usize);
+                    if !read_data(mem, self.layout.readable(), 0, &mut head[..n])
+                        || !self.disk()?.write_allowed(0, &head[..n])
+                    {
+                        // The guest's doing, and it may repeat it: not worth a warning each.
+                        debug!("virtio-blk: refused an image header written to sector 0 of a probed raw disk");
+                        return Err(S_IOERR);
+                    }
+                }
                 Ok(Plan::Host(IoKind::Write))
             }
             RequestType::Flush => {
@@ -379,7 +401,8 @@ impl RequestProcessor {
     }
 
     /// Fills `slot` for reading or writing `len` bytes at `sector` to or from `segments`:
-    /// whole sectors, inside the disk, every byte in guest memory.
+    /// whole sectors, inside the disk, every byte in guest memory. A read keeps the segments,
+    /// to mark them dirty when the data has landed.
     fn data_io(
         &self,
         mem: &GuestRam,
@@ -387,6 +410,7 @@ impl RequestProcessor {
         sector: u64,
         len: u64,
         segments: &[Segment],
+        read: bool,
     ) -> Result<(), u8> {
         if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(S_IOERR);
@@ -397,7 +421,9 @@ impl RequestProcessor {
         slot.len = u32::try_from(len).map_err(|_| S_IOERR)?;
         slot.fd = disk.as_raw_fd();
         for seg in segments {
-            slot.segments.push(*seg);
+            if read {
+                slot.segments.push(*seg);
+            }
             for part in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
                 // The parser checked every buffer is in guest memory: this is no backend error.
                 let part = part.map_err(|_| S_IOERR)?;

@@ -19,6 +19,9 @@
 use std::io;
 use std::os::unix::io::RawFd;
 
+use super::disk::Disk;
+use super::thread_pool::{Runner, ThreadPoolEngine};
+
 /// Which engine runs a device's host I/O (the `aio=` of QEMU's `-drive`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AioBackend {
@@ -162,11 +165,23 @@ pub(crate) enum EngineSource {
 }
 
 impl EngineSource {
-    /// An engine for a queue of `depth` descriptors, on an image whose I/O may block its
-    /// submitter if `may_block`.
-    pub fn open(&self, depth: u16, may_block: bool) -> io::Result<Box<dyn IoEngine>> {
+    /// An engine for a queue of `depth` descriptors, on `image` (none: a device pulled out,
+    /// whose engine serves nothing). A qcow2 image's operations run on the thread pool,
+    /// through its format layer, whatever the backend.
+    pub fn open(&self, depth: u16, image: Option<&Disk>) -> io::Result<Box<dyn IoEngine>> {
         match self {
-            EngineSource::Backend(backend) => open_engine(*backend, depth, may_block),
+            EngineSource::Backend(_) if image.and_then(Disk::qcow2).is_some() => {
+                let qcow2 = image.and_then(Disk::qcow2).cloned();
+                Ok(Box::new(ThreadPoolEngine::new(
+                    depth,
+                    qcow2.map_or(Runner::File, Runner::Qcow2),
+                )?))
+            }
+            EngineSource::Backend(backend) => open_engine(
+                *backend,
+                depth,
+                image.is_some_and(Disk::submission_may_block),
+            ),
             #[cfg(test)]
             EngineSource::Factory(factory) => factory(depth),
         }
@@ -183,12 +198,12 @@ pub fn open_engine(
 ) -> io::Result<Box<dyn IoEngine>> {
     match backend {
         AioBackend::IoUring => Ok(Box::new(super::uring::UringEngine::new(depth, may_block)?)),
-        AioBackend::Threads => Ok(Box::new(super::thread_pool::ThreadPoolEngine::new(depth)?)),
+        AioBackend::Threads => Ok(Box::new(ThreadPoolEngine::new(depth, Runner::File)?)),
         AioBackend::Auto => match super::uring::UringEngine::new(depth, may_block) {
             Ok(engine) => Ok(Box::new(engine)),
             Err(e) => {
                 log::info!("virtio-blk: io_uring unavailable ({e}); using the thread pool");
-                Ok(Box::new(super::thread_pool::ThreadPoolEngine::new(depth)?))
+                Ok(Box::new(ThreadPoolEngine::new(depth, Runner::File)?))
             }
         },
     }

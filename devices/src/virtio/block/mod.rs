@@ -1,4 +1,4 @@
-//! virtio-blk (Virtio 1.2 §5.2): a raw disk image as a block device.
+//! virtio-blk (Virtio 1.2 §5.2): a disk image (raw or qcow2) as a block device.
 //!
 //! - [`Block`] is the [`VirtioDevice`]: feature bits, configuration space, lifecycle.
 //! - [`request`] takes a descriptor chain apart, [`RequestProcessor`] serves it on the [`Disk`].
@@ -21,7 +21,11 @@ mod depth_tests;
 mod disk;
 mod executor;
 mod host_io;
+mod image_format;
+#[cfg(test)]
+mod image_tests;
 mod in_flight;
+mod qcow2;
 pub mod request;
 mod stats;
 #[cfg(test)]
@@ -55,6 +59,7 @@ use worker::{Parked, Pulled, Worker, WorkerContext};
 pub use disk::{Disk, SECTOR_SIZE};
 pub use executor::{Completion, RequestProcessor};
 pub use host_io::AioBackend;
+pub use image_format::{is_format_header, ImageFormat};
 pub use stats::{BlockStats, BlockStatsSnapshot};
 
 /// Virtio device ID of a block device (§5.2.1).
@@ -80,8 +85,11 @@ pub const MAX_WRITE_ZEROES_SEG: u32 = 32;
 /// What a virtio-blk device is built from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockConfig {
-    /// Raw image file.
+    /// Image file.
     pub path: PathBuf,
+    /// Its format; `None` probes it ([`ImageFormat::probe`]: qcow2 by its header, raw
+    /// otherwise, and then the guest may not write a format's header to sector 0).
+    pub format: Option<ImageFormat>,
     /// Device id: logs, the control socket, and the serial GET_ID returns (first
     /// `VIRTIO_BLK_ID_BYTES` = 20 bytes).
     pub id: String,
@@ -96,10 +104,12 @@ pub struct BlockConfig {
 }
 
 impl BlockConfig {
-    /// A read-write, single-queue configuration with the default queue size.
+    /// A read-write, single-queue configuration with the default queue size, the format
+    /// probed.
     pub fn new(path: impl Into<PathBuf>, id: impl Into<String>) -> Self {
         BlockConfig {
             path: path.into(),
+            format: None,
             id: id.into(),
             readonly: false,
             num_queues: 1,
@@ -158,6 +168,8 @@ pub struct Block {
     config: BlockConfig,
     /// `None` once [`Block::shutdown`] released the image.
     disk: Option<Arc<Disk>>,
+    /// The image's format, and whether it was probed (kept after the image is released).
+    format: (ImageFormat, bool),
     avail_features: u64,
     /// Capacity in sectors, as the configuration space reports it.
     capacity: u64,
@@ -176,7 +188,22 @@ impl Block {
     /// Opens the image at `config.path` (read-only if `config.readonly`).
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
         let disk =
-            Disk::open(&config.path, config.readonly).map_err(|source| BlockError::Open {
+            Disk::open_format(&config.path, config.readonly, config.format).map_err(|source| {
+                BlockError::Open {
+                    id: config.id.clone(),
+                    path: config.path.clone(),
+                    source,
+                }
+            })?;
+        Self::with_disk(config, disk)
+    }
+
+    /// Uses an image the caller already opened (for example by the control socket's
+    /// `blockdev-add`); `config.path` is reported, and a qcow2 image's relative backing file
+    /// is found from there.
+    pub fn with_file(config: BlockConfig, file: File) -> Result<Self, BlockError> {
+        let disk = Disk::from_file_format(file, &config.path, config.readonly, config.format)
+            .map_err(|source| BlockError::Open {
                 id: config.id.clone(),
                 path: config.path.clone(),
                 source,
@@ -184,19 +211,15 @@ impl Block {
         Self::with_disk(config, disk)
     }
 
-    /// Uses an image the caller already opened (for example by the control socket's
-    /// `blockdev-add`); `config.path` is only reported.
-    pub fn with_file(config: BlockConfig, file: File) -> Result<Self, BlockError> {
-        let disk = Disk::from_file(file, config.readonly).map_err(|source| BlockError::Open {
-            id: config.id.clone(),
-            path: config.path.clone(),
-            source,
-        })?;
-        Self::with_disk(config, disk)
-    }
-
     fn with_disk(config: BlockConfig, disk: Disk) -> Result<Self, BlockError> {
         let capacity = disk.capacity();
+        if disk.probed_raw() {
+            warn!(
+                "virtio-blk {}: {} has no format given and probes as raw: the guest may not write an image header to its first sector (give format=raw to lift this)",
+                config.id,
+                config.path.display()
+            );
+        }
         Self::build(config, Some(disk), capacity)
     }
 
@@ -235,13 +258,20 @@ impl Block {
             write_zeroes_may_unmap: u8::from(writable),
         });
         info!(
-            "virtio-blk {}: {} ({} sectors{})",
+            "virtio-blk {}: {} ({}, {} sectors{})",
             config.id,
             config.path.display(),
+            disk.as_ref().map_or(ImageFormat::Raw, Disk::format),
             capacity,
             if config.readonly { ", read-only" } else { "" }
         );
+        let format = disk
+            .as_ref()
+            .map_or((config.format.unwrap_or_default(), false), |d| {
+                (d.format(), config.format.is_none())
+            });
         Ok(Block {
+            format,
             disk: disk.map(Arc::new),
             avail_features,
             capacity,
@@ -286,6 +316,19 @@ impl Block {
     /// The configuration the device was built from.
     pub fn config(&self) -> &BlockConfig {
         &self.config
+    }
+
+    /// The image's format (for a device built without a backend: the configuration's, raw if
+    /// it names none).
+    pub fn format(&self) -> ImageFormat {
+        self.format.0
+    }
+
+    /// Whether the format was probed ([`BlockConfig::format`] was `None`). A VMM that saves the
+    /// device records this with [`format`](Self::format): a probed raw image is restored
+    /// probed, with its first sector still guarded.
+    pub fn format_probed(&self) -> bool {
+        self.format.1
     }
 
     /// Capacity in 512-byte sectors, as the guest sees it (also once the backend is gone).

@@ -1,5 +1,6 @@
 //! The thread-pool engine: `preadv`/`pwritev`/`fdatasync` on worker threads, for hosts without
-//! io_uring (QEMU's `aio=threads`).
+//! io_uring (QEMU's `aio=threads`), and the engine of qcow2 images, whose operations go
+//! through `imago`'s blocking calls ([`Runner`]).
 //!
 //! One pool per queue, of as many threads as the queue can have requests in flight, up to
 //! [`MAX_THREADS`], started with the queue and living until it stops; each runs one operation
@@ -17,9 +18,35 @@ use std::thread::JoinHandle;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::host_io::{run_blocking, HostOp, HostResult, IoEngine};
+use super::qcow2::Qcow2Image;
 
 /// Most threads a queue's pool runs: the host I/O a queue can have going at once.
 pub const MAX_THREADS: usize = 16;
+
+/// What a pool thread runs an operation with.
+#[derive(Clone, Debug)]
+pub enum Runner {
+    /// The system calls, on the file descriptor the operation names.
+    File,
+    /// A qcow2 image's layer, at the virtual disk's offsets the operation names.
+    Qcow2(Arc<Qcow2Image>),
+}
+
+impl Runner {
+    /// Runs `op` to its end.
+    ///
+    /// # Safety
+    ///
+    /// As [`IoEngine::push`].
+    unsafe fn run(&self, op: HostOp) -> HostResult {
+        match self {
+            // SAFETY: the caller's contract.
+            Runner::File => unsafe { run_blocking(op) },
+            // SAFETY: the caller's contract.
+            Runner::Qcow2(image) => unsafe { image.run(op) },
+        }
+    }
+}
 
 struct State {
     work: VecDeque<(u16, HostOp)>,
@@ -48,8 +75,8 @@ pub struct ThreadPoolEngine {
 }
 
 impl ThreadPoolEngine {
-    /// A pool with room for `depth` operations in flight.
-    pub fn new(depth: u16) -> io::Result<Self> {
+    /// A pool with room for `depth` operations in flight, running them with `runner`.
+    pub fn new(depth: u16, runner: Runner) -> io::Result<Self> {
         let depth = usize::from(depth.max(1));
         let mut pool = ThreadPoolEngine {
             shared: Arc::new(Shared {
@@ -65,16 +92,17 @@ impl ThreadPoolEngine {
         };
         for _ in 0..depth.min(MAX_THREADS) {
             let shared = pool.shared.clone();
+            let runner = runner.clone();
             let handle = std::thread::Builder::new()
                 .name("blk-pool".into())
-                .spawn(move || work(&shared))?;
+                .spawn(move || work(&shared, &runner))?;
             pool.threads.push(handle);
         }
         Ok(pool)
     }
 }
 
-fn work(shared: &Shared) {
+fn work(shared: &Shared, runner: &Runner) {
     let mut state = shared.lock();
     loop {
         let Some((tag, op)) = state.work.pop_front() else {
@@ -90,7 +118,7 @@ fn work(shared: &Shared) {
         drop(state);
         // SAFETY: the submitter keeps the iovecs and memory valid until it reaps this
         // completion (`IoEngine::push`'s contract), which it cannot before it is pushed below.
-        let result = unsafe { run_blocking(op) };
+        let result = unsafe { runner.run(op) };
         state = shared.lock();
         state.done.push((tag, result));
         if let Err(e) = shared.completions.write(1) {
@@ -146,9 +174,15 @@ mod tests {
 
     #[test]
     fn thread_pool_runs_many_requests_at_once() {
-        let mut engine = ThreadPoolEngine::new(32).unwrap();
+        let mut engine = ThreadPoolEngine::new(32, Runner::File).unwrap();
         engine_runs_many_requests_at_once(&mut engine);
         assert_eq!(engine.threads.len(), MAX_THREADS);
-        assert_eq!(ThreadPoolEngine::new(4).unwrap().threads.len(), 4);
+        assert_eq!(
+            ThreadPoolEngine::new(4, Runner::File)
+                .unwrap()
+                .threads
+                .len(),
+            4
+        );
     }
 }

@@ -198,9 +198,7 @@ impl Worker {
         )?;
         let mut engines = Vec::with_capacity(ctx.queues.len());
         for (i, q) in ctx.queues.iter().enumerate() {
-            let engine = ctx
-                .engines
-                .open(q.queue.size(), ctx.processor.submission_may_block())?;
+            let engine = ctx.engines.open(q.queue.size(), ctx.processor.image())?;
             epoll.ctl(
                 ControlOperation::Add,
                 std::os::unix::io::AsRawFd::as_raw_fd(q.notify.as_ref()),

@@ -1,0 +1,335 @@
+//! The device on qcow2 images made by `qemu-img` (with and without a backing file), and the
+//! guard on probed raw images: the data the guest reads and writes, what `qemu-img` finds in
+//! the image afterwards (`check` clean, `convert` to raw), and what is refused.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vmm_sys_util::tempdir::TempDir;
+
+use super::depth_tests::{data, expected, guest_data, publish, status, QUEUE, S_IOERR, S_OK};
+use super::testing::*;
+use super::{AioBackend, Block, BlockConfig, Disk, ImageFormat, RequestProcessor};
+use crate::virtio::GuestRam;
+
+/// Runs `qemu-img` (the qemu-utils package) and returns its stdout; fails the test with its
+/// output when it fails.
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-img (package qemu-utils) cannot run: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `qemu-img check` finds nothing wrong with `image`.
+fn assert_clean(image: &Path) {
+    let out = qemu_img(&["check", s(image)]);
+    assert!(out.contains("No errors were found"), "{out}");
+}
+
+/// The virtual disk of `image`, converted to raw by QEMU.
+fn as_raw(image: &Path) -> Vec<u8> {
+    let raw = image.with_extension("converted");
+    qemu_img(&["convert", "-O", "raw", s(image), s(&raw)]);
+    std::fs::read(raw).unwrap()
+}
+
+/// A raw base image of [`IMAGE_SECTORS`] sectors of [`pattern`], and a qcow2 image over it.
+fn qcow2_over_raw(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf) {
+    let base = dir.as_path().join("base.raw");
+    let bytes: Vec<u8> = (0..IMAGE_SECTORS * 512).map(pattern).collect();
+    std::fs::write(&base, &bytes).unwrap();
+    let top = dir.as_path().join("top.qcow2");
+    // The backing file's name is relative: found from the image's own directory.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&top),
+    ]);
+    (base, top)
+}
+
+#[test]
+fn qcow2_over_a_backing_file_serves_requests_at_depth_32() {
+    let dir = TempDir::new().unwrap();
+    let (base, top) = qcow2_over_raw(&dir);
+    let before = std::fs::read(&base).unwrap();
+    for aio in [AioBackend::Auto, AioBackend::Threads] {
+        let rig = Rig::new();
+        let guard = rig.memory.memory();
+        let mem: &GuestRam = &guard;
+        let q = MockSplitQueue::new(mem, QUEUE);
+        let mut config = BlockConfig::new(&top, "disk0");
+        config.aio = aio;
+        let mut dev = Block::new(config).unwrap();
+        assert_eq!(dev.format(), ImageFormat::Qcow2, "probed");
+        assert!(dev.format_probed());
+        assert_eq!(dev.capacity(), IMAGE_SECTORS, "the backing file's size");
+        for i in 0..32u16 {
+            if i % 2 == 0 {
+                publish(mem, &q, i, VIRTIO_BLK_T_IN, u64::from(i));
+            } else {
+                mem.write_slice(&[i as u8; 512], GuestAddress(data(i)))
+                    .unwrap();
+                publish(mem, &q, i, VIRTIO_BLK_T_OUT, 32 + u64::from(i));
+            }
+        }
+        rig.activate(&mut dev, q.create_queue().unwrap()).unwrap();
+        wait_for("32 completions", || q.used().idx().load() == 32);
+        for i in (0..32u16).step_by(2) {
+            assert_eq!(status(mem, i), S_OK, "{aio:?} read {i}");
+            assert_eq!(guest_data(mem, i), expected(u64::from(i)), "{aio:?} {i}");
+        }
+        drop(dev);
+        let disk = as_raw(&top);
+        for i in (1..32u16).step_by(2) {
+            let at = (32 + usize::from(i)) * 512;
+            assert_eq!(disk[at..at + 512], [i as u8; 512], "{aio:?} write {i}");
+        }
+        assert_eq!(
+            std::fs::read(&base).unwrap(),
+            before,
+            "the backing file untouched"
+        );
+        assert_clean(&top);
+    }
+}
+
+const HDR: u64 = 0x1_0000;
+const RANGES: u64 = 0x1_1000;
+const STATUS: u64 = 0x1_2000;
+const DATA: u64 = 0x2_0000;
+
+fn read_status(mem: &GuestRam) -> u8 {
+    mem.read_obj(GuestAddress(STATUS)).unwrap()
+}
+
+/// `p` writes `len` bytes of `byte` at `sector`; returns the status.
+fn write(p: &mut RequestProcessor, mem: &GuestRam, sector: u64, len: u32, byte: u8) -> u8 {
+    put_header(mem, HDR, VIRTIO_BLK_T_OUT, sector);
+    mem.write_slice(&vec![byte; len as usize], GuestAddress(DATA))
+        .unwrap();
+    with_chain(
+        mem,
+        &[desc(HDR, 16, 0), desc(DATA, len, 0), desc(STATUS, 1, W)],
+        |c| p.process(c),
+    );
+    read_status(mem)
+}
+
+/// `p` reads `len` bytes at `sector`; returns them.
+fn read(p: &mut RequestProcessor, mem: &GuestRam, sector: u64, len: u32) -> Vec<u8> {
+    put_header(mem, HDR, VIRTIO_BLK_T_IN, sector);
+    with_chain(
+        mem,
+        &[desc(HDR, 16, 0), desc(DATA, len, W), desc(STATUS, 1, W)],
+        |c| p.process(c),
+    );
+    assert_eq!(read_status(mem), S_OK);
+    let mut v = vec![0u8; len as usize];
+    mem.read_slice(&mut v, GuestAddress(DATA)).unwrap();
+    v
+}
+
+/// One discard or write-zeroes segment.
+fn zero(
+    p: &mut RequestProcessor,
+    mem: &GuestRam,
+    ty: u32,
+    sector: u64,
+    sectors: u32,
+    flags: u32,
+) -> u8 {
+    put_header(mem, HDR, ty, 0);
+    put_range(mem, RANGES, sector, sectors, flags);
+    with_chain(
+        mem,
+        &[desc(HDR, 16, 0), desc(RANGES, 16, 0), desc(STATUS, 1, W)],
+        |c| p.process(c),
+    );
+    read_status(mem)
+}
+
+fn processor_on(disk: Disk) -> RequestProcessor {
+    RequestProcessor::new(Arc::new(disk), "q", u64::MAX, 8, Arc::default())
+}
+
+#[test]
+fn qcow2_write_zeroes_and_discard_leave_zeros_and_a_clean_image() {
+    let dir = TempDir::new().unwrap();
+    let img = dir.as_path().join("d.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        s(&img),
+        "1M",
+    ]);
+    let disk = Disk::open_format(&img, false, Some(ImageFormat::Qcow2)).unwrap();
+    assert_eq!(disk.capacity(), 2048);
+    let mem = guest_memory();
+    let mut p = processor_on(disk);
+    // 64 KiB of data from sector 0: sixteen clusters allocated.
+    assert_eq!(write(&mut p, &mem, 0, 65536, 0xab), S_OK);
+    // Zero clusters 2-3 (sectors 16..32), freeing them; zero 512 bytes inside cluster 5
+    // (written as zeros); discard clusters 8-9.
+    let unmap = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+    assert_eq!(
+        zero(&mut p, &mem, VIRTIO_BLK_T_WRITE_ZEROES, 16, 16, unmap),
+        S_OK
+    );
+    assert_eq!(
+        zero(&mut p, &mem, VIRTIO_BLK_T_WRITE_ZEROES, 41, 1, 0),
+        S_OK
+    );
+    assert_eq!(zero(&mut p, &mem, VIRTIO_BLK_T_DISCARD, 64, 16, 0), S_OK);
+    let back = read(&mut p, &mem, 0, 65536);
+    assert!(back[..16 * 512].iter().all(|&b| b == 0xab));
+    assert!(
+        back[16 * 512..32 * 512].iter().all(|&b| b == 0),
+        "write zeroes, unmap"
+    );
+    assert!(
+        back[41 * 512..42 * 512].iter().all(|&b| b == 0),
+        "write zeroes in a cluster"
+    );
+    assert!(back[40 * 512..41 * 512].iter().all(|&b| b == 0xab));
+    assert!(back[80 * 512..].iter().all(|&b| b == 0xab));
+    // Flush through the request path writes the metadata back; drop closes.
+    put_header(
+        &mem,
+        HDR,
+        virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH,
+        0,
+    );
+    with_chain(&mem, &[desc(HDR, 16, 0), desc(STATUS, 1, W)], |c| {
+        p.process(c)
+    });
+    assert_eq!(read_status(&mem), S_OK);
+    drop(p);
+    assert_clean(&img);
+    let raw = as_raw(&img);
+    assert_eq!(raw[..65536], back[..], "QEMU reads what the guest read");
+    let map = qemu_img(&["map", "--output=json", s(&img)]);
+    assert!(map.contains("\"start\": 8192, \"length\": 8192, \"depth\": 0, \"present\": true, \"zero\": true, \"data\": false"), "{map}");
+}
+
+#[test]
+fn readonly_qcow2_reads_and_refuses_writes() {
+    let dir = TempDir::new().unwrap();
+    let (_base, top) = qcow2_over_raw(&dir);
+    let before = std::fs::read(&top).unwrap();
+    let disk = Disk::open_format(&top, true, None).unwrap();
+    assert_eq!(disk.format(), ImageFormat::Qcow2);
+    let mem = guest_memory();
+    let mut p = processor_on(disk);
+    assert_eq!(read(&mut p, &mem, 3, 1024), expected_range(3 * 512, 1024));
+    assert_eq!(write(&mut p, &mem, 3, 512, 1), S_IOERR);
+    assert_eq!(
+        zero(&mut p, &mem, VIRTIO_BLK_T_WRITE_ZEROES, 3, 1, 0),
+        S_IOERR
+    );
+    drop(p);
+    assert_eq!(std::fs::read(&top).unwrap(), before, "not a byte changed");
+}
+
+fn expected_range(offset: u64, len: u64) -> Vec<u8> {
+    (offset..offset + len).map(pattern).collect()
+}
+
+#[test]
+fn images_that_are_not_what_they_are_said_to_be_are_refused_at_open() {
+    let dir = TempDir::new().unwrap();
+    let raw = dir.as_path().join("d.raw");
+    std::fs::write(&raw, [0u8; 4096]).unwrap();
+    let e = Disk::open_format(&raw, false, Some(ImageFormat::Qcow2)).unwrap_err();
+    assert!(!e.to_string().is_empty());
+    // A qcow2 header followed by garbage.
+    let bad = dir.as_path().join("bad.qcow2");
+    let mut bytes = vec![0xffu8; 4096];
+    bytes[..4].copy_from_slice(b"QFI\xfb");
+    std::fs::write(&bad, &bytes).unwrap();
+    assert!(Disk::open_format(&bad, false, None).is_err());
+    let e = Block::new(BlockConfig::new(&bad, "d")).err().unwrap();
+    assert!(e.to_string().contains("bad.qcow2"), "{e}");
+    // A vmdk is not opened as raw bytes unless the user says raw.
+    let vmdk = dir.as_path().join("d.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", s(&vmdk), "1M"]);
+    let e = Disk::open_format(&vmdk, false, None).unwrap_err();
+    assert!(e.to_string().contains("vmdk"), "{e}");
+    assert!(Disk::open_format(&vmdk, false, Some(ImageFormat::Raw)).is_ok());
+}
+
+#[test]
+fn a_probed_raw_disk_refuses_an_image_header_in_sector_0() {
+    let tmp = image();
+    let mem = guest_memory();
+    let header_write = |p: &mut RequestProcessor, sector: u64| {
+        put_header(&mem, HDR, VIRTIO_BLK_T_OUT, sector);
+        let mut sector0 = vec![0u8; 512];
+        sector0[..8].copy_from_slice(b"QFI\xfb\0\0\0\x03");
+        mem.write_slice(&sector0, GuestAddress(DATA)).unwrap();
+        // Header split from the data, data split after 2 bytes: the check reads across.
+        with_chain(
+            &mem,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, 2, 0),
+                desc(DATA + 2, 510, 0),
+                desc(STATUS, 1, W),
+            ],
+            |c| p.process(c),
+        );
+        read_status(&mem)
+    };
+    let probed = Disk::open_format(tmp.as_path(), false, None).unwrap();
+    assert!(probed.probed_raw());
+    let mut p = processor_on(probed);
+    assert_eq!(header_write(&mut p, 0), S_IOERR);
+    assert_eq!(
+        image_bytes(&tmp, 0, 4),
+        expected_range(0, 4),
+        "sector 0 unchanged"
+    );
+    assert_eq!(header_write(&mut p, 1), S_OK, "elsewhere it is data");
+    assert_eq!(
+        write(&mut p, &mem, 0, 512, 0),
+        S_OK,
+        "other data in sector 0"
+    );
+    drop(p);
+    assert_eq!(ImageFormat::probe(tmp.as_file()).unwrap(), ImageFormat::Raw);
+    // The user said raw: the bytes are the guest's.
+    let mut p =
+        processor_on(Disk::open_format(tmp.as_path(), false, Some(ImageFormat::Raw)).unwrap());
+    assert_eq!(header_write(&mut p, 0), S_OK);
+    assert_eq!(image_bytes(&tmp, 0, 4), b"QFI\xfb");
+}
