@@ -2,15 +2,17 @@
 """The virtio-blk data path with no guest, beside the host's limit and QEMU's block layer.
 
 Usage: bench-datapath.py [--runtime SECS] [--file PATH] [--size-mib N] [--quick]
-                         [--json OUT.json] [--png OUT.png]
+                         [--formats raw,qcow2] [--json OUT.json] [--png OUT.png]
 
 For every row of the matrix — 4k random read/write at depth 1 and 32, 128k sequential
-read/write at depth 16; 1 and 4 queues; O_DIRECT and buffered — it runs, on the same image:
+read/write at depth 16; 1 and 4 queues; O_DIRECT and buffered; raw, and qcow2 with one queue
+(the same data converted by `qemu-img convert -O qcow2`, every cluster allocated) — it runs, on
+the same image:
 
 - hotplug-vmm's device, driven by host threads playing the driver
   (`devices/examples/blk_bench.rs`: one thread and one virtqueue per queue);
 - fio with the same block size, depth and jobs (one per queue), engine io_uring: what the
-  host itself does;
+  host itself does (on the raw image for the qcow2 rows too: the limit of the storage);
 - `qemu-img bench` with the same block size and depth, aio io_uring, cache none or writeback:
   QEMU's block layer. It has one queue and no random pattern: its rows are sequential.
 
@@ -69,6 +71,12 @@ def make_image(path, size_mib):
         os.fsync(f.fileno())
 
 
+def make_qcow2(raw, path):
+    if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(raw):
+        return
+    sh(["qemu-img", "convert", "-O", "qcow2", raw, path])
+
+
 def ours(binary, image, rw, bs, qd, queues, direct, runtime):
     cmd = [binary, "--file", image, "--rw", rw, "--bs", str(bs), "--qd", str(qd),
            "--queues", str(queues), "--runtime", str(runtime)]
@@ -98,9 +106,9 @@ def fio(image, rw, bs, qd, queues, direct, runtime, engine="io_uring"):
     }
 
 
-def qemu_img(image, rw, bs, qd, direct, iops_hint, runtime):
+def qemu_img(image, rw, bs, qd, direct, iops_hint, runtime, fmt="raw"):
     count = max(1000, int(iops_hint * runtime))
-    cmd = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", str(qd), "-s", str(bs),
+    cmd = ["qemu-img", "bench", "-f", fmt, "-c", str(count), "-d", str(qd), "-s", str(bs),
            "-t", "none" if direct else "writeback", "-i", "io_uring"]
     if "write" in rw:
         cmd.append("-w")
@@ -162,6 +170,8 @@ def main():
                     help="the image (on a file system with O_DIRECT: not tmpfs)")
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--quick", action="store_true", help="one queue, depth-32 and QD1 rows only")
+    ap.add_argument("--formats", default="raw,qcow2",
+                    help="image formats (qcow2 rows have one queue)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="runs of each tool per row, taking turns; the median is kept")
     ap.add_argument("--json")
@@ -172,35 +182,43 @@ def main():
             sys.exit(f"bench-datapath.py: {tool} is missing (apt-get install fio qemu-utils)")
     binary = build()
     make_image(a.file, a.size_mib)
+    qcow2 = os.path.splitext(a.file)[0] + ".qcow2"
+    formats = a.formats.split(",")
+    if "qcow2" in formats:
+        make_qcow2(a.file, qcow2)
     rows = []
     queue_counts = [1] if a.quick else [1, 4]
     shapes = [s for s in SHAPES if not a.quick or s[1] == 4096]
-    for direct in (True, False):
-        for queues in queue_counts:
-            for rw, bs, qd in shapes:
-                label = f"{rw} {bs // 1024}k QD{qd} {queues}q {'direct' if direct else 'buffered'}"
-                # Each row starts alike: no dirty pages left to throttle its writes, and for
-                # buffered rows the image in the page cache (O_DIRECT writes invalidate it).
-                sh(["sync"])
-                if not direct:
-                    sh(["dd", f"if={a.file}", "of=/dev/null", "bs=1M"])
-                # The host's storage drifts (a VM's virtual disk here: fio's own figure moved
-                # 2.5x between two runs of a row), so each tool runs --repeat times, taking
-                # turns, and each keeps its median run.
-                runs = {"ours": [], "fio": [], "qemu": []}
-                for _ in range(a.repeat):
-                    o = ours(binary, a.file, rw, bs, qd, queues, direct, a.runtime)
-                    runs["ours"].append(o)
-                    runs["fio"].append(fio(a.file, rw, bs, qd, queues, direct, a.runtime))
-                    if queues == 1:
-                        runs["qemu"].append(
-                            qemu_img(a.file, rw, bs, qd, direct, o["iops"], a.runtime))
-                o, f = median_run(runs["ours"]), median_run(runs["fio"])
-                q = median_run(runs["qemu"]) if runs["qemu"] else None
-                rows.append({"label": label, "rw": rw, "bs": bs, "qd": qd, "queues": queues,
-                             "direct": direct, "ours": o, "fio": f, "qemu": q})
-                print(f"{label}: ours {o['iops']:.0f}/s, fio {f['iops']:.0f}/s"
-                      + (f", qemu-img {q['iops']:.0f}/s" if q else ""), file=sys.stderr)
+    matrix = [(fmt, direct, queues) for fmt in formats for direct in (True, False)
+              for queues in (queue_counts if fmt == "raw" else [1])]
+    for fmt, direct, queues in matrix:
+        image = a.file if fmt == "raw" else qcow2
+        for rw, bs, qd in shapes:
+            label = (f"{rw} {bs // 1024}k QD{qd} {queues}q {'direct' if direct else 'buffered'}"
+                     + ("" if fmt == "raw" else " qcow2"))
+            # Each row starts alike: no dirty pages left to throttle its writes, and for
+            # buffered rows the image in the page cache (O_DIRECT writes invalidate it).
+            sh(["sync"])
+            if not direct:
+                for f in {image, a.file}:
+                    sh(["dd", f"if={f}", "of=/dev/null", "bs=1M"])
+            # The host's storage drifts (a VM's virtual disk here: fio's own figure moved
+            # 2.5x between two runs of a row), so each tool runs --repeat times, taking
+            # turns, and each keeps its median run.
+            runs = {"ours": [], "fio": [], "qemu": []}
+            for _ in range(a.repeat):
+                o = ours(binary, image, rw, bs, qd, queues, direct, a.runtime)
+                runs["ours"].append(o)
+                runs["fio"].append(fio(a.file, rw, bs, qd, queues, direct, a.runtime))
+                if queues == 1:
+                    runs["qemu"].append(
+                        qemu_img(image, rw, bs, qd, direct, o["iops"], a.runtime, fmt))
+            o, f = median_run(runs["ours"]), median_run(runs["fio"])
+            q = median_run(runs["qemu"]) if runs["qemu"] else None
+            rows.append({"label": label, "rw": rw, "bs": bs, "qd": qd, "queues": queues,
+                         "direct": direct, "format": fmt, "ours": o, "fio": f, "qemu": q})
+            print(f"{label}: ours {o['iops']:.0f}/s, fio {f['iops']:.0f}/s"
+                  + (f", qemu-img {q['iops']:.0f}/s" if q else ""), file=sys.stderr)
     fl = floor(binary)
     # The host's own cost of a 4k read from the page cache: one pread, no wake-up.
     sh(["dd", f"if={a.file}", "of=/dev/null", "bs=1M"])

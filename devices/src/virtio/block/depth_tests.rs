@@ -365,6 +365,19 @@ fn surprise_removal_returns_while_host_io_hangs_and_counts_it_dropped() {
 }
 
 /// The real engines, 16 reads and 16 writes at once.
+/// 32 requests: even ones read sector `i`, odd ones write 512 bytes of `i` to sector `32 + i`.
+pub(super) fn publish_reads_and_writes(mem: &GuestRam, q: &MockSplitQueue<'_, GuestRam>) {
+    for i in 0..32u16 {
+        if i % 2 == 0 {
+            publish(mem, q, i, VIRTIO_BLK_T_IN, u64::from(i));
+        } else {
+            mem.write_slice(&[i as u8; 512], GuestAddress(data(i)))
+                .unwrap();
+            publish(mem, q, i, VIRTIO_BLK_T_OUT, 32 + u64::from(i));
+        }
+    }
+}
+
 #[test]
 fn each_engine_serves_many_requests_at_once() {
     for aio in [AioBackend::IoUring, AioBackend::Threads] {
@@ -376,15 +389,7 @@ fn each_engine_serves_many_requests_at_once() {
         let mut config = BlockConfig::new(tmp.as_path(), "disk0");
         config.aio = aio;
         let mut dev = Block::new(config).unwrap();
-        for i in 0..32u16 {
-            if i % 2 == 0 {
-                publish(mem, &q, i, VIRTIO_BLK_T_IN, u64::from(i));
-            } else {
-                mem.write_slice(&[i as u8; 512], GuestAddress(data(i)))
-                    .unwrap();
-                publish(mem, &q, i, VIRTIO_BLK_T_OUT, 32 + u64::from(i));
-            }
-        }
+        publish_reads_and_writes(mem, &q);
         rig.activate(&mut dev, q.create_queue().unwrap()).unwrap();
         wait_for("32 completions", || q.used().idx().load() == 32);
         for i in 0..32u16 {

@@ -14,7 +14,9 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm_sys_util::tempdir::TempDir;
 
-use super::depth_tests::{data, expected, guest_data, publish, status, QUEUE, S_IOERR, S_OK};
+use super::depth_tests::{
+    data, expected, guest_data, publish, publish_reads_and_writes, status, QUEUE, S_IOERR, S_OK,
+};
 use super::testing::*;
 use super::{AioBackend, Block, BlockConfig, Disk, ImageFormat, RequestProcessor};
 use crate::virtio::GuestRam;
@@ -90,15 +92,7 @@ fn qcow2_over_a_backing_file_serves_requests_at_depth_32() {
         assert_eq!(dev.format(), ImageFormat::Qcow2, "probed");
         assert!(dev.format_probed());
         assert_eq!(dev.capacity(), IMAGE_SECTORS, "the backing file's size");
-        for i in 0..32u16 {
-            if i % 2 == 0 {
-                publish(mem, &q, i, VIRTIO_BLK_T_IN, u64::from(i));
-            } else {
-                mem.write_slice(&[i as u8; 512], GuestAddress(data(i)))
-                    .unwrap();
-                publish(mem, &q, i, VIRTIO_BLK_T_OUT, 32 + u64::from(i));
-            }
-        }
+        publish_reads_and_writes(mem, &q);
         rig.activate(&mut dev, q.create_queue().unwrap()).unwrap();
         wait_for("32 completions", || q.used().idx().load() == 32);
         for i in (0..32u16).step_by(2) {
@@ -332,4 +326,35 @@ fn a_probed_raw_disk_refuses_an_image_header_in_sector_0() {
         processor_on(Disk::open_format(tmp.as_path(), false, Some(ImageFormat::Raw)).unwrap());
     assert_eq!(header_write(&mut p, 0), S_OK);
     assert_eq!(image_bytes(&tmp, 0, 4), b"QFI\xfb");
+}
+
+/// A paused device's qcow2 image is whole on disk — tables included — while the device lives:
+/// what a snapshot or a migration's destination opens next.
+#[test]
+fn pausing_writes_a_qcow2_images_tables_back() {
+    use crate::virtio::VirtioDevice;
+    let dir = TempDir::new().unwrap();
+    let img = dir.as_path().join("p.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    let rig = Rig::new();
+    let guard = rig.memory.memory();
+    let mem: &GuestRam = &guard;
+    let q = MockSplitQueue::new(mem, QUEUE);
+    let mut dev = Block::new(BlockConfig::new(&img, "disk0")).unwrap();
+    for i in 0..8u16 {
+        mem.write_slice(&[0x70 + i as u8; 512], GuestAddress(data(i)))
+            .unwrap();
+        // Sectors 256 apart: eight clusters allocated.
+        publish(mem, &q, i, VIRTIO_BLK_T_OUT, 256 * u64::from(i));
+    }
+    rig.activate(&mut dev, q.create_queue().unwrap()).unwrap();
+    wait_for("8 completions", || q.used().idx().load() == 8);
+    dev.pause();
+    assert_clean(&img);
+    let disk = as_raw(&img);
+    for i in 0..8usize {
+        let at = i * 256 * 512;
+        assert_eq!(disk[at..at + 512], [0x70 + i as u8; 512], "write {i}");
+    }
+    drop(dev);
 }

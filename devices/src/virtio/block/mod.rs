@@ -526,9 +526,20 @@ impl VirtioDevice for Block {
         outcome
     }
 
+    /// Also writes a qcow2 image's cached tables back: a paused machine may be saved, or
+    /// handed to a destination that opens the image next (QEMU flushes every image when a VM
+    /// stops, for the same reason).
     fn pause(&mut self) -> Vec<QueueProgress> {
         if let Some(worker) = self.worker.take() {
             self.parked = worker.pause();
+        }
+        if let Some(disk) = self.disk.as_ref().filter(|d| d.qcow2().is_some()) {
+            if let Err(e) = disk.flush() {
+                warn!(
+                    "virtio-blk {}: cannot write the image's tables back: {e}",
+                    self.config.id
+                );
+            }
         }
         self.parked.as_ref().map_or_else(Vec::new, |p| {
             p.ctx

@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
+use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::{RwLock, RwLockReadGuard};
 
@@ -32,11 +33,18 @@ pub struct Qcow2Image {
 impl Qcow2Image {
     /// Opens the qcow2 image in `file` (a descriptor of the caller's, duplicated), writable
     /// unless `readonly`. `path` is where its backing file's relative name is resolved from;
-    /// backing files are opened read-only.
+    /// backing files are opened read-only. A descriptor opened with `O_DIRECT` keeps it, and
+    /// imago aligns its own buffers to it.
     pub fn open(file: &File, path: &Path, readonly: bool) -> io::Result<Self> {
+        // SAFETY: F_GETFL takes no pointer; the descriptor is the caller's open file.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        let direct = flags >= 0 && flags & libc::O_DIRECT != 0;
         let storage = imago::file::File::from_open_file(
             file.try_clone()?,
-            StorageOpenOptions::new().filename(path).write(!readonly),
+            StorageOpenOptions::new()
+                .filename(path)
+                .write(!readonly)
+                .direct(direct),
         )?;
         let qcow2 = Qcow2::<imago::file::File>::builder(storage)
             .write(!readonly)
