@@ -72,17 +72,20 @@ impl ImageFormat {
     /// header, raw if it has no header QEMU would recognise; an error naming the format
     /// otherwise (a vmdk or a LUKS volume used as raw bytes is a mistake, not a disk).
     pub fn probe(file: &File) -> io::Result<Self> {
-        let mut head = [0u8; HEADER_PROBE_BYTES];
+        // A whole aligned block: the file may have been opened with O_DIRECT.
+        #[repr(align(4096))]
+        struct Aligned([u8; 4096]);
+        let mut block = Aligned([0; 4096]);
         let mut len = 0;
-        while len < head.len() {
-            match file.read_at(&mut head[len..], len as u64) {
+        while len < HEADER_PROBE_BYTES {
+            match file.read_at(&mut block.0[len..], len as u64) {
                 Ok(0) => break,
                 Ok(n) => len += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        match header_name(&head[..len]) {
+        match header_name(&block.0[..len.min(HEADER_PROBE_BYTES)]) {
             None => Ok(ImageFormat::Raw),
             Some("qcow2") => Ok(ImageFormat::Qcow2),
             Some(other) => Err(io::Error::new(
@@ -150,6 +153,30 @@ mod tests {
         assert!(!is_format_header(&[0u8; 64]));
         assert!(!is_format_header(b"\xebc\x90"), "an MBR boot sector");
         assert!(!is_format_header(b""));
+    }
+
+    #[test]
+    fn probes_through_o_direct() {
+        use std::os::unix::fs::OpenOptionsExt;
+        // /var/tmp, not /tmp: tmpfs refuses O_DIRECT.
+        let path = std::env::temp_dir().join(format!("probe-direct-{}", std::process::id()));
+        let path = if path.starts_with("/tmp") {
+            std::path::PathBuf::from("/var/tmp").join(path.file_name().unwrap())
+        } else {
+            path
+        };
+        let mut content = vec![0u8; 8192];
+        content[..4].copy_from_slice(&QCOW2_MAGIC);
+        std::fs::write(&path, &content).unwrap();
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path);
+        let _ = std::fs::remove_file(&path);
+        match opened {
+            Ok(file) => assert_eq!(ImageFormat::probe(&file).unwrap(), ImageFormat::Qcow2),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}"),
+        }
     }
 
     #[test]
