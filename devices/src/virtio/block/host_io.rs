@@ -170,18 +170,17 @@ impl EngineSource {
     /// through its format layer, whatever the backend.
     pub fn open(&self, depth: u16, image: Option<&Disk>) -> io::Result<Box<dyn IoEngine>> {
         match self {
-            EngineSource::Backend(_) if image.and_then(Disk::qcow2).is_some() => {
-                let qcow2 = image.and_then(Disk::qcow2).cloned();
-                Ok(Box::new(ThreadPoolEngine::new(
+            EngineSource::Backend(backend) => match image.and_then(Disk::qcow2) {
+                Some(qcow2) => Ok(Box::new(ThreadPoolEngine::new(
                     depth,
-                    qcow2.map_or(Runner::File, Runner::Qcow2),
-                )?))
-            }
-            EngineSource::Backend(backend) => open_engine(
-                *backend,
-                depth,
-                image.is_some_and(Disk::submission_may_block),
-            ),
+                    Runner::Qcow2(qcow2.clone()),
+                )?)),
+                None => open_engine(
+                    *backend,
+                    depth,
+                    image.is_some_and(Disk::submission_may_block),
+                ),
+            },
             #[cfg(test)]
             EngineSource::Factory(factory) => factory(depth),
         }
