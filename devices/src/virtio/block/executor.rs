@@ -14,7 +14,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::disk::{Disk, SECTOR_SIZE};
-use super::host_io::{run_blocking, HostResult, IoVec};
+use super::host_io::{run_blocking, DiscardRange, HostResult, IoVec};
 use super::image_format::HEADER_PROBE_BYTES;
 use super::in_flight::{IoKind, Slot};
 use super::request::{read_data, write_data, ChainLayout, RequestType, Segment};
@@ -179,8 +179,8 @@ impl RequestProcessor {
     }
 
     /// Takes the request in `chain` apart into `slot` (cleared by the caller). A request that
-    /// needs no host operation — GET_ID, DISCARD, WRITE_ZEROES, a flush of a read-only disk, a
-    /// refused or malformed one — is done here, its status written: [`Started::Complete`] with
+    /// needs no host operation — GET_ID, a raw image's DISCARD and WRITE_ZEROES, a flush of a
+    /// read-only disk, a refused or malformed one — is done here, its status written: [`Started::Complete`] with
     /// its used length. Otherwise the slot holds the host operation ([`Slot::op`]):
     /// [`Started::HostIo`].
     pub(super) fn start(&mut self, chain: DescriptorChain<&GuestRam>, slot: &mut Slot) -> Started {
@@ -234,7 +234,7 @@ impl RequestProcessor {
                     self.stats.add(Counter::BytesWritten, u64::from(slot.len));
                     (S_OK, 0)
                 }
-                IoKind::Flush => (S_OK, 0),
+                IoKind::Flush | IoKind::Discard | IoKind::WriteZeroes => (S_OK, 0),
             },
             Err(errno) => (
                 self.host_error(slot.kind.name(), std::io::Error::from_raw_os_error(errno)),
@@ -387,11 +387,11 @@ impl RequestProcessor {
             }
             RequestType::Discard => {
                 self.stats.add(Counter::Discards, 1);
-                self.discard_or_write_zeroes(mem, false).map(Plan::Done)
+                self.discard_or_write_zeroes(mem, slot, false)
             }
             RequestType::WriteZeroes => {
                 self.stats.add(Counter::WriteZeroes, 1);
-                self.discard_or_write_zeroes(mem, true).map(Plan::Done)
+                self.discard_or_write_zeroes(mem, slot, true)
             }
             RequestType::Unsupported(ty) => {
                 debug!("virtio-blk: unsupported request type {ty}");
@@ -452,8 +452,16 @@ impl RequestProcessor {
     }
 
     /// VIRTIO_BLK_T_DISCARD and VIRTIO_BLK_T_WRITE_ZEROES: the readable data is an array of
-    /// `virtio_blk_discard_write_zeroes`. Every segment is checked before any is executed.
-    fn discard_or_write_zeroes(&self, mem: &GuestRam, zeroes: bool) -> Outcome {
+    /// `virtio_blk_discard_write_zeroes`. Every segment is checked before any is executed. A
+    /// raw image's are done here (`fallocate` does not block for long); a qcow2 image's become
+    /// a host operation (the ranges in `slot`), since they change the image's mappings and
+    /// must wait for requests using them (see the `qcow2` module).
+    fn discard_or_write_zeroes(
+        &self,
+        mem: &GuestRam,
+        slot: &mut Slot,
+        zeroes: bool,
+    ) -> Result<Plan, u8> {
         let (feature, max_seg) = if zeroes {
             (VIRTIO_BLK_F_WRITE_ZEROES, MAX_WRITE_ZEROES_SEG)
         } else {
@@ -474,18 +482,26 @@ impl RequestProcessor {
             return Err(S_IOERR);
         }
         for i in 0..count {
-            self.range(mem, i, zeroes)?;
+            let (offset, len, unmap) = self.range(mem, i, zeroes)?;
+            slot.ranges.push(DiscardRange { offset, len, unmap });
         }
-        for i in 0..count {
-            let (offset, bytes, unmap) = self.range(mem, i, zeroes)?;
-            let done = if zeroes {
-                self.disk()?.write_zeroes(offset, bytes, unmap)
+        if self.disk()?.qcow2().is_some() {
+            return Ok(Plan::Host(if zeroes {
+                IoKind::WriteZeroes
             } else {
-                self.disk()?.discard(offset, bytes)
+                IoKind::Discard
+            }));
+        }
+        let disk = self.disk()?;
+        for r in &slot.ranges {
+            let done = if zeroes {
+                disk.write_zeroes(r.offset, r.len, r.unmap)
+            } else {
+                disk.discard(r.offset, r.len)
             };
             done.map_err(|e| self.host_error(if zeroes { "write zeroes" } else { "discard" }, e))?;
         }
-        Ok(0)
+        Ok(Plan::Done(0))
     }
 
     /// Segment `index` of a discard/write-zeroes request as (byte offset, byte length, unmap).

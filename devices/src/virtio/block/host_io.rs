@@ -17,9 +17,10 @@
 //! the slots that are reused from request to request.
 
 use std::io;
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 
 use super::disk::Disk;
+use super::qcow2_engine::Qcow2Engine;
 use super::thread_pool::{Runner, ThreadPoolEngine};
 
 /// Which engine runs a device's host I/O (the `aio=` of QEMU's `-drive`).
@@ -111,6 +112,29 @@ pub enum HostOp {
         /// The image.
         fd: RawFd,
     },
+    /// VIRTIO_BLK_T_DISCARD, or VIRTIO_BLK_T_WRITE_ZEROES with `zeroes`, over the `count`
+    /// ranges at `ranges`, at the virtual disk's offsets. Only a format layer runs it (a qcow2
+    /// image's, whose discards change mappings other requests use); a raw image's are done
+    /// where the request is parsed, and an engine handed one refuses it.
+    Discard {
+        /// The ranges.
+        ranges: *const DiscardRange,
+        /// How many.
+        count: u32,
+        /// Write zeroes rather than discard.
+        zeroes: bool,
+    },
+}
+
+/// One range of a [`HostOp::Discard`]: a segment of a discard or write-zeroes request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiscardRange {
+    /// Byte offset on the virtual disk.
+    pub offset: u64,
+    /// Byte length.
+    pub len: u64,
+    /// Write zeroes may deallocate (`VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`).
+    pub unmap: bool,
 }
 
 // SAFETY: see `IoVec`: the pointer is only dereferenced under `IoEngine::push`'s contract.
@@ -166,21 +190,41 @@ pub(crate) enum EngineSource {
 
 impl EngineSource {
     /// An engine for a queue of `depth` descriptors, on `image` (none: a device pulled out,
-    /// whose engine serves nothing). A qcow2 image's operations run on the thread pool,
-    /// through its format layer, whatever the backend.
+    /// whose engine serves nothing). A qcow2 image's operations run through its format layer:
+    /// with io_uring, the clusters it has mapped go straight to the image file
+    /// ([`Qcow2Engine`]), the rest to the thread pool; without, all to the pool.
     pub fn open(&self, depth: u16, image: Option<&Disk>) -> io::Result<Box<dyn IoEngine>> {
         match self {
-            EngineSource::Backend(backend) => match image.and_then(Disk::qcow2) {
-                Some(qcow2) => Ok(Box::new(ThreadPoolEngine::new(
-                    depth,
-                    Runner::Qcow2(qcow2.clone()),
-                )?)),
-                None => open_engine(
-                    *backend,
-                    depth,
-                    image.is_some_and(Disk::submission_may_block),
-                ),
-            },
+            EngineSource::Backend(backend) => {
+                let may_block = image.is_some_and(Disk::submission_may_block);
+                let Some((disk, qcow2)) = image.and_then(|d| Some((d, d.qcow2()?))) else {
+                    return open_engine(*backend, depth, may_block);
+                };
+                let pool = || -> io::Result<Box<dyn IoEngine>> {
+                    Ok(Box::new(ThreadPoolEngine::new(
+                        depth,
+                        Runner::Qcow2(qcow2.clone()),
+                    )?))
+                };
+                let direct = || -> io::Result<Box<dyn IoEngine>> {
+                    Ok(Box::new(Qcow2Engine::new(
+                        depth,
+                        qcow2.clone(),
+                        disk.as_raw_fd(),
+                        may_block,
+                    )?))
+                };
+                match backend {
+                    AioBackend::Threads => pool(),
+                    AioBackend::IoUring => direct(),
+                    AioBackend::Auto => direct().or_else(|e| {
+                        log::info!(
+                            "virtio-blk: io_uring unavailable ({e}); qcow2 on the thread pool"
+                        );
+                        pool()
+                    }),
+                }
+            }
             #[cfg(test)]
             EngineSource::Factory(factory) => factory(depth),
         }
@@ -244,6 +288,7 @@ pub unsafe fn run_blocking(op: HostOp) -> HostResult {
             // SAFETY: forwarded from the caller.
             unsafe { transfer(fd, offset, iov, iovcnt, true) }
         }
+        HostOp::Discard { .. } => Err(libc::EOPNOTSUPP),
     }
 }
 

@@ -358,3 +358,258 @@ fn pausing_writes_a_qcow2_images_tables_back() {
     }
     drop(dev);
 }
+
+/// A qcow2 image of `mib` MiB of [`pattern`] bytes, every cluster allocated in order (as
+/// `qemu-img convert` lays them out), and the raw bytes it was made from.
+fn allocated_qcow2(dir: &TempDir, mib: usize) -> (std::path::PathBuf, Vec<u8>) {
+    let raw = dir.as_path().join("src.raw");
+    let bytes: Vec<u8> = (0..(mib << 20) as u64).map(|i| pattern(i / 7)).collect();
+    std::fs::write(&raw, &bytes).unwrap();
+    let img = dir.as_path().join("all.qcow2");
+    qemu_img(&["convert", "-q", "-O", "qcow2", s(&raw), s(&img)]);
+    (img, bytes)
+}
+
+/// Runs `op` on `image` the way a pool thread does.
+fn run_on(image: &super::qcow2::Qcow2Image, buf: &mut [u8], offset: u64, write: bool) {
+    let mut iov = [super::host_io::IoVec::new(buf.as_mut_ptr(), buf.len())];
+    let (iov, iovcnt) = (iov.as_mut_ptr(), 1);
+    let op = if write {
+        super::host_io::HostOp::Write {
+            fd: -1,
+            offset,
+            iov,
+            iovcnt,
+        }
+    } else {
+        super::host_io::HostOp::Read {
+            fd: -1,
+            offset,
+            iov,
+            iovcnt,
+        }
+    };
+    // SAFETY: `buf` outlives the call and is ours alone.
+    assert_eq!(unsafe { image.run(op) }, Ok(buf.len()));
+}
+
+/// The bytes at `host` in the image file.
+fn file_bytes(img: &Path, host: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut out = vec![0u8; len];
+    std::fs::File::open(img)
+        .unwrap()
+        .read_exact_at(&mut out, host)
+        .unwrap();
+    out
+}
+
+#[test]
+fn the_direct_map_learns_allocated_clusters_and_forgets_them_at_a_discard() {
+    let dir = TempDir::new().unwrap();
+    let (img, bytes) = allocated_qcow2(&dir, 4);
+    let disk = Disk::open_format(&img, false, Some(ImageFormat::Qcow2)).unwrap();
+    let image = disk.qcow2().unwrap();
+    assert_eq!(
+        image.begin_direct(0, 4096, false),
+        None,
+        "nothing learnt yet"
+    );
+    let mut buf = vec![0u8; 4096];
+    run_on(image, &mut buf, 0, false);
+    assert_eq!(buf, bytes[..4096]);
+    // One request through the format layer taught the map the whole 4 MiB (16 MiB ahead).
+    for (offset, len) in [
+        (3 * 65536 + 512, 4096),
+        (65536 - 512, 1024),
+        (2 << 20, 8192),
+    ] {
+        let (offset, len) = (offset as u64, len as u64);
+        if offset + len > bytes.len() as u64 {
+            continue;
+        }
+        let host = image
+            .begin_direct(offset, len, true)
+            .unwrap_or_else(|| panic!("{offset:#x}+{len} mapped"));
+        assert_eq!(
+            file_bytes(&img, host, len as usize),
+            bytes[offset as usize..(offset + len) as usize],
+            "{offset:#x}: the image file holds the disk's bytes where the map says"
+        );
+        image.end_direct(1);
+    }
+    assert_eq!(
+        image.begin_direct(bytes.len() as u64 - 512, 1024, false),
+        None,
+        "past the end"
+    );
+    assert_eq!(image.begin_direct(0, 64 << 20, false), None, "too long");
+    assert_eq!(image.direct_in_flight(), 0);
+    // A discard empties the map: mappings may have changed.
+    image.discard(8 * 65536, 65536).unwrap();
+    assert_eq!(image.begin_direct(0, 4096, false), None);
+    run_on(image, &mut buf, 0, false);
+    assert_eq!(image.begin_direct(8 * 65536, 512, false), None, "discarded");
+    assert!(image.begin_direct(9 * 65536, 512, false).is_some());
+    image.end_direct(1);
+}
+
+#[test]
+fn a_discard_waits_for_the_direct_requests_in_the_host() {
+    let dir = TempDir::new().unwrap();
+    let (img, _) = allocated_qcow2(&dir, 1);
+    let disk = Disk::open_format(&img, false, Some(ImageFormat::Qcow2)).unwrap();
+    let image = disk.qcow2().unwrap().clone();
+    let mut buf = vec![0u8; 512];
+    run_on(&image, &mut buf, 0, false);
+    let host = image.begin_direct(65536, 4096, true);
+    assert!(host.is_some());
+    let discarding = {
+        let image = image.clone();
+        std::thread::spawn(move || image.discard(65536, 65536))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        !discarding.is_finished(),
+        "the discard went ahead under a direct write to its cluster"
+    );
+    assert_eq!(
+        image.begin_direct(2 * 65536, 512, false),
+        None,
+        "no new direct request while a discard waits"
+    );
+    image.end_direct(1);
+    discarding.join().unwrap().unwrap();
+    drop(disk);
+    assert_clean(&img);
+}
+
+#[test]
+fn only_clusters_of_the_image_itself_go_direct_and_writes_only_where_allocated() {
+    let dir = TempDir::new().unwrap();
+    let (base, top) = qcow2_over_raw(&dir);
+    let size = std::fs::metadata(&base).unwrap().len();
+    let disk = Disk::open_format(&top, false, Some(ImageFormat::Qcow2)).unwrap();
+    let image = disk.qcow2().unwrap();
+    let mut buf = vec![0x77u8; 512];
+    run_on(image, &mut buf, 0, true);
+    run_on(image, &mut buf, 1024, false);
+    // IMAGE_SECTORS is one cluster: the written one is now the image's own and writable.
+    assert!(size <= 65536);
+    assert_eq!(
+        image.begin_direct(0, size, false),
+        None,
+        "a cluster smaller than a unit"
+    );
+    // A raw base's data is not the image file's.
+    let dir2 = TempDir::new().unwrap();
+    let base2 = dir2.as_path().join("b.raw");
+    std::fs::write(&base2, vec![1u8; 1 << 20]).unwrap();
+    let top2 = dir2.as_path().join("t.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "b.raw",
+        "-F",
+        "raw",
+        s(&top2),
+    ]);
+    let disk2 = Disk::open_format(&top2, false, Some(ImageFormat::Qcow2)).unwrap();
+    let image2 = disk2.qcow2().unwrap();
+    let mut data = vec![2u8; 65536];
+    run_on(image2, &mut data, 65536, true);
+    assert!(image2.begin_direct(65536, 4096, true).is_some(), "written");
+    image2.end_direct(1);
+    assert_eq!(
+        image2.begin_direct(0, 512, false),
+        None,
+        "in the backing file"
+    );
+    assert_eq!(image2.begin_direct(131072, 512, false), None);
+}
+
+#[test]
+fn the_qcow2_engine_sends_mapped_clusters_to_io_uring_and_the_rest_to_the_pool() {
+    use super::host_io::{HostOp, IoEngine, IoVec};
+    use std::os::unix::io::AsRawFd;
+    let dir = TempDir::new().unwrap();
+    let (img, bytes) = allocated_qcow2(&dir, 2);
+    let disk = Disk::open_format(&img, false, Some(ImageFormat::Qcow2)).unwrap();
+    let image = disk.qcow2().unwrap().clone();
+    let Ok(mut engine) =
+        super::qcow2_engine::Qcow2Engine::new(32, image.clone(), disk.as_raw_fd(), false)
+    else {
+        eprintln!("io_uring unavailable here: skipped");
+        return;
+    };
+    let mut bufs = vec![vec![0u8; 4096]; 32];
+    let mut iovs: Vec<[IoVec; 1]> = bufs
+        .iter_mut()
+        .map(|b| [IoVec::new(b.as_mut_ptr(), b.len())])
+        .collect();
+    let offset = |i: usize| ((i as u64 * 61_440) % (bytes.len() as u64 - 4096)) & !511;
+    for round in 0..2 {
+        for (i, iov) in iovs.iter_mut().enumerate() {
+            // Odd requests write back what the even ones of the round before read.
+            let op = HostOp::Read {
+                fd: -1,
+                offset: offset(i),
+                iov: iov.as_mut_ptr(),
+                iovcnt: 1,
+            };
+            // SAFETY: the buffers outlive the engine's completions, reaped below.
+            unsafe { engine.push(i as u16, op).unwrap() };
+        }
+        engine.submit().unwrap();
+        let done = reap_all(&mut engine, 32);
+        assert!(done.iter().all(|(_, r)| *r == Ok(4096)), "{done:?}");
+        for (i, b) in bufs.iter().enumerate() {
+            let at = offset(i) as usize;
+            assert_eq!(b[..], bytes[at..at + 4096], "round {round} request {i}");
+        }
+        let (direct, pool) = engine.counts();
+        match round {
+            // Nothing was mapped when the first 32 were pushed: all went to the pool.
+            0 => assert_eq!((direct, pool), (0, 32)),
+            // The pool's requests taught the map: all of the second round went direct.
+            _ => assert_eq!((direct, pool), (32, 32)),
+        }
+    }
+    // A write to a mapped cluster goes direct too, and lands where QEMU reads it.
+    let mut data = vec![0xeeu8; 4096];
+    let mut iov = [IoVec::new(data.as_mut_ptr(), data.len())];
+    let op = HostOp::Write {
+        fd: -1,
+        offset: 8192,
+        iov: iov.as_mut_ptr(),
+        iovcnt: 1,
+    };
+    // SAFETY: as above.
+    unsafe { engine.push(0, op).unwrap() };
+    engine.submit().unwrap();
+    assert_eq!(reap_all(&mut engine, 1), [(0, Ok(4096))]);
+    assert_eq!(engine.counts(), (33, 32));
+    assert_eq!(image.direct_in_flight(), 0, "every direct request ended");
+    drop(engine);
+    drop(disk);
+    assert_clean(&img);
+    assert_eq!(as_raw(&img)[8192..12288], data[..]);
+}
+
+/// Reaps `engine` until `n` completions came (10 s at most).
+fn reap_all(
+    engine: &mut dyn super::host_io::IoEngine,
+    n: usize,
+) -> Vec<(u16, super::host_io::HostResult)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut done = Vec::new();
+    while done.len() < n {
+        assert!(std::time::Instant::now() < deadline, "{n} completions");
+        engine.reap(&mut done);
+        std::thread::yield_now();
+    }
+    done
+}

@@ -20,7 +20,7 @@ use std::os::unix::io::RawFd;
 
 use vm_memory::GuestAddress;
 
-use super::host_io::{consume, HostOp, IoVec};
+use super::host_io::{consume, DiscardRange, HostOp, IoVec};
 use super::request::Segment;
 
 /// What a slot's host operation does.
@@ -33,6 +33,10 @@ pub enum IoKind {
     Write,
     /// `fdatasync` the image.
     Flush,
+    /// Discard ranges through the image's format layer.
+    Discard,
+    /// Write zeroes to ranges through the image's format layer.
+    WriteZeroes,
 }
 
 impl IoKind {
@@ -42,7 +46,14 @@ impl IoKind {
             IoKind::Read => "read",
             IoKind::Write => "write",
             IoKind::Flush => "flush",
+            IoKind::Discard => "discard",
+            IoKind::WriteZeroes => "write zeroes",
         }
+    }
+
+    /// Whether the operation moves data (and so may be short).
+    fn moves_data(self) -> bool {
+        matches!(self, IoKind::Read | IoKind::Write)
     }
 }
 
@@ -70,6 +81,8 @@ pub struct Slot {
     pub segments: Vec<Segment>,
     /// The same memory as host addresses.
     pub iovecs: Vec<IoVec>,
+    /// The ranges of a discard or write zeroes run by the format layer.
+    pub ranges: Vec<DiscardRange>,
     /// Taken by a request (not on the free list).
     taken: bool,
 }
@@ -81,6 +94,7 @@ impl Slot {
         self.next_iov = 0;
         self.segments.clear();
         self.iovecs.clear();
+        self.ranges.clear();
     }
 
     /// The host operation for what is left of the request.
@@ -103,14 +117,20 @@ impl Slot {
                 iovcnt,
             },
             IoKind::Flush => HostOp::Flush { fd: self.fd },
+            IoKind::Discard | IoKind::WriteZeroes => HostOp::Discard {
+                ranges: self.ranges.as_ptr(),
+                count: self.ranges.len() as u32,
+                zeroes: self.kind == IoKind::WriteZeroes,
+            },
         }
     }
 
-    /// Records `n` bytes transferred; whether the request is whole (a flush always is). A
+    /// Records `n` bytes transferred; whether the request is whole (a flush, discard or write
+    /// zeroes always is). A
     /// transfer of 0 bytes short of the end is end of file: treat as whole, and let the
     /// caller fail it ([`short_by`](Self::short_by)).
     pub fn transferred(&mut self, n: usize) -> bool {
-        if self.kind == IoKind::Flush {
+        if !self.kind.moves_data() {
             return true;
         }
         self.done += n;
@@ -124,9 +144,10 @@ impl Slot {
 
     /// How many bytes the transfer fell short of the request.
     pub fn short_by(&self) -> usize {
-        match self.kind {
-            IoKind::Flush => 0,
-            _ => (self.len as usize).saturating_sub(self.done),
+        if self.kind.moves_data() {
+            (self.len as usize).saturating_sub(self.done)
+        } else {
+            0
         }
     }
 }

@@ -26,6 +26,7 @@ mod image_format;
 mod image_tests;
 mod in_flight;
 mod qcow2;
+mod qcow2_engine;
 pub mod request;
 mod stats;
 #[cfg(test)]

@@ -257,12 +257,13 @@ impl ManualEngine {
         }
     }
 
-    /// The operations waiting, as (tag, "read" | "write" | "flush"), in the order pushed.
+    /// The operations waiting, as (tag, "read" | "write" | "flush" | "discard"), in the order pushed.
     pub fn pending(&self) -> Vec<(u16, &'static str)> {
         let kind = |op: &HostOp| match op {
             HostOp::Read { .. } => "read",
             HostOp::Write { .. } => "write",
             HostOp::Flush { .. } => "flush",
+            HostOp::Discard { .. } => "discard",
         };
         let pending = self.pending.lock().unwrap();
         pending.iter().map(|(tag, op)| (*tag, kind(op))).collect()

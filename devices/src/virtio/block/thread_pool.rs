@@ -77,6 +77,11 @@ pub struct ThreadPoolEngine {
 impl ThreadPoolEngine {
     /// A pool with room for `depth` operations in flight, running them with `runner`.
     pub fn new(depth: u16, runner: Runner) -> io::Result<Self> {
+        Self::with_completions(depth, runner, EventFd::new(EFD_NONBLOCK)?)
+    }
+
+    /// [`new`](Self::new), signalling `completions` (which another engine may share).
+    pub fn with_completions(depth: u16, runner: Runner, completions: EventFd) -> io::Result<Self> {
         let depth = usize::from(depth.max(1));
         let mut pool = ThreadPoolEngine {
             shared: Arc::new(Shared {
@@ -86,7 +91,7 @@ impl ThreadPoolEngine {
                     stop: false,
                 }),
                 work_ready: Condvar::new(),
-                completions: EventFd::new(EFD_NONBLOCK)?,
+                completions,
             }),
             threads: Vec::new(),
         };

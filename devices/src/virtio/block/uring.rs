@@ -32,9 +32,13 @@ impl UringEngine {
     /// the kernel's workers (`IOSQE_ASYNC`) instead of being tried inline first: for images
     /// whose I/O can block the submitting thread (FUSE, network file systems).
     pub fn new(depth: u16, punt: bool) -> io::Result<Self> {
+        Self::with_completions(depth, punt, EventFd::new(EFD_NONBLOCK)?)
+    }
+
+    /// [`new`](Self::new), signalling `completions` (which another engine may share).
+    pub fn with_completions(depth: u16, punt: bool, completions: EventFd) -> io::Result<Self> {
         let entries = u32::from(depth.max(1)).next_power_of_two();
         let ring = IoUring::new(entries)?;
-        let completions = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(completions.as_raw_fd())?;
         Ok(UringEngine {
             ring,
@@ -71,6 +75,8 @@ impl IoEngine for UringEngine {
             HostOp::Flush { fd } => opcode::Fsync::new(types::Fd(fd))
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
+            // A format layer's operation: not for the kernel.
+            HostOp::Discard { .. } => return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
         }
         .flags(self.flags)
         .user_data(u64::from(tag));
