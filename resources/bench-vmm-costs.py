@@ -108,6 +108,35 @@ def rss_without_guest_ram(pid, ram_bytes):
     return total
 
 
+def mappings(pid, ram_bytes):
+    """{(start, size, perms, name): Rss KiB} of every mapping smaller than guest RAM."""
+    out, key = {}, None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                fields = line.split()
+                lo, hi = fields[0].split("-")
+                size = int(hi, 16) - int(lo, 16)
+                name = fields[5] if len(fields) > 5 else "[anon]"
+                key = (lo, size, fields[1], name) if size < ram_bytes else None
+            elif line.startswith("Rss:") and key:
+                out[key] = int(line.split()[1])
+    return out
+
+
+def print_growth(name, before, after, top=12):
+    """The mappings whose resident memory grew most between two `mappings` readings."""
+    grown = sorted(((after[k] - before.get(k, 0), k) for k in after), reverse=True)
+    print(f"{name}: where resident memory grew (KiB, mapping size KiB, perms, name):",
+          file=sys.stderr)
+    for d, (lo, size, perms, what) in grown[:top]:
+        if d > 0:
+            new = "" if (lo, size, perms, what) in before else " (new)"
+            print(f"  +{d:5d}  {size // 1024:8d}  {perms}  {what}{new}", file=sys.stderr)
+    gone = sum(v for k, v in before.items() if k not in after)
+    print(f"  mappings gone since: {gone} KiB", file=sys.stderr, flush=True)
+
+
 def startup(make_cmd, shim, tmp, runs):
     """Milliseconds from exec to the first KVM_RUN, one per run; `make_cmd(i)` is run i's
     command."""
@@ -143,6 +172,7 @@ def cycles(name, cmd, sock, image, n, ram_bytes, bus):
         con.wait(lambda l: "HOTPLUG-VMM-READY" in l, 0, timeout=900)
         time.sleep(3)
         rss = [(0, rss_without_guest_ram(proc.pid, ram_bytes))]
+        at_ready = mappings(proc.pid, ram_bytes)
         print(f"{name}: ready, {rss[0][1]} KiB", file=sys.stderr, flush=True)
         deleted = []
         for i in range(1, n + 1):
@@ -161,6 +191,7 @@ def cycles(name, cmd, sock, image, n, ram_bytes, bus):
             if i % 10 == 0 or i == n:
                 rss.append((i, rss_without_guest_ram(proc.pid, ram_bytes)))
                 print(f"{name}: {i} cycles, {rss[-1][1]} KiB", file=sys.stderr, flush=True)
+        print_growth(name, at_ready, mappings(proc.pid, ram_bytes))
         return rss, deleted
     finally:
         proc.kill()

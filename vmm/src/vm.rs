@@ -360,6 +360,13 @@ impl Machine {
             None => (None, Default::default(), Default::default()),
         };
         let state = saved.as_ref();
+        // The kernel and initramfs are copied into guest memory on a thread of their own while
+        // this one makes the VM, its memory slot and its devices: the two are the bulk of the
+        // time to the first KVM_RUN (docs/performance.md).
+        let loading = match state {
+            Some(_) => None,
+            None => Some(KernelLoad::start(cli, &mem)?),
+        };
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let vm = Arc::new(
             kvm.create_vm()
@@ -476,9 +483,12 @@ impl Machine {
             .map_err(|e| VmError::Bus("ECAM".into(), e))?;
 
         // Firmware tables and the kernel: a restored guest has them in its memory already.
-        let entry = match state {
-            Some(_) => None,
-            None => Some(load_firmware_and_kernel(cli, &mem, &acpi_cfg)?),
+        let entry = match loading {
+            Some(kernel) => {
+                load_firmware(&mem, &acpi_cfg)?;
+                Some(kernel.finish()?)
+            }
+            None => None,
         };
 
         // Hot-plug (it also follows guest-initiated removals, socket or not).
@@ -657,12 +667,8 @@ type Restore = (
     std::collections::BTreeMap<String, File>,
 );
 
-/// Writes the ACPI tables and the MP table, and loads the kernel: the boot vCPU's entry.
-fn load_firmware_and_kernel(
-    cli: &Cli,
-    mem: &GuestRam,
-    acpi_cfg: &acpi::MachineConfig,
-) -> Result<boot::BootEntry, VmError> {
+/// Writes the ACPI tables and the MP table.
+fn load_firmware(mem: &GuestRam, acpi_cfg: &acpi::MachineConfig) -> Result<(), VmError> {
     // ACPI tables.
     for (addr, blob) in acpi::build_tables(acpi_cfg, ACPI_START)? {
         mem.write_slice(&blob, GuestAddress(addr))
@@ -690,18 +696,41 @@ fn load_firmware_and_kernel(
             source,
         })?;
 
-    let kernel = cli.kernel.as_deref().ok_or_else(|| {
-        boot::BootError::KernelOpen("--kernel".into(), io::Error::from(io::ErrorKind::NotFound))
-    })?;
-    let entry = boot::load_guest(
-        mem,
-        cli.memory,
-        kernel,
-        cli.initramfs.as_deref(),
-        &cli.cmdline,
-    )?;
-    log::info!("boot entry: {entry:x?}");
-    Ok(entry)
+    Ok(())
+}
+
+/// The kernel and initramfs being copied into guest memory, on a thread of their own.
+struct KernelLoad(std::thread::JoinHandle<Result<boot::BootEntry, VmError>>);
+
+impl KernelLoad {
+    /// Starts loading what `cli` names into `mem`.
+    fn start(cli: &Cli, mem: &GuestRam) -> Result<Self, VmError> {
+        let kernel = cli.kernel.clone().ok_or_else(|| {
+            boot::BootError::KernelOpen("--kernel".into(), io::Error::from(io::ErrorKind::NotFound))
+        })?;
+        let (mem, ram, initramfs, cmdline) = (
+            mem.clone(),
+            cli.memory,
+            cli.initramfs.clone(),
+            cli.cmdline.clone(),
+        );
+        std::thread::Builder::new()
+            .name("load-kernel".into())
+            .spawn(move || {
+                let entry = boot::load_guest(&mem, ram, &kernel, initramfs.as_deref(), &cmdline)?;
+                log::info!("boot entry: {entry:x?}");
+                Ok(entry)
+            })
+            .map(KernelLoad)
+            .map_err(|e| VmError::Io("spawning the kernel loader", e))
+    }
+
+    /// Waits for the load: the boot vCPU's entry.
+    fn finish(self) -> Result<boot::BootEntry, VmError> {
+        self.0
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
 }
 
 /// The 16550 console on `SERIAL_PORT` (IRQ 4 through an irqfd), writing where `cli.serial`
