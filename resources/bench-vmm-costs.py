@@ -4,6 +4,7 @@ its share of a hot-plug.
 
 Usage: resources/bench-vmm-costs.py [--runs N] [--cycles N] [--kernel-version 6.1]
                                     [--memory 256M] [--only hotplug-vmm|qemu]
+                                    [--startup-only] [--vmm PATH]
 
 Both VMMs hot-plug through ACPI into a slot of the root bus (ours: pcie.0; QEMU: pc, pci.0),
 the mode whose cycles take least of the guest's time.
@@ -264,6 +265,10 @@ def main():
     ap.add_argument("--kernel-version", default="6.1")
     ap.add_argument("--memory", default="256M")
     ap.add_argument("--only", choices=["hotplug-vmm", "qemu"])
+    ap.add_argument("--startup-only", action="store_true",
+                    help="measure only exec -> first KVM_RUN (no guest boots, no cycles)")
+    ap.add_argument("--vmm", default=VMM,
+                    help="this VMM's binary (to compare builds; default: the release build)")
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--quiet", "--release", "-p", "hotplug-vmm"], cwd=ROOT,
                    check=True)
@@ -278,7 +283,7 @@ def main():
         f.truncate(16 << 20)
 
     def ours(sock, trace=None):
-        cmd = [VMM, "--kernel", kernel, "--initramfs", initrd, "--cmdline", cmdline,
+        cmd = [a.vmm, "--kernel", kernel, "--initramfs", initrd, "--cmdline", cmdline,
                "--cpus", "1", "--memory", a.memory, "--qmp", sock]
         return cmd + (["--hotplug-trace", trace] if trace else [])
 
@@ -300,6 +305,9 @@ def main():
         starts = startup(lambda i: make(os.path.join(tmp, f"{who}-start-{i}.sock")), shim, tmp,
                          a.runs)
         print(f"{who}: exec -> first KVM_RUN {sorted(starts)} ms", file=sys.stderr, flush=True)
+        if a.startup_only:
+            print(f"{who}: exec -> first KVM_RUN, median of {a.runs}: {med(starts):.2f} ms")
+            continue
         trace = os.path.join(tmp, f"{who}.trace")
         sock = os.path.join(tmp, f"{who}.sock")
         rss, deleted = cycles(who, make(sock, trace), sock, image, a.cycles, ram,
@@ -310,6 +318,9 @@ def main():
             (add, eject), insert = qemu_steps(trace, deleted), []
         results[who] = {"starts_ms": starts, "rss_kib": rss, "add_ms": add, "eject_ms": eject,
                         "insert_ms": insert}
+
+    if a.startup_only:
+        return
 
     def cell(who, f):
         r = results.get(who)
