@@ -74,6 +74,25 @@ unsafe fn total_len(iov: *mut IoVec, iovcnt: u32) -> u64 {
     iovs.iter().map(|i| i.len() as u64).sum()
 }
 
+/// `op` (a read or write) at `offset` of the image file `fd` instead of the virtual disk.
+fn in_file(op: HostOp, fd: RawFd, offset: u64) -> HostOp {
+    match op {
+        HostOp::Read { iov, iovcnt, .. } => HostOp::Read {
+            fd,
+            offset,
+            iov,
+            iovcnt,
+        },
+        HostOp::Write { iov, iovcnt, .. } => HostOp::Write {
+            fd,
+            offset,
+            iov,
+            iovcnt,
+        },
+        other => other,
+    }
+}
+
 impl IoEngine for Qcow2Engine {
     unsafe fn push(&mut self, tag: u16, op: HostOp) -> io::Result<()> {
         let direct = match op {
@@ -82,34 +101,19 @@ impl IoEngine for Qcow2Engine {
                 iov,
                 iovcnt,
                 ..
-            } => {
-                // SAFETY: the caller's contract.
-                let len = unsafe { total_len(iov, iovcnt) };
-                self.image
-                    .begin_direct(offset, len, false)
-                    .map(|host| HostOp::Read {
-                        fd: self.fd,
-                        offset: host,
-                        iov,
-                        iovcnt,
-                    })
             }
-            HostOp::Write {
+            | HostOp::Write {
                 offset,
                 iov,
                 iovcnt,
                 ..
             } => {
+                let write = matches!(op, HostOp::Write { .. });
                 // SAFETY: the caller's contract.
                 let len = unsafe { total_len(iov, iovcnt) };
                 self.image
-                    .begin_direct(offset, len, true)
-                    .map(|host| HostOp::Write {
-                        fd: self.fd,
-                        offset: host,
-                        iov,
-                        iovcnt,
-                    })
+                    .begin_direct(offset, len, write)
+                    .map(|host| in_file(op, self.fd, host))
             }
             HostOp::Flush { .. } | HostOp::Discard { .. } => None,
         };
