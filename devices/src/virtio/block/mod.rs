@@ -793,10 +793,14 @@ mod tests {
         };
         q.add_desc_chains(&chain(0, STATUS + 2), 0).unwrap();
         rig.activate(&mut dev, q.create_queue().unwrap()).unwrap();
-        // Once its interrupt is out the I/O thread sleeps until notified.
+        // Once its interrupt is out the I/O thread polls the queue for 50 µs (`worker::POLL`)
+        // and then sleeps until notified. Chains added while it still polls would be taken
+        // and served: give it well over its polling time first. (A thread descheduled in
+        // the middle of its poll for longer than this still takes them.)
         wait_for("first request", || {
             rig.interrupt.queue.load(Ordering::SeqCst) == 1
         });
+        std::thread::sleep(std::time::Duration::from_millis(20));
         for (i, status) in [(3u16, STATUS), (6, STATUS + 1)] {
             q.add_desc_chains(&chain(i, status), i).unwrap();
         }
