@@ -148,7 +148,6 @@ fn jobs_at_depth(g: &mut Guest, q: &mut QmpClient, held: Option<&FuseDisk>, node
     if let Some(held) = held {
         held.hold();
     }
-
     // (Commands go through the serial console, a few hundred characters a second here: they
     // stay short.)
     let (s, c, r, n) = (

@@ -180,9 +180,9 @@ impl RequestProcessor {
 
     /// Takes the request in `chain` apart into `slot` (cleared by the caller). A request that
     /// needs no host operation — GET_ID, a raw image's DISCARD and WRITE_ZEROES, a flush of a
-    /// read-only disk, a refused or malformed one — is done here, its status written: [`Started::Complete`] with
-    /// its used length. Otherwise the slot holds the host operation ([`Slot::op`]):
-    /// [`Started::HostIo`].
+    /// read-only disk, a refused or malformed one — is done here, its status written:
+    /// [`Started::Complete`] with its used length. Otherwise the slot holds the host operation
+    /// ([`Slot::op`]): [`Started::HostIo`].
     pub(super) fn start(&mut self, chain: DescriptorChain<&GuestRam>, slot: &mut Slot) -> Started {
         let mem: &GuestRam = chain.memory();
         slot.head = chain.head_index();
@@ -485,14 +485,14 @@ impl RequestProcessor {
             let (offset, len, unmap) = self.range(mem, i, zeroes)?;
             slot.ranges.push(DiscardRange { offset, len, unmap });
         }
-        if self.disk()?.qcow2().is_some() {
+        let disk = self.disk()?;
+        if disk.qcow2().is_some() {
             return Ok(Plan::Host(if zeroes {
                 IoKind::WriteZeroes
             } else {
                 IoKind::Discard
             }));
         }
-        let disk = self.disk()?;
         for r in &slot.ranges {
             let done = if zeroes {
                 disk.write_zeroes(r.offset, r.len, r.unmap)

@@ -252,6 +252,21 @@ pub fn open_engine(
     }
 }
 
+/// The array of `count` elements at `ptr` that an operation names (its `iovec`s, or a
+/// discard's ranges), as a slice; empty for a count of 0, whatever the pointer.
+///
+/// # Safety
+///
+/// `ptr` points at `count` valid elements that outlive the returned slice and that no one
+/// changes meanwhile.
+pub unsafe fn op_array<'a, T>(ptr: *const T, count: u32) -> &'a [T] {
+    if count == 0 {
+        return &[];
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(ptr, count as usize) }
+}
+
 /// Runs `op` on the calling thread, repeating short transfers until all of it is done (the
 /// thread pool's engine, and requests served synchronously).
 ///

@@ -126,9 +126,8 @@ impl Slot {
     }
 
     /// Records `n` bytes transferred; whether the request is whole (a flush, discard or write
-    /// zeroes always is). A
-    /// transfer of 0 bytes short of the end is end of file: treat as whole, and let the
-    /// caller fail it ([`short_by`](Self::short_by)).
+    /// zeroes always is). A transfer of 0 bytes short of the end is end of file: treat as
+    /// whole, and let the caller fail it ([`short_by`](Self::short_by)).
     pub fn transferred(&mut self, n: usize) -> bool {
         if !self.kind.moves_data() {
             return true;

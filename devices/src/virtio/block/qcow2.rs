@@ -41,7 +41,7 @@ use imago::{
     FormatAccess, FormatDriverBuilder, Mapping, PermissiveImplicitOpenGate, StorageOpenOptions,
 };
 
-use super::host_io::{DiscardRange, HostOp, HostResult, IoVec};
+use super::host_io::{op_array, DiscardRange, HostOp, HostResult};
 
 type Access = FormatAccess<imago::file::File>;
 
@@ -270,7 +270,7 @@ impl Qcow2Image {
                 ..
             } => {
                 // SAFETY: the caller's contract.
-                let iovs = unsafe { iovecs(iov, iovcnt) };
+                let iovs = unsafe { op_array(iov, iovcnt) };
                 let mut v = IoVectorMut::with_capacity(iovs.len());
                 for i in iovs.iter().filter(|i| i.len() > 0) {
                     // SAFETY: the caller's contract: the run is valid guest memory no one else
@@ -291,7 +291,7 @@ impl Qcow2Image {
                 ..
             } => {
                 // SAFETY: the caller's contract.
-                let iovs = unsafe { iovecs(iov, iovcnt) };
+                let iovs = unsafe { op_array(iov, iovcnt) };
                 let mut v = IoVector::with_capacity(iovs.len());
                 for i in iovs.iter().filter(|i| i.len() > 0) {
                     // SAFETY: as for reads.
@@ -314,11 +314,7 @@ impl Qcow2Image {
                 zeroes,
             } => {
                 // SAFETY: the caller's contract: `count` valid ranges at `ranges`.
-                let ranges: &[DiscardRange] = if count == 0 {
-                    &[]
-                } else {
-                    unsafe { std::slice::from_raw_parts(ranges, count as usize) }
-                };
+                let ranges: &[DiscardRange] = unsafe { op_array(ranges, count) };
                 for r in ranges {
                     if zeroes {
                         self.write_zeroes(r.offset, r.len, r.unmap)
@@ -361,17 +357,4 @@ impl Qcow2Image {
             other => other,
         }
     }
-}
-
-/// The `iovec` array of an operation.
-///
-/// # Safety
-///
-/// `iov` points at `iovcnt` valid `IoVec`s that outlive the returned slice.
-unsafe fn iovecs<'a>(iov: *mut IoVec, iovcnt: u32) -> &'a [IoVec] {
-    if iovcnt == 0 {
-        return &[];
-    }
-    // SAFETY: the caller's contract.
-    unsafe { std::slice::from_raw_parts(iov, iovcnt as usize) }
 }

@@ -257,7 +257,8 @@ impl ManualEngine {
         }
     }
 
-    /// The operations waiting, as (tag, "read" | "write" | "flush" | "discard"), in the order pushed.
+    /// The operations waiting, as (tag, "read" | "write" | "flush" | "discard"), in the order
+    /// pushed.
     pub fn pending(&self) -> Vec<(u16, &'static str)> {
         let kind = |op: &HostOp| match op {
             HostOp::Read { .. } => "read",
