@@ -22,10 +22,8 @@ fn restored(version: &str, name: &str) -> (TempDir, Guest, QmpClient) {
     let mut opts = BootOptions::shared(version);
     opts.extra_args
         .extend(["--qmp".to_string(), sock.display().to_string()]);
-    // A pulled disk's BARs read zero: Linux's virtio-pci finishes the removal and the slot
-    // takes the next disk (tests/surprise.rs).
-    opts.extra_args
-        .extend(["--surprise-bar-reads".to_string(), "zero".to_string()]);
+    // With the default `--surprise-bar-reads zero`, Linux's virtio-pci finishes the removal
+    // and the slot takes the next disk (tests/surprise.rs).
     let g = Guest::restore(&opts);
     let mut q = QmpClient::negotiated(&sock);
     blockdev_add(&mut q, "x", &make_disk(&dir, "x"));

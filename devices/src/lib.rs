@@ -9,6 +9,7 @@
 
 pub mod acpi_hotplug;
 mod dword_registers;
+pub mod guest_log;
 pub mod hotplug;
 pub mod interrupt;
 pub mod osc_report;

@@ -84,7 +84,11 @@ impl MutDevicePio for PowerControl {
                     self.handler.power_off();
                 } else {
                     // S1..S4 are not offered in the DSDT; a guest that asks anyway stays awake.
-                    log::warn!("guest asked for unsupported sleep type {slp_typ}");
+                    crate::guest_log::report(
+                        "unsupported sleep type",
+                        log::Level::Warn,
+                        format_args!("guest asked for unsupported sleep type {slp_typ}"),
+                    );
                     self.sleep_status |= WAK_STS;
                 }
             }

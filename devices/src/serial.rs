@@ -218,7 +218,11 @@ impl MutDevicePio for SerialDevice {
         if let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset)) {
             if off < SERIAL_PORT_SIZE as u8 {
                 if let Err(e) = self.uart.write(off, value) {
-                    log::warn!("serial write at offset {off}: {e:?}");
+                    crate::guest_log::report(
+                        "serial write failed",
+                        log::Level::Warn,
+                        format_args!("serial write at offset {off}: {e:?}"),
+                    );
                 }
                 // Enabling the THR-empty interrupt while the (always empty) transmitter holds
                 // nothing must interrupt. vm-superio skips the edge when it still has a THR-empty

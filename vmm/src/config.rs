@@ -90,10 +90,11 @@ pub struct Cli {
     pub remove_on_backend_error: bool,
 
     /// What the BARs of a disk pulled out by x-surprise-remove read afterwards, unless the call
-    /// says: `all-ones` as on hardware (Linux's virtio-pci then spins forever in its reset poll:
-    /// the guest's removal never completes and its hot-plug is stuck), or `zero` until the guest
-    /// maps something over them (the removal completes and the slot can be used again).
-    #[arg(long, value_name = "all-ones|zero", default_value = "all-ones", value_parser = parse_bar_reads)]
+    /// says: `zero` until the guest maps something over them (Linux's removal completes and the
+    /// slot can be used again), or `all-ones` as on hardware (Linux's virtio-pci then spins
+    /// forever in its reset poll: the guest's removal never completes and its hot-plug is
+    /// stuck; for reproducing that hang).
+    #[arg(long, value_name = "zero|all-ones", default_value = "zero", value_parser = parse_bar_reads)]
     pub surprise_bar_reads: BarReads,
 
     /// Seconds a device_del may go unanswered by the guest before the X_UNPLUG_STALLED event
@@ -425,6 +426,27 @@ mod tests {
         assert!(err.contains("auto, io_uring, threads"), "{err}");
         let cli = Cli::try_parse_from(["hotplug-vmm", "--kernel", "k"]).unwrap();
         assert_eq!(cli.aio, AioBackend::Auto);
+    }
+
+    /// The defaults are the ones the supported guests survive (issue 21): a surprise removal
+    /// fails the requests in flight (with `drop` Linux's virtio_blk waits for them forever) and
+    /// leaves BARs reading zero (with all-ones Linux's virtio-pci spins in `vp_reset`).
+    #[test]
+    fn surprise_defaults_are_the_ones_linux_survives() {
+        let cli = Cli::try_parse_from(["hotplug-vmm", "--kernel", "k"]).unwrap();
+        assert_eq!(cli.surprise_bar_reads, BarReads::Zero);
+        assert_eq!(cli.surprise_in_flight, InFlightPolicy::Fail);
+        assert!(!cli.remove_on_backend_error);
+        assert_eq!(BarReads::default(), cli.surprise_bar_reads);
+        let cli = Cli::try_parse_from([
+            "hotplug-vmm",
+            "--kernel",
+            "k",
+            "--surprise-bar-reads",
+            "all-ones",
+        ])
+        .unwrap();
+        assert_eq!(cli.surprise_bar_reads, BarReads::AllOnes);
     }
 
     #[test]

@@ -84,6 +84,7 @@ enum Request {
     QueryPci,
     QueryBlock,
     QueryHotplug,
+    QueryGuestLog,
     Hotplug(Command),
 }
 
@@ -115,6 +116,7 @@ const COMMANDS: &[(&str, Parse)] = &[
     ("query-pci", |a| no_args(a, Request::QueryPci)),
     ("query-block", |a| no_args(a, Request::QueryBlock)),
     ("x-query-hotplug", |a| no_args(a, Request::QueryHotplug)),
+    ("x-query-guest-log", |a| no_args(a, Request::QueryGuestLog)),
     ("blockdev-add", |a| {
         hotplug::blockdev_add_command(a).map(Request::Hotplug)
     }),
@@ -224,6 +226,7 @@ impl MachineControl {
             Request::QueryPci => Ok(self.runtime()?.pci.query_pci()),
             Request::QueryBlock => Ok(self.runtime()?.pci.query_block()),
             Request::QueryHotplug => Ok(self.runtime()?.hotplug.query()),
+            Request::QueryGuestLog => Ok(guest_log()),
             Request::Hotplug(command) => {
                 let rt = self.runtime()?;
                 if self.shared.run().is_migrating() && changes_the_machine(&command) {
@@ -236,6 +239,15 @@ impl MachineControl {
             }
         }
     }
+}
+
+/// `x-query-guest-log`: every kind of complaint the guest caused, with how many times and how
+/// many of them were left out of the log (devices::guest_log).
+fn guest_log() -> Value {
+    devices::guest_log::counts()
+        .into_iter()
+        .map(|c| json!({"kind": c.kind, "count": c.total, "suppressed": c.suppressed}))
+        .collect()
 }
 
 /// Whether a hot-plug command adds or removes a device or a backend a migration carries:

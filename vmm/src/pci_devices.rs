@@ -884,7 +884,11 @@ impl PciDevices {
                     self.vm
                         .unregister_ioevent(&evt, &IoEventAddress::Mmio(addr), NoDatamatch)
                 {
-                    log::warn!("{}: unregistering ioeventfd at {addr:#x}: {e}", dev.id());
+                    devices::guest_log::report(
+                        "ioeventfd move failed",
+                        log::Level::Warn,
+                        format_args!("{}: unregistering ioeventfd at {addr:#x}: {e}", dev.id()),
+                    );
                 }
             }
         }
@@ -895,7 +899,11 @@ impl PciDevices {
                         .register_ioevent(&evt, &IoEventAddress::Mmio(addr), NoDatamatch)
                 {
                     // The notify write still reaches the device through the BAR: slower, correct.
-                    log::warn!("{}: registering ioeventfd at {addr:#x}: {e}", dev.id());
+                    devices::guest_log::report(
+                        "ioeventfd move failed",
+                        log::Level::Warn,
+                        format_args!("{}: registering ioeventfd at {addr:#x}: {e}", dev.id()),
+                    );
                 }
             }
             f.bar0 = Some(base);

@@ -48,14 +48,20 @@ impl std::str::FromStr for PortMode {
 }
 
 /// What the BARs of a device pulled out by surprise read from then on.
+///
+/// The default is [`BarReads::Zero`], the reads that the supported guests survive (and what
+/// QEMU's unclaimed MMIO reads); [`BarReads::AllOnes`] is what hardware does, kept to reproduce
+/// the hang it causes in Linux.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BarReads {
     /// All-ones, writes dropped: the device is gone, as on hardware (the cycle is not claimed).
-    #[default]
+    /// Linux's virtio-pci (6.1, 6.12) polls a departing device's status until it reads zero, so
+    /// it spins forever in `vp_reset`: the function never leaves the guest's bus and the slot's
+    /// hot-plug is wedged for good.
     AllOnes,
-    /// Zero, writes dropped, until the guest maps another BAR over them. Linux's virtio-pci
-    /// (6.1, 6.12) polls a departing device's status until it reads zero and spins forever on
-    /// all-ones; with zero its removal completes.
+    /// Zero, writes dropped, until the guest maps another BAR over them: Linux's virtio-pci
+    /// reads the status as reset, its removal completes and the slot takes a new device.
+    #[default]
     Zero,
 }
 

@@ -421,7 +421,12 @@ impl Msix {
         // `vector` indexes a table of at most MSIX_MAX_VECTORS entries.
         let vector = vector as u16;
         if let Err(e) = self.group.update(vector, entry.message(), enabled) {
-            log::warn!("MSI-X: updating vector {vector} failed: {e}");
+            // The guest writes the table: a message the host refuses is the guest's to repeat.
+            crate::guest_log::report(
+                "MSI-X vector refused",
+                log::Level::Warn,
+                format_args!("MSI-X: updating vector {vector} failed: {e}"),
+            );
         }
     }
 

@@ -1163,19 +1163,27 @@ impl VirtioPciDevice {
         // clears them. DEVICE_NEEDS_RESET is not the driver's to set.
         let mut new = old | (value & DRIVER_STATUS_BITS);
         if new & !old & status::FEATURES_OK != 0 && !self.features_acceptable() {
-            log::info!(
-                "virtio-pci {}: refusing FEATURES_OK for features {:#x} (offered {:#x})",
-                self.device.id(),
-                self.driver_features,
-                self.device_features
+            crate::guest_log::report(
+                "virtio features refused",
+                log::Level::Info,
+                format_args!(
+                    "virtio-pci {}: refusing FEATURES_OK for features {:#x} (offered {:#x})",
+                    self.device.id(),
+                    self.driver_features,
+                    self.device_features
+                ),
             );
             new &= !status::FEATURES_OK;
         }
         let driver_ok = new & !old & status::DRIVER_OK != 0;
         if driver_ok && (new & status::FEATURES_OK == 0 || new & status::FAILED != 0) {
-            log::info!(
-                "virtio-pci {}: ignoring DRIVER_OK in status {new:#x}",
-                self.device.id()
+            crate::guest_log::report(
+                "virtio DRIVER_OK refused",
+                log::Level::Info,
+                format_args!(
+                    "virtio-pci {}: ignoring DRIVER_OK in status {new:#x}",
+                    self.device.id()
+                ),
             );
             new &= !status::DRIVER_OK;
         }
@@ -1238,9 +1246,13 @@ impl VirtioPciDevice {
 
     /// Sets DEVICE_NEEDS_RESET and tells the driver through a configuration interrupt (§2.1.2).
     fn needs_reset(&mut self, reason: &str) {
-        log::warn!(
-            "virtio-pci {}: device needs reset: {reason}",
-            self.device.id()
+        crate::guest_log::report(
+            "virtio device needs reset",
+            log::Level::Warn,
+            format_args!(
+                "virtio-pci {}: device needs reset: {reason}",
+                self.device.id()
+            ),
         );
         self.status |= status::DEVICE_NEEDS_RESET;
         if let Err(e) = self.interrupts.trigger(VirtioInterruptType::Config) {

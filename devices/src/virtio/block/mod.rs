@@ -413,10 +413,14 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Nothing is writable: VIRTIO_BLK_F_CONFIG_WCE is not offered.
-        warn!(
-            "virtio-blk {}: ignored config write of {} bytes at {offset:#x}",
-            self.config.id,
-            data.len()
+        crate::guest_log::report(
+            "virtio-blk config write",
+            log::Level::Warn,
+            format_args!(
+                "virtio-blk {}: ignored config write of {} bytes at {offset:#x}",
+                self.config.id,
+                data.len()
+            ),
         );
     }
 
