@@ -13,25 +13,27 @@ use libfuzzer_sys::fuzz_target;
 use vm_memory::GuestAddress;
 
 #[allow(dead_code)]
-mod migration {
-    #[path = "../../../vmm/src/migration/compat.rs"]
-    pub mod compat;
-    #[path = "../../../vmm/src/migration/memory.rs"]
-    pub mod memory;
-    #[path = "../../../vmm/src/migration/stream.rs"]
-    pub mod stream;
-}
+#[path = "../../vmm/src/migration/compat.rs"]
+mod compat;
+#[allow(dead_code)]
+#[path = "../../vmm/src/migration/memory.rs"]
+mod memory;
+#[allow(dead_code)]
+#[path = "../../vmm/src/migration/stream.rs"]
+mod stream;
 
-use migration::stream::{tag, StreamReader};
+use crate::stream::{tag, StreamReader};
 
 /// At most this many records per input: a stream of empty records must not run for long.
 const MAX_RECORDS: usize = 256;
 
 fuzz_target!(|data: &[u8]| {
     // 64 KiB at 0 and 8 KiB after a hole: runs may start, end or straddle outside RAM.
-    let memory =
-        GuestRam::from_ranges(&[(GuestAddress(0), 0x1_0000), (GuestAddress(0x2_0000), 0x2000)])
-            .expect("guest memory");
+    let memory = GuestRam::from_ranges(&[
+        (GuestAddress(0), 0x1_0000),
+        (GuestAddress(0x2_0000), 0x2000),
+    ])
+    .expect("guest memory");
     let Ok(mut input) = StreamReader::new(data) else {
         return;
     };
@@ -41,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         };
         match record.tag {
             tag::MEMR => {
-                if migration::memory::receive_run(&memory, &mut input, &record).is_err() {
+                if crate::memory::receive_run(&memory, &mut input, &record).is_err() {
                     return;
                 }
             }
@@ -52,9 +54,9 @@ fuzz_target!(|data: &[u8]| {
             tag::CONF => match input.json_payload(&record) {
                 Ok(bytes) => {
                     if let Ok(source) =
-                        serde_json::from_slice::<migration::compat::MachineConfig>(&bytes)
+                        serde_json::from_slice::<crate::compat::MachineConfig>(&bytes)
                     {
-                        let _ = migration::compat::check(&source, &source);
+                        let _ = crate::compat::check(&source, &source);
                     }
                 }
                 Err(_) => return,

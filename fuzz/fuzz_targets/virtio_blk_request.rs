@@ -6,8 +6,8 @@
 
 use std::sync::{Arc, OnceLock};
 
-use devices::virtio::GuestRam;
 use devices::virtio::block::{BlockStats, Disk, RequestProcessor};
+use devices::virtio::GuestRam;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};

@@ -80,6 +80,23 @@ pub struct VacatedRegion {
     pub bdf: Bdf,
 }
 
+/// One mapping of a [`BarSpace`], as [`BarSpace::mappings`] lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarMapping {
+    /// In I/O port space (else memory).
+    pub io: bool,
+    /// Where it starts.
+    pub address: u64,
+    /// Its size.
+    pub size: u64,
+    /// The function it was mapped for.
+    pub bdf: Bdf,
+    /// The BAR it reaches, if it still reaches its device (live, or vacated passing writes).
+    pub bar: Option<usize>,
+    /// A live BAR (else vacated: reads zero).
+    pub live: bool,
+}
+
 /// BAR mappings of a PCI segment. See the module documentation.
 ///
 /// Accesses that hit no BAR read all-ones and writes to them are dropped, as on a bus where no
@@ -199,6 +216,30 @@ impl BarSpace {
         }
     }
 
+    /// Removes the live mapping that starts at `address`, if it is BAR `index` of `device`,
+    /// whatever bus number the function had when it was mapped (a guest may renumber the bus
+    /// behind a bridge between two BAR moves).
+    pub fn unmap_bar(
+        &self,
+        device: &SharedPciDevice,
+        kind: BarKind,
+        index: usize,
+        address: u64,
+    ) -> bool {
+        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+        let map = Self::map_of(&mut maps, kind);
+        match map.get(&address) {
+            Some(Mapping {
+                target: Target::Live(r),
+                ..
+            }) if r.bar() == index && same_device(r.device(), device) => {
+                map.remove(&address);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Removes every mapping of `bdf` (e.g. when its device is unplugged).
     pub fn unmap_all(&self, bdf: Bdf) {
         let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
@@ -277,6 +318,27 @@ impl BarSpace {
         true
     }
 
+    /// Every mapping, memory ones first, each space in address order: where the guest reaches
+    /// which BAR now (for diagnostics, and for checking a space against the devices' BARs).
+    pub fn mappings(&self) -> Vec<BarMapping> {
+        let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
+        let list = |map: &BTreeMap<u64, Mapping>, io: bool| {
+            map.iter()
+                .map(|(&address, m)| BarMapping {
+                    io,
+                    address,
+                    size: m.size,
+                    bdf: m.bdf,
+                    bar: m.target.device().map(PciBarIo::bar),
+                    live: m.target.is_live(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut out = list(&maps.memory, false);
+        out.extend(list(&maps.io, true));
+        out
+    }
+
     /// Number of mappings (memory and I/O).
     pub fn len(&self) -> usize {
         let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
@@ -351,16 +413,22 @@ impl BarReprogrammingHandler for BarSpace {
     fn reprogram_bars(&self, bdf: Bdf, device: &SharedPciDevice, changes: &[BarReprogram]) {
         for c in changes {
             if let Some(old) = c.old {
-                self.unmap(bdf, c.kind, c.index, old);
+                // By device, not by `bdf`: the bus number behind a bridge may have changed
+                // since the BAR was mapped (found by fuzz/fuzz_targets/pci_segment.rs).
+                self.unmap_bar(device, c.kind, c.index, old);
             }
         }
         for c in changes {
             if let Some(new) = c.new {
                 if !self.map(bdf, device, c.kind, c.index, new, c.size) {
-                    log::warn!(
-                        "PCI {bdf}: BAR{} at {new:#x} (+{:#x}) overlaps another BAR: not mapped",
-                        c.index,
-                        c.size
+                    crate::guest_log::report(
+                        "BAR overlap",
+                        log::Level::Warn,
+                        format_args!(
+                            "PCI {bdf}: BAR{} at {new:#x} (+{:#x}) overlaps another BAR: not mapped",
+                            c.index,
+                            c.size
+                        ),
                     );
                 }
             }
@@ -410,6 +478,17 @@ mod tests {
 
     fn bdf(d: u8) -> Bdf {
         Bdf::new(0, d, 0).unwrap()
+    }
+
+    /// BAR 0 (64-bit memory, 4 KiB) moved from `old` to `new`.
+    fn change(old: Option<u64>, new: Option<u64>) -> BarReprogram {
+        BarReprogram {
+            index: 0,
+            kind: MEM,
+            size: 0x1000,
+            old,
+            new,
+        }
     }
 
     #[test]
@@ -518,13 +597,6 @@ mod tests {
     fn reprogramming_moves_mappings() {
         let space = BarSpace::new();
         let (_, dev) = probe();
-        let change = |old, new| BarReprogram {
-            index: 0,
-            kind: MEM,
-            size: 0x1000,
-            old,
-            new,
-        };
         space.reprogram_bars(bdf(1), &dev, &[change(None, Some(0x2000))]);
         let mut b = [0u8; 1];
         space.mmio_read(MmioAddress(0), 0x2000, &mut b);
@@ -541,6 +613,27 @@ mod tests {
         space.reprogram_bars(bdf(1), &dev, &[change(None, Some(0x8000))]);
         space.unmap_all(bdf(1));
         assert!(space.is_empty());
+    }
+
+    /// A guest that renumbers the bus behind a bridge and then moves a BAR of the function
+    /// there: the move is reported with the new bus number, and the mapping made under the old
+    /// one goes all the same (it stayed, live and stale, before).
+    #[test]
+    fn a_bar_moved_after_its_bus_was_renumbered_leaves_no_stale_mapping() {
+        let space = BarSpace::new();
+        let (_, dev) = probe();
+        let (_, other) = probe();
+        let (on_bus_1, on_bus_2) = (Bdf::new(1, 0, 0).unwrap(), Bdf::new(2, 0, 0).unwrap());
+        space.reprogram_bars(on_bus_1, &dev, &[change(None, Some(0x2000))]);
+        space.reprogram_bars(on_bus_2, &dev, &[change(Some(0x2000), Some(0x8000))]);
+        let live: Vec<u64> = space.mappings().iter().map(|m| m.address).collect();
+        assert_eq!(live, [0x8000]);
+        assert_eq!(space.mappings()[0].bdf, on_bus_2);
+        // Another device's BAR at the same place is not taken away.
+        assert!(space.map(on_bus_1, &other, MEM, 0, 0x2000, 0x1000));
+        assert!(!space.unmap_bar(&dev, MEM, 0, 0x2000));
+        assert!(!space.unmap_bar(&other, MEM, 1, 0x2000));
+        assert!(space.unmap_bar(&other, MEM, 0, 0x2000));
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub mod msix;
 pub mod root_port;
 pub mod slot;
 
-pub use bar_space::{BarSpace, VacatedRegion, VacatedWrites};
+pub use bar_space::{BarMapping, BarSpace, VacatedRegion, VacatedWrites};
 pub use bus::{
     BarReprogrammingHandler, Bdf, PciBusError, PciConfigIo, PciConfigMmio, PciRoot,
     PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_COUNT,
