@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# g++: libFuzzer, which the fuzz targets link, is C++.
 need=()
-for p in acpica-tools python3-fusepy e2fsprogs qemu-utils; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+for p in acpica-tools python3-fusepy e2fsprogs qemu-utils g++; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if [ ${#need[@]} -gt 0 ]; then
     sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
     $sudo apt-get update -q >&2 || true
@@ -30,5 +31,20 @@ for example in root_port_slot virtio_blk_request hotplug_control; do
 done
 cargo publish --dry-run --quiet --allow-dirty \
     -p hotplug-vmm-platform -p hotplug-vmm-devices -p hotplug-vmm-acpi
-# Guest boots are slow on PVM hosts; two at a time fits 2 cores.
-cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
+# The fuzz targets (fuzz/, resources/fuzz.sh), FUZZ_SECONDS each, built and run at the lowest
+# priority beside the tests: they take the CPU time the guests leave idle.
+fuzz_log="$(mktemp)"
+nice -n 19 bash resources/fuzz.sh "${FUZZ_SECONDS:-20}" >"$fuzz_log" 2>&1 &
+fuzz_pid=$!
+trap 'kill "$fuzz_pid" 2>/dev/null || true' EXIT
+
+# Guest boots are slow on PVM hosts; two at a time fits 2 cores. The leak checks run 20
+# hot-plug cycles each here (their count is exact: one fd or thread left by any cycle fails
+# them); HOTPLUG_VMM_HOTPLUG_CYCLES=50, the default of a plain `cargo test`, runs the full ones.
+HOTPLUG_VMM_HOTPLUG_CYCLES="${HOTPLUG_VMM_HOTPLUG_CYCLES:-20}" \
+    cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
+
+fuzz_status=0
+wait "$fuzz_pid" || fuzz_status=$?
+cat "$fuzz_log"
+exit "$fuzz_status"
