@@ -199,27 +199,10 @@ impl BarSpace {
         n
     }
 
-    /// Removes the mapping that starts at `address`, if it belongs to BAR `index` of `bdf`.
-    pub fn unmap(&self, bdf: Bdf, kind: BarKind, index: usize, address: u64) -> bool {
-        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
-        let map = Self::map_of(&mut maps, kind);
-        match map.get(&address) {
-            Some(Mapping {
-                bdf: b,
-                target: Target::Live(r),
-                ..
-            }) if *b == bdf && r.bar() == index => {
-                map.remove(&address);
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// Removes the live mapping that starts at `address`, if it is BAR `index` of `device`,
     /// whatever bus number the function had when it was mapped (a guest may renumber the bus
     /// behind a bridge between two BAR moves).
-    pub fn unmap_bar(
+    pub fn unmap(
         &self,
         device: &SharedPciDevice,
         kind: BarKind,
@@ -415,7 +398,7 @@ impl BarReprogrammingHandler for BarSpace {
             if let Some(old) = c.old {
                 // By device, not by `bdf`: the bus number behind a bridge may have changed
                 // since the BAR was mapped (found by fuzz/fuzz_targets/pci_segment.rs).
-                self.unmap_bar(device, c.kind, c.index, old);
+                self.unmap(device, c.kind, c.index, old);
             }
         }
         for c in changes {
@@ -606,8 +589,9 @@ mod tests {
         assert_eq!(b, [0xff]);
         space.mmio_read(MmioAddress(0), 0x8001, &mut b);
         assert_eq!(b, [1]);
-        // Another function cannot unmap it.
-        assert!(!space.unmap(bdf(2), MEM, 0, 0x8000));
+        // Another device cannot unmap it.
+        let (_, other) = probe();
+        assert!(!space.unmap(&other, MEM, 0, 0x8000));
         space.reprogram_bars(bdf(1), &dev, &[change(Some(0x8000), None)]);
         assert!(space.is_empty());
         space.reprogram_bars(bdf(1), &dev, &[change(None, Some(0x8000))]);
@@ -631,9 +615,9 @@ mod tests {
         assert_eq!(space.mappings()[0].bdf, on_bus_2);
         // Another device's BAR at the same place is not taken away.
         assert!(space.map(on_bus_1, &other, MEM, 0, 0x2000, 0x1000));
-        assert!(!space.unmap_bar(&dev, MEM, 0, 0x2000));
-        assert!(!space.unmap_bar(&other, MEM, 1, 0x2000));
-        assert!(space.unmap_bar(&other, MEM, 0, 0x2000));
+        assert!(!space.unmap(&dev, MEM, 0, 0x2000));
+        assert!(!space.unmap(&other, MEM, 1, 0x2000));
+        assert!(space.unmap(&other, MEM, 0, 0x2000));
     }
 
     #[test]
