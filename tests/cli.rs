@@ -131,3 +131,36 @@ fn kernel_is_required_and_help_documents_every_flag() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
+
+/// A `--disk` path that is no disk stops the VMM with one line naming it, before the kernel is
+/// read (the kernel here is not one, and its error would come otherwise), and never waits on
+/// it: a FIFO used to block the VMM's start for good in `open`.
+#[test]
+fn bad_disk_paths() {
+    let k = temp_file("disk-kernel", b"not a kernel");
+    let dir = std::env::temp_dir().join(format!("hotplug-vmm-cli-{}-disks", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    let vmdk = dir.join("x.vmdk");
+    std::fs::write(&vmdk, [b"KDMV".as_slice(), &[0; 508]].concat()).unwrap();
+    let not_qcow2 = dir.join("raw.img");
+    std::fs::write(&not_qcow2, [0u8; 4096]).unwrap();
+    let d = |p: &std::path::Path, opts: &str| format!("path={}{opts}", p.display());
+    for (disk, needle) in [
+        (d(&dir, ""), "it is a directory"),
+        (d(&dir, ",readonly=on"), "it is a directory"),
+        (d(&fifo, ""), "it is a FIFO"),
+        (d(&fifo, ",readonly=on"), "it is a FIFO"),
+        (d(&dir.join("missing.img"), ""), "No such file or directory"),
+        (d(std::path::Path::new("/dev/null"), ""), "character device"),
+        (d(&vmdk, ""), "vmdk image, which is not supported"),
+        (d(&not_qcow2, ",format=qcow2"), "qcow2"),
+    ] {
+        assert_one_line_error(&["--kernel", &k, "--disk", &disk], "--disk");
+        assert_one_line_error(&["--kernel", &k, "--disk", &disk], needle);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

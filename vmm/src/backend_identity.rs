@@ -41,11 +41,8 @@ impl BackendIdentity {
     /// names, with the same size; otherwise says how it changed.
     pub fn reopen(&self, path: &Path, readonly: bool) -> Result<std::fs::File, String> {
         let name = path.display();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(|e| match e.kind() {
+        let file =
+            devices::virtio::block::open_image(path, readonly).map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => format!("backing file {name} is missing"),
                 _ => format!("cannot open backing file {name}: {e}"),
             })?;

@@ -13,7 +13,7 @@
 //! sees a half-added or half-removed device: the control plane and the devices change together.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::Path;
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,7 +28,7 @@ use devices::hotplug::{
 };
 use devices::osc_report::OscEvaluation;
 use devices::pci::{PcieRootPort, SlotEvent, SlotObserver};
-use devices::virtio::block::{Disk, ImageFormat};
+use devices::virtio::block::{open_image, Disk, ImageFormat};
 use devices::virtio::InFlightOutcome;
 use serde_json::{json, Map, Value};
 
@@ -968,33 +968,22 @@ impl Inner {
     }
 }
 
-/// Opens a `blockdev-add` image: read-write unless `readonly`; a directory is refused, and so is
-/// an image that `format` cannot open (a qcow2 node's header and tables are read here, as QEMU
-/// reads them at `blockdev-add`, so that a bad image fails this command and not a later
+/// Opens a `blockdev-add` image: read-write unless `readonly`; anything but a regular file or a
+/// block device is refused without waiting on it ([`devices::virtio::block::open_image`]), and
+/// so is an image that `format` cannot open (a qcow2 node's header and tables are read here, as
+/// QEMU reads them at `blockdev-add`, so that a bad image fails this command and not a later
 /// `device_add`).
 fn open_backend(path: &Path, readonly: bool, format: ImageFormat) -> Result<File, QmpError> {
     let filename = path.display();
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!readonly)
-        .open(path)
+    let file = open_image(path, readonly)
         .map_err(|e| generic(format!("Could not open '{filename}': {e}")))?;
-    match file.metadata() {
-        Ok(m) if m.is_dir() => Err(generic(format!("'{filename}' is a directory"))),
-        Ok(_) if format != ImageFormat::Raw => {
-            let check = file
-                .try_clone()
-                .and_then(|f| Disk::from_file_format(f, path, readonly, Some(format)));
-            match check {
-                Ok(_) => Ok(file),
-                Err(e) => Err(generic(format!(
-                    "Could not open '{filename}' as {format}: {e}"
-                ))),
-            }
-        }
-        Ok(_) => Ok(file),
-        Err(e) => Err(generic(format!("Could not open '{filename}': {e}"))),
+    if format == ImageFormat::Raw {
+        return Ok(file);
     }
+    file.try_clone()
+        .and_then(|f| Disk::from_file_format(f, path, readonly, Some(format)))
+        .map(|_| file)
+        .map_err(|e| generic(format!("Could not open '{filename}' as {format}: {e}")))
 }
 
 /// One ACPI slot's entry of x-query-hotplug (device `d` of `bus`), without its bus and slot
@@ -1100,7 +1089,7 @@ mod tests {
     }
 
     #[test]
-    fn a_qcow2_node_is_read_when_it_is_added() {
+    fn a_node_is_read_when_it_is_added_and_only_files_are_nodes() {
         let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
         let raw = dir.as_path().join("r.img");
         std::fs::write(&raw, [0u8; 65536]).unwrap();
@@ -1110,5 +1099,14 @@ mod tests {
         assert!(open_backend(&raw, false, ImageFormat::Raw).is_ok());
         let e = open_backend(dir.as_path(), true, ImageFormat::Raw).unwrap_err();
         assert!(e.desc.contains("is a directory"), "{}", e.desc);
+        // A FIFO is refused at once, not waited on (an open of one blocks until a writer comes).
+        let fifo = dir.as_path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for readonly in [true, false] {
+            let e = open_backend(&fifo, readonly, ImageFormat::Raw).unwrap_err();
+            assert!(e.desc.contains("it is a FIFO"), "{}", e.desc);
+        }
     }
 }

@@ -105,6 +105,8 @@ pub enum VmError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    #[error("--disk {0}: {1}")]
+    DiskOpen(String, #[source] io::Error),
     #[error("cannot open serial output {0}: {1}")]
     SerialFile(String, #[source] io::Error),
     #[error("cannot create hot-plug trace {0}: {1}")]
@@ -303,6 +305,15 @@ fn check_user_input(cli: &Cli) -> Result<(), VmError> {
                 port: d.bus.clone(),
             }
             .into());
+        }
+    }
+    // Each image opened and its format read now, so that a path that is no disk (a directory,
+    // a FIFO, a missing or unreadable file, a qcow2 that is not one) stops the VMM with its own
+    // error before the kernel is read. With --incoming the images are checked by identity.
+    if cli.incoming.is_none() {
+        for d in &cli.disk {
+            devices::virtio::block::Disk::open_format(&d.path, d.readonly, d.format)
+                .map_err(|e| VmError::DiskOpen(d.path.display().to_string(), e))?;
         }
     }
 

@@ -9,7 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -25,6 +25,59 @@ pub const SECTOR_SHIFT: u32 = 9;
 
 /// Chunk of zeros written when the filesystem cannot zero a range itself.
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Opens the image file at `path` for a disk, read-write unless `readonly`: a regular file or a
+/// block device, nothing else.
+///
+/// The open itself never blocks: a FIFO (or a character device) given as a disk would stop an
+/// ordinary `open` until a writer comes, and its first read until data does, holding up the
+/// command that named it for good. So the file is opened with `O_NONBLOCK`, refused unless it is
+/// a regular file or a block device (a directory with an "is a directory" error, anything else
+/// naming what it is), and its flag cleared for the I/O to come.
+pub fn open_image(path: &Path, readonly: bool) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!readonly)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EISDIR) => not_an_image("a directory"),
+            _ => e,
+        })?;
+    let kind = file.metadata()?.file_type();
+    let what = if kind.is_file() || kind.is_block_device() {
+        None
+    } else if kind.is_dir() {
+        Some("a directory")
+    } else if kind.is_fifo() {
+        Some("a FIFO")
+    } else if kind.is_socket() {
+        Some("a socket")
+    } else if kind.is_char_device() {
+        Some("a character device")
+    } else {
+        Some("not a file")
+    };
+    if let Some(what) = what {
+        return Err(not_an_image(what));
+    }
+    // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns; no pointers are passed.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0
+        || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+fn not_an_image(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("it is {what}: a disk image is a regular file or a block device"),
+    )
+}
 
 /// A disk image opened for a virtio-blk device.
 #[derive(Debug)]
@@ -62,8 +115,7 @@ impl Disk {
         readonly: bool,
         format: Option<ImageFormat>,
     ) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(!readonly).open(path)?;
-        Self::from_file_format(file, path, readonly, format)
+        Self::from_file_format(open_image(path, readonly)?, path, readonly, format)
     }
 
     /// Uses an already-open raw image `file`. The capacity is the file size in whole sectors:
@@ -292,6 +344,62 @@ mod tests {
         tmp.as_file().write_all_at(content, 0).unwrap();
         let disk = Disk::open(tmp.as_path(), readonly).unwrap();
         (tmp, disk)
+    }
+
+    /// `open_image(path, readonly)` on another thread: its answer, or a failure when it has
+    /// not answered in 10 s (a FIFO's open or read blocks until a writer comes).
+    fn open_within_10s(path: &Path, readonly: bool) -> io::Result<File> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = path.to_path_buf();
+        std::thread::spawn(move || tx.send(open_image(&path, readonly)));
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening the image blocked")
+    }
+
+    #[test]
+    fn only_regular_files_and_block_devices_are_images_and_none_blocks_the_open() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let fifo = dir.as_path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for readonly in [true, false] {
+            let e = open_within_10s(&fifo, readonly).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+            assert!(e.to_string().contains("it is a FIFO"), "{e}");
+            let e = open_within_10s(dir.as_path(), readonly).unwrap_err();
+            assert!(e.to_string().contains("directory"), "{e}");
+        }
+        let e = open_within_10s(Path::new("/dev/null"), true).unwrap_err();
+        assert!(e.to_string().contains("a character device"), "{e}");
+
+        // A regular file opens, and without O_NONBLOCK left on it.
+        let tmp = TempFile::new().unwrap();
+        let file = open_within_10s(tmp.as_path(), false).unwrap();
+        // SAFETY: F_GETFL takes no pointer.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0);
+        assert_eq!(flags & libc::O_ACCMODE, libc::O_RDWR);
+    }
+
+    /// An image larger than the host's disk is thin provisioning, not an error: it opens, the
+    /// guest sees its whole size, and its last sector is written where the host has room. (A
+    /// write the host cannot store fails with ENOSPC and goes the way of every backend error:
+    /// an I/O error to the guest, counted and reported.)
+    #[test]
+    fn an_image_larger_than_the_hosts_disk_opens_with_its_whole_size() {
+        let tmp = TempFile::new().unwrap();
+        // 2 TiB, sparse: more than the disks these tests run on (ext4 holds files to 16 TiB).
+        let size = 2u64 << 40;
+        tmp.as_file().set_len(size).unwrap();
+        let disk = Disk::open(tmp.as_path(), false).unwrap();
+        assert_eq!(disk.capacity(), size / SECTOR_SIZE);
+        disk.file.write_all_at(b"last", size - SECTOR_SIZE).unwrap();
+        let mut back = [0u8; 4];
+        disk.file
+            .read_exact_at(&mut back, size - SECTOR_SIZE)
+            .unwrap();
+        assert_eq!(&back, b"last");
     }
 
     #[test]

@@ -57,7 +57,7 @@ use config_space::{ConfigSpace, ConfigValues};
 use host_io::EngineSource;
 use worker::{Parked, Pulled, Worker, WorkerContext};
 
-pub use disk::{Disk, SECTOR_SIZE};
+pub use disk::{open_image, Disk, SECTOR_SIZE};
 pub use executor::{Completion, RequestProcessor};
 pub use host_io::AioBackend;
 pub use image_format::{is_format_header, ImageFormat};
