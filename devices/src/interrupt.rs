@@ -48,6 +48,33 @@ pub struct MsiMessage {
     pub data: u32,
 }
 
+impl MsiMessage {
+    /// The delivery mode: bits 10:8 of the data (Intel SDM Vol. 3A §11.11.2, "Message Data
+    /// Register Format").
+    pub fn delivery_mode(&self) -> u8 {
+        ((self.data >> 8) & 7) as u8
+    }
+
+    /// Why a machine without firmware must not deliver this message, if it must not; `None`
+    /// for the fixed, lowest-priority and NMI deliveries a driver programs.
+    ///
+    /// The rest could only end the guest, never serve it: an INIT puts the vCPU at the reset
+    /// vector, where this machine has no firmware (the hostile-guest test's random
+    /// configuration writes did exactly that, and the VMM stopped on the emulation failure that
+    /// followed);
+    /// an SMI needs SMM, which the machine does not offer; an ExtINT needs an 8259 to answer
+    /// the acknowledge cycle; modes 3 and 6 are reserved.
+    pub fn refusal(&self) -> Option<&'static str> {
+        match self.delivery_mode() {
+            0 | 1 | 4 => None,
+            2 => Some("SMI delivery mode (the machine has no SMM)"),
+            5 => Some("INIT delivery mode (it would reset a vCPU; the machine has no firmware)"),
+            7 => Some("ExtINT delivery mode (the machine has no 8259 to answer it)"),
+            _ => Some("a reserved delivery mode"),
+        }
+    }
+}
+
 /// The hypervisor's MSI delivery for one device: a group of vectors.
 ///
 /// The transport calls [`MsiInterruptGroup::update`] from the vCPU thread whenever the guest
@@ -67,4 +94,33 @@ pub trait MsiInterruptGroup: Send + Sync {
 pub trait MsiSink: Send + Sync {
     /// Delivers one MSI with the address and data the guest programmed.
     fn send(&self, message: MsiMessage) -> io::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_fixed_lowest_priority_and_nmi_messages_are_delivered() {
+        let with_mode = |mode: u32| MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x4041 | mode << 8,
+        };
+        for mode in 0..8 {
+            let m = with_mode(mode);
+            assert_eq!(u32::from(m.delivery_mode()), mode);
+            assert_eq!(
+                m.refusal().is_none(),
+                [0, 1, 4].contains(&mode),
+                "mode {mode}"
+            );
+        }
+        assert!(with_mode(5).refusal().unwrap().contains("INIT"));
+        // Bits outside 10:8 do not change the mode.
+        let m = MsiMessage {
+            address: 0,
+            data: 0xffff_f8ff,
+        };
+        assert_eq!(m.refusal(), None);
+    }
 }

@@ -99,6 +99,10 @@ impl GsiRouter {
     }
 
     fn set_msi(&self, gsi: u32, message: Option<MsiMessage>) -> io::Result<()> {
+        // A message the machine must not deliver takes the route away, as a masked vector's
+        // does, and is refused to the caller, who counts it against the guest.
+        let refusal = message.and_then(|m| m.refusal());
+        let message = message.filter(|_| refusal.is_none());
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         match message {
             Some(m) => {
@@ -125,9 +129,13 @@ impl GsiRouter {
                 t.entries.insert((gsi, 0), e);
             }
             None => {
-                if t.entries.remove(&(gsi, 0)).is_none() {
-                    return Ok(());
+                if t.entries.remove(&(gsi, 0)).is_some() {
+                    self.commit(&t)?;
                 }
+                return match refusal {
+                    Some(why) => Err(io::Error::new(io::ErrorKind::InvalidInput, why)),
+                    None => Ok(()),
+                };
             }
         }
         self.commit(&t)

@@ -400,7 +400,12 @@ impl PcieRootPort {
             return;
         }
         if let Err(e) = self.msi.send(self.msi_message()) {
-            log::warn!("{}: hot-plug MSI failed: {e}", self.id);
+            // The guest programmed the message: a refusal is the guest's to repeat.
+            crate::guest_log::report(
+                "hot-plug MSI refused",
+                log::Level::Warn,
+                format_args!("{}: hot-plug MSI refused: {e}", self.id),
+            );
         }
     }
 
