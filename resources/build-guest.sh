@@ -72,7 +72,7 @@ build_kernel() {
 
 build_initramfs() {
     need_pkgs busybox-static cpio
-    local extra=("$here/guest/init" "$here/guest/uevent-helper.c" "$here/guest/blkzeroout.c" "$here/build-guest.sh")
+    local extra=("$here/guest/init" "$here/guest/uevent-helper.c" "$here/guest/blkzeroout.c" "$here/guest/hostile.c" "$here/build-guest.sh")
     local bbver; bbver=$(dpkg-query -W -f='${Version}' busybox-static)
     local key; key=$(echo "$bbver" | key_of - "${extra[@]}")
     local out="$cache/initramfs-$key.cpio"
@@ -90,7 +90,7 @@ build_initramfs() {
             { log "busybox's shell does not run applets without links"; exit 1; }
         install -m 0755 "$here/guest/init" "$root/init"
         local tool
-        for tool in uevent-helper blkzeroout; do
+        for tool in uevent-helper blkzeroout hostile; do
             gcc -Os -static -nostdlib -fno-stack-protector -fno-pie -no-pie \
                 -o "$root/sbin/$tool" "$here/guest/$tool.c"
         done

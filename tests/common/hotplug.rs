@@ -1,6 +1,7 @@
 //! Helpers for the hot-plug tests: disks with a signature, hot-add and removal through the
 //! control socket, and what the guest reports about its disks.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -249,4 +250,47 @@ pub fn wait_lines(g: &mut Guest, path: &str, lines: usize) -> String {
     );
     assert_eq!(status, 0, "{path}: {out}");
     out
+}
+
+/// The ids of the virtio functions `query-pci` lists, on the root bus and behind root ports.
+pub fn pci_ids(pci: &Value) -> BTreeSet<String> {
+    let mut ids = BTreeSet::new();
+    for d in pci[0]["devices"].as_array().unwrap() {
+        let below = d["pci_bridge"]["devices"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for f in std::iter::once(d).chain(below.iter()) {
+            if f["id"]["vendor"] == 0x1af4 {
+                ids.insert(f["qdev_id"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    ids
+}
+
+/// The device ids the three queries name, failing when they disagree.
+pub fn agreed_devices(g: &Guest, q: &mut QmpClient) -> BTreeSet<String> {
+    let block: BTreeSet<String> = q
+        .ok("query-block", json!({}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["qdev"].as_str().unwrap().to_string())
+        .collect();
+    let pci = pci_ids(&q.ok("query-pci", json!({})));
+    let slots = q.ok("x-query-hotplug", json!({}));
+    let occupants: BTreeSet<String> = slots["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["occupant"].as_str().map(str::to_string))
+        .collect();
+    if block != pci || pci != occupants {
+        g.fail(&format!(
+            "the VMM's records disagree: query-block {block:?}, query-pci {pci:?}, \
+             x-query-hotplug occupants {occupants:?}\n{slots}"
+        ));
+    }
+    block
 }
