@@ -199,7 +199,49 @@ fn free_reader(g: &mut Guest, q: &mut QmpClient, dir: &TempDir, bus: &str, tag: 
     }
 }
 
+/// The suite on `version`: `HOTPLUG_VMM_SURPRISE_RUNS` times in a row (1 unless set), each on
+/// a guest restored afresh with `HOTPLUG_VMM_SURPRISE_CPUS` vCPUs (1 unless set). Every run
+/// goes to its end; the test fails if any did, naming each failed run and why.
 fn surprise(version: &str) {
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let runs = env("HOTPLUG_VMM_SURPRISE_RUNS", 1);
+    let cpus = env("HOTPLUG_VMM_SURPRISE_CPUS", 1) as u8;
+    if runs == 1 {
+        return surprise_once(version, cpus);
+    }
+    let mut failed = Vec::new();
+    for run in 1..=runs {
+        let started = std::time::Instant::now();
+        let outcome = std::panic::catch_unwind(|| surprise_once(version, cpus));
+        let took = started.elapsed().as_secs();
+        match outcome {
+            Ok(()) => {
+                eprintln!("surprise {version} {cpus} vCPUs: run {run}/{runs} passed ({took} s)")
+            }
+            Err(e) => {
+                let why = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                eprintln!("surprise {version} {cpus} vCPUs: run {run}/{runs} FAILED ({took} s)");
+                failed.push(format!("run {run}: {}", why.lines().next().unwrap_or("")));
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {runs} runs failed: {failed:#?}",
+        failed.len()
+    );
+}
+
+fn surprise_once(version: &str, cpus: u8) {
     let dir = TempDir::new(&format!("surprise-{version}"));
     let sock = dir.path("qmp.sock");
     let trace = dir.path("trace.jsonl");
@@ -209,7 +251,7 @@ fn surprise(version: &str) {
     // addressed in the UART; a kernel message inside a command's output; one of three readers
     // that did not end), so it stays on the configuration that has been reliable.
     // The shared machine: rp0 and rp2 native, rp3 in ACPI mode.
-    let mut opts = BootOptions::shared(version);
+    let mut opts = BootOptions::shared(version).cpus(cpus);
     opts.extra_args.extend([
         "--qmp".to_string(),
         sock.display().to_string(),
