@@ -522,6 +522,22 @@ impl HotplugControl {
                 occupant: f.id.clone(),
             });
         }
+        // An empty native slot whose power indicator blinks: the guest is powering it on or
+        // off, after a card that is gone. Linux's pciehp, having powered a slot off, waits a
+        // second and then discards the presence and link changes that came meanwhile as its
+        // own doing (remove_board); a card inserted then is never seen. The control-plane soak
+        // lost one that way, after a device_del the guest answered and an x-surprise-remove of
+        // the powered-off card.
+        if let SlotId::Port(n) = slot {
+            let native = self.topology.port_mode(n) == Some(PortMode::Native);
+            if native
+                && regs
+                    .port_slot(n)
+                    .is_some_and(|v| v.power_indicator == Indicator::Blinking)
+            {
+                return Err(HotplugError::SlotInTransition(slot.bus()));
+            }
+        }
         let busy = match slot {
             SlotId::Port(n) => regs.port_slot(n).is_some_and(|v| v.present),
             SlotId::RootBus(_) => acpi.is_some_and(|(bus, d)| bus.occupied & 1 << d != 0),

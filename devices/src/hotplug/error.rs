@@ -91,6 +91,11 @@ pub enum HotplugError {
         /// Its device number.
         device: u8,
     },
+    /// `device_add` into an empty native slot whose power indicator blinks: the guest is
+    /// still powering it on or off after the card that was there, and would take a card
+    /// inserted now for an effect of its own power-off.
+    #[error("Slot of {0}: the guest is still powering it on or off (power indicator blinking) after the card that left; retry shortly")]
+    SlotInTransition(BusId),
     /// No device has this id.
     #[error("Device '{0}' not found")]
     DeviceNotFound(String),
