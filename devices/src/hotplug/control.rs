@@ -29,6 +29,10 @@ pub const RECHECK_AFTER: Duration = Duration::from_secs(1);
 /// again would cancel the first press (pciehp cancels within its 5 s grace period).
 pub const REPRESS_AFTER: Duration = Duration::from_secs(2);
 
+/// How long after a surprise removal from an ACPI slot a new card waits for the guest's driver
+/// to let go of the pulled one (see `check_slot_free`).
+pub const ACPI_PULL_SETTLE: Duration = Duration::from_secs(10);
+
 /// The control plane's settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Options {
@@ -217,7 +221,7 @@ impl HotplugControl {
                 format,
             } => self.blockdev_add(node, path, readonly, format),
             Command::BlockdevDel { node } => self.blockdev_del(&node),
-            Command::DeviceAdd(add) => self.device_add(add, regs),
+            Command::DeviceAdd(add) => self.device_add(now, add, regs),
             Command::DeviceDel { id } => self.device_del(now, &id, regs),
             Command::SurpriseRemove {
                 id,
@@ -393,6 +397,7 @@ impl HotplugControl {
 
     fn device_add(
         &mut self,
+        now: Duration,
         add: DeviceAdd,
         regs: &dyn SlotRegisters,
     ) -> Result<Vec<Action>, HotplugError> {
@@ -434,7 +439,7 @@ impl HotplugControl {
                 SlotId::Port(n)
             }
         };
-        self.check_slot_free(slot, regs)?;
+        self.check_slot_free(now, slot, regs)?;
         let remove = add
             .remove_on_backend_error
             .unwrap_or(self.options.remove_on_backend_error);
@@ -503,7 +508,12 @@ impl HotplugControl {
 
     /// Refuses a slot that is not free for a new card: taken, holding a card on its way out,
     /// or an ACPI slot whose pulled device the guest has not noticed yet.
-    fn check_slot_free(&self, slot: SlotId, regs: &dyn SlotRegisters) -> Result<(), HotplugError> {
+    fn check_slot_free(
+        &self,
+        now: Duration,
+        slot: SlotId,
+        regs: &dyn SlotRegisters,
+    ) -> Result<(), HotplugError> {
         let acpi = self
             .topology
             .acpi_select(slot)
@@ -521,6 +531,23 @@ impl HotplugControl {
                 slot: slot_name(slot),
                 occupant: f.id.clone(),
             });
+        }
+        // An ACPI slot whose last card was pulled out, and whose driver in the guest has not let
+        // go of it (reset it) yet, for ACPI_PULL_SETTLE after the pull. acpiphp handles its
+        // events one after the other, each to its end, a driver's probe included: while it is
+        // still busy with the pulled card, a card inserted now is seen, if at all, through the
+        // stale device it has not removed yet, and never added. The control-plane soak lost one
+        // that way (a card pulled during its probe, the next inserted 0.45 s later). A card the
+        // guest never bound has no driver to reset it: after the settle time, the slot is free.
+        if acpi.is_some() {
+            let unsettled = self.pulled().any(|f| {
+                f.slot == slot
+                    && matches!(f.lifecycle, Lifecycle::Pulled { since, .. }
+                        if now.saturating_sub(since) < ACPI_PULL_SETTLE)
+            });
+            if unsettled {
+                return Err(HotplugError::PulledNotReleased(slot_name(slot)));
+            }
         }
         // An empty native slot whose power indicator blinks: the guest is powering it on or
         // off, after a card that is gone. Linux's pciehp, having powered a slot off, waits a

@@ -96,6 +96,13 @@ pub enum HotplugError {
     /// inserted now for an effect of its own power-off.
     #[error("Slot of {0}: the guest is still powering it on or off (power indicator blinking) after the card that left; retry shortly")]
     SlotInTransition(BusId),
+    /// `device_add` into an ACPI slot whose last card was pulled out moments ago and whose
+    /// driver in the guest has not let go of it yet: acpiphp, still busy with it, would miss a
+    /// card inserted now.
+    #[error(
+        "{0}: the guest's driver has not yet let go of the card pulled out of it; retry shortly"
+    )]
+    PulledNotReleased(String),
     /// No device has this id.
     #[error("Device '{0}' not found")]
     DeviceNotFound(String),

@@ -763,7 +763,7 @@ fn a_pulled_device_is_let_go_when_its_driver_resets_it() {
 #[test]
 fn an_acpi_slot_takes_a_new_card_only_after_the_guest_read_the_bus_check() {
     let (mut c, mut regs) = machine();
-    plugged(&mut c, &mut regs, "d", "pcie.0");
+    let key = plugged(&mut c, &mut regs, "d", "pcie.0");
     c.command(ms(0), pull("d", None), &regs).unwrap();
     regs.acpi[0].occupied &= !(1 << 1);
     regs.acpi[0].vanished |= 1 << 1;
@@ -773,9 +773,41 @@ fn an_acpi_slot_takes_a_new_card_only_after_the_guest_read_the_bus_check() {
         "Slot 0x1 of pcie.0: the guest has not yet taken notice of the surprise removal of its last device; retry shortly"
     );
     regs.acpi[0].vanished = 0;
+    // Read, but the guest's driver still has the pulled card (the soak's lost disk: acpiphp,
+    // still probing it, never added the next).
+    assert_eq!(
+        refused(&mut c, ms(500), add("n", "n", Some("pcie.0"), Some("1")), &regs).to_string(),
+        "pcie.0 slot 1: the guest's driver has not yet let go of the card pulled out of it; retry shortly"
+    );
+    c.host_event(ms(600), HostEvent::PulledGone { key }, &regs);
     assert!(c
-        .command(ms(0), add("n", "n", Some("pcie.0"), Some("1")), &regs)
+        .command(ms(700), add("n", "n", Some("pcie.0"), Some("1")), &regs)
         .is_ok());
+}
+
+/// A pulled card the guest never bound has no driver to let go of it: the slot takes a new
+/// one once ACPI_PULL_SETTLE has passed (the stale one released then, by the VMM).
+#[test]
+fn an_acpi_slot_takes_a_new_card_after_the_settle_time_without_the_drivers_reset() {
+    let (mut c, mut regs) = machine();
+    plugged(&mut c, &mut regs, "d", "rp2");
+    c.command(ms(0), pull("d", None), &regs).unwrap();
+    regs.ports[2].present = false;
+    node(&mut c, &regs, "n");
+    assert!(matches!(
+        refused(&mut c, ms(9_999), add("n", "n", Some("rp2"), None), &regs),
+        HotplugError::PulledNotReleased(_)
+    ));
+    let a = c
+        .command(ms(10_000), add("n", "n", Some("rp2"), None), &regs)
+        .unwrap();
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::ReleasePulled {
+            by: PulledRelease::Vmm,
+            ..
+        }
+    )));
 }
 
 /// The control-plane soak's lost card (tests/soak.rs): the guest answered a device_del by
@@ -799,7 +831,10 @@ fn a_native_slot_takes_a_new_card_only_once_the_guest_is_done_powering_it() {
         "Slot of rp0: the guest is still powering it on or off (power indicator blinking) after the card that left; retry shortly"
     );
     regs.ports[0].power_indicator = Indicator::Off;
-    c.guest_event(ms(6200), slot_event(0, SlotEvent::PowerIndicator(Indicator::Off)));
+    c.guest_event(
+        ms(6200),
+        slot_event(0, SlotEvent::PowerIndicator(Indicator::Off)),
+    );
     assert!(c
         .command(ms(6300), add("n", "n", Some("rp0"), None), &regs)
         .is_ok());
