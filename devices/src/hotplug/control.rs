@@ -420,7 +420,9 @@ impl HotplugControl {
             });
         }
         let slot = match add.bus {
-            Some(BusId::RootBus) => SlotId::RootBus(self.root_bus_slot(add.addr.as_ref(), regs)?),
+            Some(BusId::RootBus) => {
+                SlotId::RootBus(self.root_bus_slot(now, add.addr.as_ref(), regs)?)
+            }
             Some(BusId::Port(n)) => {
                 if self.topology.port_mode(n).is_none() {
                     return Err(HotplugError::NoSuchBus(BusId::Port(n)));
@@ -480,6 +482,7 @@ impl HotplugControl {
     /// The root bus slot for a `device_add`: `addr`'s, or the first free one.
     fn root_bus_slot(
         &self,
+        now: Duration,
         addr: Option<&DeviceAddr>,
         regs: &dyn SlotRegisters,
     ) -> Result<u8, HotplugError> {
@@ -500,10 +503,25 @@ impl HotplugControl {
                     .acpi_bus(super::topology::ROOT_BUS_SELECT)
                     .map_or(u32::MAX, |b| b.occupied | b.vanished);
                 (FIRST_ROOT_BUS_SLOT..super::topology::FIRST_ROOT_PORT_SLOT)
-                    .find(|&d| busy & 1 << d == 0 && self.occupant(SlotId::RootBus(d)).is_none())
+                    .find(|&d| {
+                        let slot = SlotId::RootBus(d);
+                        busy & 1 << d == 0
+                            && self.occupant(slot).is_none()
+                            && !self.pull_unsettled(now, slot)
+                    })
                     .ok_or(HotplugError::NoFreeRootBusSlot)
             }
         }
+    }
+
+    /// A card was pulled out of `slot` less than [`ACPI_PULL_SETTLE`] ago and the guest's
+    /// driver has not let go of it yet.
+    fn pull_unsettled(&self, now: Duration, slot: SlotId) -> bool {
+        self.pulled().any(|f| {
+            f.slot == slot
+                && matches!(f.lifecycle, Lifecycle::Pulled { since, .. }
+                    if now.saturating_sub(since) < ACPI_PULL_SETTLE)
+        })
     }
 
     /// Refuses a slot that is not free for a new card: taken, holding a card on its way out,
@@ -539,15 +557,8 @@ impl HotplugControl {
         // stale device it has not removed yet, and never added. The control-plane soak lost one
         // that way (a card pulled during its probe, the next inserted 0.45 s later). A card the
         // guest never bound has no driver to reset it: after the settle time, the slot is free.
-        if acpi.is_some() {
-            let unsettled = self.pulled().any(|f| {
-                f.slot == slot
-                    && matches!(f.lifecycle, Lifecycle::Pulled { since, .. }
-                        if now.saturating_sub(since) < ACPI_PULL_SETTLE)
-            });
-            if unsettled {
-                return Err(HotplugError::PulledNotReleased(slot_name(slot)));
-            }
+        if acpi.is_some() && self.pull_unsettled(now, slot) {
+            return Err(HotplugError::PulledNotReleased(slot_name(slot)));
         }
         // An empty native slot whose power indicator blinks: the guest is powering it on or
         // off, after a card that is gone. Linux's pciehp, having powered a slot off, waits a

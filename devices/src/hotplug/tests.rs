@@ -779,6 +779,18 @@ fn an_acpi_slot_takes_a_new_card_only_after_the_guest_read_the_bus_check() {
         refused(&mut c, ms(500), add("n", "n", Some("pcie.0"), Some("1")), &regs).to_string(),
         "pcie.0 slot 1: the guest's driver has not yet let go of the card pulled out of it; retry shortly"
     );
+    // Without an address, the first slot that is free now.
+    node(&mut c, &regs, "m");
+    let a = c
+        .command(ms(550), add("m", "m", Some("pcie.0"), None), &regs)
+        .unwrap();
+    assert!(matches!(
+        a[0],
+        Action::Plug {
+            slot: SlotId::RootBus(2),
+            ..
+        }
+    ));
     c.host_event(ms(600), HostEvent::PulledGone { key }, &regs);
     assert!(c
         .command(ms(700), add("n", "n", Some("pcie.0"), Some("1")), &regs)
