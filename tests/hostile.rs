@@ -27,10 +27,7 @@ use serde_json::json;
 
 /// How long the guest misbehaves; `HOTPLUG_VMM_HOSTILE_SECONDS` overrides.
 fn seconds() -> u64 {
-    std::env::var("HOTPLUG_VMM_HOSTILE_SECONDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(60)
+    common::env_number("HOTPLUG_VMM_HOSTILE_SECONDS", 60)
 }
 
 /// What of the VMM process the guest must not change: its threads by name, its open files by
@@ -116,10 +113,7 @@ impl Process {
 }
 
 fn hostile(version: &str, seed: u64) {
-    let seed = std::env::var("HOTPLUG_VMM_HOSTILE_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(seed);
+    let seed = common::env_number("HOTPLUG_VMM_HOSTILE_SEED", seed);
     let dir = TempDir::new(&format!("hostile-{version}"));
     let sock = dir.path("qmp.sock");
     let mut opts = BootOptions::shared(version);

@@ -203,14 +203,8 @@ fn free_reader(g: &mut Guest, q: &mut QmpClient, dir: &TempDir, bus: &str, tag: 
 /// a guest restored afresh with `HOTPLUG_VMM_SURPRISE_CPUS` vCPUs (1 unless set). Every run
 /// goes to its end; the test fails if any did, naming each failed run and why.
 fn surprise(version: &str) {
-    let env = |name: &str, default: u64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let runs = env("HOTPLUG_VMM_SURPRISE_RUNS", 1);
-    let cpus = env("HOTPLUG_VMM_SURPRISE_CPUS", 1) as u8;
+    let runs = common::env_number("HOTPLUG_VMM_SURPRISE_RUNS", 1);
+    let cpus = common::env_number("HOTPLUG_VMM_SURPRISE_CPUS", 1) as u8;
     if runs == 1 {
         return surprise_once(version, cpus);
     }

@@ -107,10 +107,7 @@ pub fn slot<'a>(slots: &'a Value, bus: &str) -> &'a Value {
 
 /// Cycles for a leak check: 50, or `HOTPLUG_VMM_HOTPLUG_CYCLES`.
 pub fn cycles() -> usize {
-    std::env::var("HOTPLUG_VMM_HOTPLUG_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50)
+    super::env_number("HOTPLUG_VMM_HOTPLUG_CYCLES", 50) as usize
 }
 
 pub fn open_fds_and_threads(pid: u32) -> (usize, usize) {
@@ -252,9 +249,9 @@ pub fn wait_lines(g: &mut Guest, path: &str, lines: usize) -> String {
     out
 }
 
-/// The ids of the virtio functions `query-pci` lists, on the root bus and behind root ports.
-pub fn pci_ids(pci: &Value) -> BTreeSet<String> {
-    let mut ids = BTreeSet::new();
+/// The virtio functions `query-pci` lists, on the root bus and behind root ports.
+pub fn virtio_functions(pci: &Value) -> Vec<Value> {
+    let mut found = Vec::new();
     for d in pci[0]["devices"].as_array().unwrap() {
         let below = d["pci_bridge"]["devices"]
             .as_array()
@@ -262,11 +259,19 @@ pub fn pci_ids(pci: &Value) -> BTreeSet<String> {
             .unwrap_or_default();
         for f in std::iter::once(d).chain(below.iter()) {
             if f["id"]["vendor"] == 0x1af4 {
-                ids.insert(f["qdev_id"].as_str().unwrap().to_string());
+                found.push(f.clone());
             }
         }
     }
-    ids
+    found
+}
+
+/// The ids of the virtio functions `query-pci` lists.
+pub fn pci_ids(pci: &Value) -> BTreeSet<String> {
+    virtio_functions(pci)
+        .iter()
+        .map(|f| f["qdev_id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// The device ids the three queries name, failing when they disagree.

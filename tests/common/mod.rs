@@ -74,6 +74,15 @@ pub fn kernel_versions() -> Vec<String> {
         .collect()
 }
 
+/// The number in environment variable `name` (a test's knob, such as
+/// `HOTPLUG_VMM_SOAK_OPS`), or `default` when it is unset or not a number.
+pub fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The byte (SOH) that starts every line the test guest prints on its own: the kernel log lines
 /// its /init forwards and the uevent helper's block-device reports.
 pub const ASYNC_MARK: u8 = 0x01;
