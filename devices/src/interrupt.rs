@@ -61,9 +61,8 @@ impl MsiMessage {
     /// The rest could only end the guest, never serve it: an INIT puts the vCPU at the reset
     /// vector, where this machine has no firmware (the hostile-guest test's random
     /// configuration writes did exactly that, and the VMM stopped on the emulation failure that
-    /// followed);
-    /// an SMI needs SMM, which the machine does not offer; an ExtINT needs an 8259 to answer
-    /// the acknowledge cycle; modes 3 and 6 are reserved.
+    /// followed); an SMI needs SMM, which the machine does not offer; an ExtINT needs an 8259
+    /// to answer the acknowledge cycle; modes 3 and 6 are reserved.
     pub fn refusal(&self) -> Option<&'static str> {
         match self.delivery_mode() {
             0 | 1 | 4 => None,
