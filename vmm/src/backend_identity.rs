@@ -23,6 +23,11 @@ impl BackendIdentity {
         Ok(Self::from_metadata(&file.metadata()?))
     }
 
+    /// The identity of an opened image's file.
+    pub fn of_disk(disk: &devices::virtio::block::Disk) -> std::io::Result<Self> {
+        Ok(Self::from_metadata(&disk.metadata()?))
+    }
+
     /// The identity of the file at `path` now.
     pub fn of_path(path: &Path) -> std::io::Result<Self> {
         Ok(Self::from_metadata(&std::fs::metadata(path)?))

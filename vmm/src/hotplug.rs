@@ -34,7 +34,7 @@ use serde_json::{json, Map, Value};
 
 use crate::backend_identity::BackendIdentity;
 use crate::config::parse_backend_error;
-use crate::pci_devices::{AddDeviceError, DiskSpec, PciDevices};
+use crate::pci_devices::{AddDeviceError, DiskImage, DiskSpec, PciDevices};
 use crate::qmp::typed::parse_args;
 use crate::qmp::{QmpError, QmpEvents};
 use serde::Deserialize;
@@ -662,7 +662,7 @@ impl Inner {
                         path: backing.path,
                         readonly: backing.readonly,
                         format,
-                        file: Some(file),
+                        image: DiskImage::File(file),
                         node: Some(node),
                     };
                     self.pci

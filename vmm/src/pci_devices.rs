@@ -14,7 +14,9 @@ use devices::pci::{
     same_device, BarReprogram, BarReprogrammingHandler, BarSpace, Bdf, PciDevice, PciRoot,
     PcieRootPort, RootPortOptions, SharedPciDevice, VacatedRegion, VacatedWrites,
 };
-use devices::virtio::block::{AioBackend, BackendErrorObserver, Block, BlockConfig, ImageFormat};
+use devices::virtio::block::{
+    AioBackend, BackendErrorObserver, Block, BlockConfig, Disk, ImageFormat,
+};
 use devices::virtio::pci::{VirtioPciDevice, VirtioPciState, BAR0_SIZE};
 use devices::virtio::{GuestMemory, InFlightOutcome, InFlightPolicy};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -44,8 +46,8 @@ pub enum Placement {
     Port { port: String, port_bdf: Bdf },
 }
 
-/// The disk to plug: the control plane's key and id for it, its backing file, and (for
-/// `blockdev-add` backends) the file already opened.
+/// The disk to plug: the control plane's key and id for it, its backing file, and that file
+/// already opened.
 pub struct DiskSpec {
     pub key: FunctionKey,
     pub id: String,
@@ -53,10 +55,19 @@ pub struct DiskSpec {
     pub readonly: bool,
     /// Its format; `None` probes it.
     pub format: Option<ImageFormat>,
-    /// An open image (a clone of a `blockdev-add` node's file); `None` opens `path`.
-    pub file: Option<std::fs::File>,
+    /// Its image, opened by the caller.
+    pub image: DiskImage,
     /// The `blockdev-add` node it uses, if any.
     pub node: Option<String>,
+}
+
+/// A disk's image as the caller opened it: nothing is opened again by name when it is
+/// plugged, so the file plugged is the file that was checked.
+pub enum DiskImage {
+    /// Opened and read (format, size) already: a `--disk`, checked before the machine is built.
+    Opened(Disk),
+    /// A clone of a `blockdev-add` node's file, read when plugged.
+    File(std::fs::File),
 }
 
 /// A virtio-pci function and the notify addresses its ioeventfds are registered on now.
@@ -486,14 +497,14 @@ impl PciDevices {
             }
         }
         let config = self.block_config(&disk.path, &id, disk.readonly, disk.format);
-        let (block, identity) = match disk.file {
-            Some(file) => {
+        let (block, identity) = match disk.image {
+            DiskImage::File(file) => {
                 let identity = BackendIdentity::of(&file);
                 (Block::with_file(config, file)?, identity)
             }
-            None => {
-                let block = Block::new(config)?;
-                (block, BackendIdentity::of_path(&disk.path))
+            DiskImage::Opened(image) => {
+                let identity = BackendIdentity::of_disk(&image);
+                (Block::with_disk(config, image)?, identity)
             }
         };
         let identity = identity.map_err(|e| AddDeviceError::Transport(format!("{id}: {e}")))?;

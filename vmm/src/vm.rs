@@ -20,6 +20,7 @@ use devices::power_control::{
     SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET,
 };
 use devices::serial::{SerialDevice, SerialDeviceState, SERIAL_PORT_SIZE};
+use devices::virtio::block::Disk;
 use devices::virtio::GuestRam;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -42,7 +43,7 @@ use crate::layout::*;
 use crate::migration::compat::{ColdDisk, MachineConfig};
 use crate::migration::incoming::{Answer, Incoming};
 use crate::migration::uri::MigrationUri;
-use crate::pci_devices::{DiskSpec, PciDevices};
+use crate::pci_devices::{DiskImage, DiskSpec, PciDevices};
 use crate::run_state::RunStates;
 use crate::runtime::{Platform, Runtime, Shared};
 use crate::vcpu::{Vcpu, VcpuSet};
@@ -170,7 +171,7 @@ impl<W: Write> Write for Unbuffered<W> {
 /// Builds the machine from the command line — booting it, or taking it from a snapshot or a
 /// migration (`--incoming`) — and runs it until it stops.
 pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
-    check_user_input(cli)?;
+    let images = check_user_input(cli)?;
     let incoming = cli
         .incoming
         .as_deref()
@@ -205,7 +206,7 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
         None => None,
     };
     let boot = match incoming {
-        None => Boot::Fresh,
+        None => Boot::Fresh(images),
         Some(uri) => {
             let incoming = crate::migration::incoming::receive(
                 uri,
@@ -233,9 +234,10 @@ pub fn run(cli: &Cli) -> Result<VmExit, VmError> {
     machine.run(qmp, answer)
 }
 
-/// How the machine starts: booting the kernel, or from a snapshot or migration.
+/// How the machine starts: booting the kernel (with the `--disk` images, opened), or from a
+/// snapshot or migration.
 enum Boot {
-    Fresh,
+    Fresh(Vec<Disk>),
     Restore(Box<Incoming>),
 }
 
@@ -264,7 +266,9 @@ pub fn machine_config(cli: &Cli) -> MachineConfig {
 }
 
 /// Checks what the user gave before anything is built, so that their errors come first.
-fn check_user_input(cli: &Cli) -> Result<(), VmError> {
+/// Returns each `--disk`'s image, opened and read, in order (none with `--incoming`, whose
+/// images are checked by identity): the disks are plugged with these, not opened again.
+fn check_user_input(cli: &Cli) -> Result<Vec<Disk>, VmError> {
     // With --incoming the guest comes with its memory: kernel and initramfs are not read.
     if cli.incoming.is_none() {
         if let Some(kernel) = &cli.kernel {
@@ -310,14 +314,16 @@ fn check_user_input(cli: &Cli) -> Result<(), VmError> {
     // Each image opened and its format read now, so that a path that is no disk (a directory,
     // a FIFO, a missing or unreadable file, a qcow2 that is not one) stops the VMM with its own
     // error before the kernel is read. With --incoming the images are checked by identity.
-    if cli.incoming.is_none() {
-        for d in &cli.disk {
-            devices::virtio::block::Disk::open_format(&d.path, d.readonly, d.format)
-                .map_err(|e| VmError::DiskOpen(d.path.display().to_string(), e))?;
-        }
+    if cli.incoming.is_some() {
+        return Ok(Vec::new());
     }
-
-    Ok(())
+    cli.disk
+        .iter()
+        .map(|d| {
+            Disk::open_format(&d.path, d.readonly, d.format)
+                .map_err(|e| VmError::DiskOpen(d.path.display().to_string(), e))
+        })
+        .collect()
 }
 
 /// A machine built and ready to run: its vCPUs not started yet.
@@ -338,8 +344,12 @@ impl Machine {
     /// the state of a snapshot or migration restored into all of them), the hot-plug worker
     /// started, the vCPUs created; also returns how to tell a migration's source the outcome.
     fn build(cli: &Cli, boot: Boot, shared: Arc<Shared>) -> Result<(Self, Answer), VmError> {
-        let (mem, restore, answer) = match boot {
-            Boot::Fresh => (create_memory(cli.memory)?, None, Answer::default()),
+        let (mem, start, answer) = match boot {
+            Boot::Fresh(images) => (
+                create_memory(cli.memory)?,
+                Start::Boot(images),
+                Answer::default(),
+            ),
             Boot::Restore(incoming) => {
                 let Incoming {
                     memory,
@@ -348,10 +358,14 @@ impl Machine {
                     node_files,
                     answer,
                 } = *incoming;
-                (memory, Some((state, disk_files, node_files)), answer)
+                (
+                    memory,
+                    Start::Restore(Box::new((state, disk_files, node_files))),
+                    answer,
+                )
             }
         };
-        match Self::build_with(cli, mem, restore, shared) {
+        match Self::build_with(cli, mem, start, shared) {
             Ok(machine) => Ok((machine, answer)),
             Err(e) => {
                 answer.send(Err(&e.to_string()));
@@ -363,12 +377,15 @@ impl Machine {
     fn build_with(
         cli: &Cli,
         mem: GuestRam,
-        restore: Option<Restore>,
+        start: Start,
         shared: Arc<Shared>,
     ) -> Result<Self, VmError> {
-        let (saved, disk_files, node_files) = match restore {
-            Some((state, disks, nodes)) => (Some(state), disks, nodes),
-            None => (None, Default::default(), Default::default()),
+        let (saved, disk_files, node_files, images) = match start {
+            Start::Restore(restore) => {
+                let (state, disks, nodes) = *restore;
+                (Some(state), disks, nodes, Vec::new())
+            }
+            Start::Boot(images) => (None, Default::default(), Default::default(), images),
         };
         let state = saved.as_ref();
         // The kernel and initramfs are copied into guest memory on a thread of their own while
@@ -453,7 +470,7 @@ impl Machine {
         );
         let (control, now) = match state {
             None => (
-                cold_plug_disks(cli, &pci, topology)?,
+                cold_plug_disks(cli, &pci, topology, images)?,
                 std::time::Duration::ZERO,
             ),
             Some(state) => {
@@ -671,6 +688,14 @@ impl Machine {
     }
 }
 
+/// What `Machine::build_with` starts from.
+enum Start {
+    /// A boot, with the `--disk` images opened.
+    Boot(Vec<Disk>),
+    /// A snapshot's or migration's state.
+    Restore(Box<Restore>),
+}
+
 /// A machine's state and its backends' files, from a snapshot or migration.
 type Restore = (
     crate::snapshot::MachineState,
@@ -856,15 +881,18 @@ fn hotplug_options(cli: &Cli) -> HotplugOptions {
     }
 }
 
-/// The hot-plug control plane, knowing every `--disk` from the start, and the disks plugged.
+/// The hot-plug control plane, knowing every `--disk` from the start, and the disks plugged
+/// with their `images` (one per `--disk`, in order, as `check_user_input` opened them).
 fn cold_plug_disks(
     cli: &Cli,
     pci: &PciDevices,
     topology: Topology,
+    images: Vec<Disk>,
 ) -> Result<HotplugControl, VmError> {
     let mut control = HotplugControl::new(topology, hotplug_options(cli));
     let mut next_root_slot = FIRST_ROOT_BUS_SLOT;
-    for (i, d) in cli.disk.iter().enumerate() {
+    debug_assert_eq!(images.len(), cli.disk.len());
+    for (i, (d, image)) in cli.disk.iter().zip(images).enumerate() {
         let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
         let slot = match d.bus.parse::<BusId>() {
             Ok(BusId::Port(n)) if n < cli.root_ports => SlotId::Port(n),
@@ -890,7 +918,7 @@ fn cold_plug_disks(
             path: d.path.clone(),
             readonly: d.readonly,
             format: d.format,
-            file: None,
+            image: DiskImage::Opened(image),
             node: None,
         };
         pci.plug_disk(disk, placement, false)?;
@@ -993,6 +1021,50 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_disk_is_opened_before_the_boot_and_that_file_is_the_one_plugged() {
+        use clap::Parser;
+        use std::os::unix::fs::MetadataExt;
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let a = dir.as_path().join("a.img");
+        let b = dir.as_path().join("b.img");
+        std::fs::write(&a, vec![0u8; 4096]).unwrap();
+        std::fs::write(&b, vec![0u8; 8192]).unwrap();
+        let disk = |p: &std::path::Path, more: &str| format!("path={}{more}", p.display());
+        let cli = Cli::try_parse_from([
+            "hotplug-vmm",
+            "--kernel",
+            "/dev/null",
+            "--disk",
+            &disk(&a, ",format=raw"),
+            "--disk",
+            &disk(&b, ",readonly=on"),
+        ])
+        .unwrap();
+        let a_ino = std::fs::metadata(&a).unwrap().ino();
+        let images = check_user_input(&cli).unwrap();
+        // The name now leads elsewhere: what is plugged is still the file that was checked.
+        std::fs::rename(&b, &a).unwrap();
+        let [first, second] = &images[..] else {
+            panic!("{} images for 2 disks", images.len())
+        };
+        assert_eq!((first.capacity(), first.readonly()), (8, false));
+        assert_eq!(first.metadata().unwrap().ino(), a_ino);
+        assert_eq!((second.capacity(), second.readonly()), (16, true));
+        assert!(second.probed_raw() && !first.probed_raw());
+
+        // An incoming machine's images are checked by identity when its state arrives.
+        let cli = Cli::try_parse_from([
+            "hotplug-vmm",
+            "--incoming",
+            "defer",
+            "--disk",
+            &disk(&b, ""),
+        ])
+        .unwrap();
+        assert!(check_user_input(&cli).unwrap().is_empty());
+    }
 
     #[test]
     fn acpi_and_power_registers_agree() {

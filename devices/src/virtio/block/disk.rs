@@ -163,6 +163,11 @@ impl Disk {
         })
     }
 
+    /// The image file's metadata (which file it is, and how big), from the open file.
+    pub fn metadata(&self) -> io::Result<std::fs::Metadata> {
+        self.file.metadata()
+    }
+
     /// The image's format.
     pub fn format(&self) -> ImageFormat {
         self.format

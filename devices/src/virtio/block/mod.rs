@@ -212,7 +212,12 @@ impl Block {
         Self::with_disk(config, disk)
     }
 
-    fn with_disk(config: BlockConfig, disk: Disk) -> Result<Self, BlockError> {
+    /// Uses an image the caller already opened and read ([`Disk::open_format`]), for example
+    /// to check a user's images before anything else is built. `config.path` is reported and
+    /// `config.format` says whether the format was given (`Some`) or probed (`None`); the
+    /// disk's own read-only setting replaces `config.readonly`.
+    pub fn with_disk(mut config: BlockConfig, disk: Disk) -> Result<Self, BlockError> {
+        config.readonly = disk.readonly();
         let capacity = disk.capacity();
         if disk.probed_raw() {
             warn!(
