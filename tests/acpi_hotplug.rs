@@ -85,10 +85,8 @@ fn acpi_hotplug(version: &str) {
         .collect();
     let disk = |n: &str| disks.iter().find(|(d, _)| d == n).unwrap().1.clone();
     let sock = dir.path("qmp.sock");
-    let mut opts = BootOptions::new(version);
+    let mut opts = BootOptions::new(version).qmp(&sock);
     opts.extra_args.extend([
-        "--qmp".to_string(),
-        sock.display().to_string(),
         "--disk".to_string(),
         format!("path={},id=cold,bus=pcie.0", disk("cold").display()),
         // Root ports rp2 and rp3 in ACPI mode, a disk cold-plugged into rp3.

@@ -25,15 +25,11 @@ use serde_json::json;
 fn backend_failure(version: &str) {
     let dir = TempDir::new(&format!("backend-{version}"));
     let sock = dir.path("qmp.sock");
-    let mut opts = BootOptions::shared(version);
+    let mut opts = BootOptions::shared(version).qmp(&sock);
     // (BARs reading zero after the pull let the guest's virtio-pci finish the removal and the
     // guest power off: see tests/surprise.rs.)
-    opts.extra_args.extend([
-        "--qmp".to_string(),
-        sock.display().to_string(),
-        "--surprise-bar-reads".to_string(),
-        "zero".to_string(),
-    ]);
+    opts.extra_args
+        .extend(["--surprise-bar-reads".to_string(), "zero".to_string()]);
     let mut g = Guest::restore(&opts);
     let mut q = QmpClient::negotiated(&sock);
 

@@ -19,9 +19,7 @@ use serde_json::json;
 fn restored(version: &str, name: &str) -> (TempDir, Guest, QmpClient) {
     let dir = TempDir::new(&format!("cycles-{name}-{version}"));
     let sock = dir.path("qmp.sock");
-    let mut opts = BootOptions::shared(version);
-    opts.extra_args
-        .extend(["--qmp".to_string(), sock.display().to_string()]);
+    let opts = BootOptions::shared(version).qmp(&sock);
     // With the default `--surprise-bar-reads zero`, Linux's virtio-pci finishes the removal
     // and the slot takes the next disk (tests/surprise.rs).
     let g = Guest::restore(&opts);

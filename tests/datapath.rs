@@ -70,9 +70,7 @@ fn host_md5(image: &Path, offset: u64) -> String {
 fn depth(version: &str) {
     let dir = TempDir::new(&format!("datapath-{version}"));
     let sock = dir.path("qmp.sock");
-    let mut opts = BootOptions::shared(version);
-    opts.extra_args
-        .extend(["--qmp".to_string(), sock.display().to_string()]);
+    let opts = BootOptions::shared(version).qmp(&sock);
     let mut g = Guest::restore(&opts);
     let mut q = QmpClient::negotiated(&sock);
 

@@ -116,9 +116,7 @@ fn hostile(version: &str, seed: u64) {
     let seed = common::env_number("HOTPLUG_VMM_HOSTILE_SEED", seed);
     let dir = TempDir::new(&format!("hostile-{version}"));
     let sock = dir.path("qmp.sock");
-    let mut opts = BootOptions::shared(version);
-    opts.extra_args
-        .extend(["--qmp".to_string(), sock.display().to_string()]);
+    let opts = BootOptions::shared(version).qmp(&sock);
     let mut g = Guest::restore(&opts);
     let mut q = QmpClient::negotiated(&sock);
 

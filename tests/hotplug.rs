@@ -27,10 +27,8 @@ fn native_hotplug(version: &str) {
     .collect();
     let disk = |n: &str| disks.iter().find(|(d, _)| d == n).unwrap().1.clone();
     let sock = dir.path("qmp.sock");
-    let mut opts = BootOptions::new(version);
+    let mut opts = BootOptions::new(version).qmp(&sock);
     opts.extra_args.extend([
-        "--qmp".to_string(),
-        sock.display().to_string(),
         "--disk".to_string(),
         format!("path={},id=cold,bus=rp0", disk("cold").display()),
     ]);

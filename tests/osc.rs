@@ -48,13 +48,11 @@ fn pciehp_unbound(version: &str, cause: Cause) {
     let dir = TempDir::new(&format!("osc-{version}-{}", cause as u8));
     let image = make_disk(&dir, "stuck");
     let sock = dir.path("qmp.sock");
-    let mut opts = BootOptions::new(version);
+    let mut opts = BootOptions::new(version).qmp(&sock);
     if cause == Cause::AspmOff {
         opts = opts.append("pcie_aspm=off");
     }
     opts.extra_args.extend([
-        "--qmp".to_string(),
-        sock.display().to_string(),
         "--root-port-hotplug".to_string(),
         "rp1=acpi".to_string(),
         "--unplug-stall-timeout".to_string(),

@@ -68,9 +68,7 @@ fn control_socket_on_a_running_guest() {
     let disk = dir.path("d.img");
     common::make_mbr_disk(&disk, 16, &[4]);
     let sock = dir.path("qmp.sock");
-    let mut opts = BootOptions::shared(&version);
-    opts.extra_args
-        .extend(["--qmp".to_string(), sock.display().to_string()]);
+    let opts = BootOptions::shared(&version).qmp(&sock);
     let mut g = Guest::restore(&opts);
 
     let (mut a, greeting) = Client::connect(&sock);

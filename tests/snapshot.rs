@@ -52,9 +52,7 @@ fn incoming(opts: &BootOptions, uri: &str) -> BootOptions {
 fn snapshot_hotplug(version: &str) {
     let dir = TempDir::new(&format!("snapshot-{version}"));
     let sock = dir.path("qmp.sock");
-    let mut opts = BootOptions::shared(version);
-    opts.extra_args
-        .extend(["--qmp".to_string(), sock.display().to_string()]);
+    let opts = BootOptions::shared(version).qmp(&sock);
     let mut g = Guest::restore(&opts);
     let mut q = QmpClient::negotiated(&sock);
 

@@ -301,13 +301,9 @@ fn soak(version: &str, seed: u64) {
     // The hot-plug trace outlives the test, for a failure's post-mortem
     // (resources/hotplug-timeline.py reads it).
     let trace = std::env::temp_dir().join(format!("hotplug-vmm-soak-{version}.trace.jsonl"));
-    let mut opts = BootOptions::shared(version);
-    opts.extra_args.extend([
-        "--qmp".to_string(),
-        sock.display().to_string(),
-        "--hotplug-trace".to_string(),
-        trace.display().to_string(),
-    ]);
+    let opts = BootOptions::shared(version)
+        .qmp(&sock)
+        .hotplug_trace(&trace);
     let mut g = Guest::restore(&opts);
     let files: Vec<String> = (0..NODES)
         .map(|n| make_disk(&dir, &format!("n{n}")).display().to_string())

@@ -245,13 +245,10 @@ fn surprise_once(version: &str, cpus: u8) {
     // addressed in the UART; a kernel message inside a command's output; one of three readers
     // that did not end), so it stays on the configuration that has been reliable.
     // The shared machine: rp0 and rp2 native, rp3 in ACPI mode.
-    let mut opts = BootOptions::shared(version).cpus(cpus);
-    opts.extra_args.extend([
-        "--qmp".to_string(),
-        sock.display().to_string(),
-        "--hotplug-trace".to_string(),
-        trace.display().to_string(),
-    ]);
+    let opts = BootOptions::shared(version)
+        .cpus(cpus)
+        .qmp(&sock)
+        .hotplug_trace(&trace);
     let mut g = Guest::restore(&opts);
     let mut q = QmpClient::negotiated(&sock);
 

@@ -188,6 +188,20 @@ impl BootOptions {
         self.cpus = n;
         self
     }
+
+    /// With the control socket at `sock` (`--qmp`).
+    pub fn qmp(mut self, sock: &Path) -> Self {
+        self.extra_args
+            .extend(["--qmp".to_string(), sock.display().to_string()]);
+        self
+    }
+
+    /// With the hot-plug trace written to `path` (`--hotplug-trace`).
+    pub fn hotplug_trace(mut self, path: &Path) -> Self {
+        self.extra_args
+            .extend(["--hotplug-trace".to_string(), path.display().to_string()]);
+        self
+    }
 }
 
 /// The VMM's default kernel command line, as `--help` prints it.
