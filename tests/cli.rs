@@ -4,18 +4,35 @@
 use std::process::Command;
 
 fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hotplug-vmm"))
-        .args(args)
-        .output()
-        .expect("run hotplug-vmm");
+    run_command(Command::new(env!("CARGO_BIN_EXE_hotplug-vmm")).args(args))
+}
+
+fn run_command(command: &mut Command) -> (i32, String) {
+    let out = command.output().expect("run hotplug-vmm");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
 
+/// The VMM as a user whom file permissions apply to: `nobody` when the tests run as root
+/// (who may open any file), the user itself otherwise.
+fn run_unprivileged(args: &[&str]) -> (i32, String) {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hotplug-vmm"));
+    command.args(args);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        command.uid(65534).gid(65534);
+    }
+    run_command(&mut command)
+}
+
 fn assert_one_line_error(args: &[&str], needle: &str) {
-    let (code, err) = run(args);
+    assert_one_line_error_of(run(args), args, needle);
+}
+
+fn assert_one_line_error_of((code, err): (i32, String), args: &[&str], needle: &str) {
     assert_ne!(code, 0, "{args:?} must fail");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -163,4 +180,36 @@ fn bad_disk_paths() {
         assert_one_line_error(&["--kernel", &k, "--disk", &disk], needle);
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An image the user may not open as asked: the open's own error, in one line, before the
+/// kernel is read; read-only access to a read-only file is enough for `readonly=on`.
+#[test]
+fn a_disk_without_permission() {
+    use std::os::unix::fs::PermissionsExt;
+    let k = temp_file("perm-kernel", b"not a kernel");
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let image = |name: &str, mode: u32| {
+        let p = temp_file(name, &[0u8; 4096]);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    };
+    let read_only = image("perm-r", 0o444);
+    let none = image("perm-none", 0o000);
+    for (disk, needle) in [
+        (format!("path={read_only}"), "Permission denied"),
+        (format!("path={none}"), "Permission denied"),
+        (format!("path={none},readonly=on"), "Permission denied"),
+    ] {
+        let args = ["--kernel", k.as_str(), "--disk", disk.as_str()];
+        assert_one_line_error_of(run_unprivileged(&args), &args, needle);
+        assert_one_line_error_of(run_unprivileged(&args), &args, "--disk");
+    }
+    // Opened: what stops this VMM comes after the disks (its kernel, or /dev/kvm for nobody).
+    let disk = format!("path={read_only},readonly=on");
+    let (code, err) = run_unprivileged(&["--kernel", &k, "--disk", &disk]);
+    assert!(code != 0 && !err.contains("perm-r"), "{err}");
+    for p in [k, read_only, none] {
+        let _ = std::fs::remove_file(p);
+    }
 }

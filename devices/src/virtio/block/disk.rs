@@ -35,10 +35,15 @@ static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 /// a regular file or a block device (a directory with an "is a directory" error, anything else
 /// naming what it is), and its flag cleared for the I/O to come.
 pub fn open_image(path: &Path, readonly: bool) -> io::Result<File> {
+    open_image_with_flags(path, readonly, 0)
+}
+
+/// [`open_image`] with more `open(2)` flags (`O_DIRECT`), kept on the file.
+pub(super) fn open_image_with_flags(path: &Path, readonly: bool, flags: i32) -> io::Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(!readonly)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | flags)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::EISDIR) => not_an_image("a directory"),

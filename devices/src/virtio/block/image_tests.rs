@@ -282,6 +282,35 @@ fn images_that_are_not_what_they_are_said_to_be_are_refused_at_open() {
     assert!(Disk::open_format(&vmdk, false, Some(ImageFormat::Raw)).is_ok());
 }
 
+/// A qcow2 image's backing file is opened as the image itself is: one that is a FIFO or a
+/// directory is refused, naming the file and what it is, and the open never blocks; one that
+/// is an image opens read-only.
+#[test]
+fn a_backing_file_that_is_no_image_is_refused_without_blocking() {
+    let dir = TempDir::new().unwrap();
+    let (base, top) = qcow2_over_raw(&dir, 8);
+    let opened = Disk::open_format(&top, false, None).unwrap();
+    assert_eq!(opened.capacity(), 8);
+    drop(opened);
+    let open_within_10s = || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let top = top.clone();
+        std::thread::spawn(move || tx.send(Disk::open_format(&top, false, None).map(|_| ())));
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening the image blocked")
+    };
+    std::fs::remove_file(&base).unwrap();
+    let c = std::ffi::CString::new(base.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let e = open_within_10s().unwrap_err().to_string();
+    assert!(e.contains("it is a FIFO") && e.contains("base.raw"), "{e}");
+    std::fs::remove_file(&base).unwrap();
+    std::fs::create_dir(&base).unwrap();
+    let e = open_within_10s().unwrap_err().to_string();
+    assert!(e.contains("directory") && e.contains("base.raw"), "{e}");
+}
+
 #[test]
 fn a_probed_raw_disk_refuses_an_image_header_in_sector_0() {
     let tmp = image();

@@ -35,12 +35,12 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
+use imago::format::gate::ImplicitOpenGate;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
-use imago::{
-    FormatAccess, FormatDriverBuilder, Mapping, PermissiveImplicitOpenGate, StorageOpenOptions,
-};
+use imago::{FormatAccess, FormatDriverBuilder, Mapping, StorageOpenOptions};
 
+use super::disk::open_image_with_flags;
 use super::host_io::{op_array, DiscardRange, HostOp, HostResult};
 
 type Access = FormatAccess<imago::file::File>;
@@ -86,6 +86,36 @@ pub struct Qcow2Image {
     drained: Condvar,
 }
 
+/// Opens the files an image names (its backing file, an external data file, and theirs) as
+/// the image's own file was opened: by [`open_image`](super::disk::open_image), so that a FIFO
+/// named as a backing file is refused instead of blocking the open for good, and anything but
+/// a regular file or a block device is refused with what it is. Formats are opened by imago's
+/// drivers, their files through this gate again.
+#[derive(Clone, Copy, Debug, Default)]
+struct ImageFileGate;
+
+impl ImplicitOpenGate<imago::file::File> for ImageFileGate {
+    fn open_format<F: FormatDriverBuilder<imago::file::File>>(
+        &mut self,
+        builder: F,
+    ) -> io::Result<FormatAccess<imago::file::File>> {
+        Ok(FormatAccess::new(builder.open(*self)?))
+    }
+
+    fn open_storage(&mut self, opts: StorageOpenOptions) -> io::Result<imago::file::File> {
+        let path = opts.get_filename().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a file the image names has no name",
+            )
+        })?;
+        let direct = if opts.get_direct() { libc::O_DIRECT } else { 0 };
+        let file = open_image_with_flags(path, !opts.get_writable(), direct)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        imago::file::File::from_open_file(file, opts)
+    }
+}
+
 impl Qcow2Image {
     /// Opens the qcow2 image in `file` (a descriptor of the caller's, duplicated), writable
     /// unless `readonly`. `path` is where its backing file's relative name is resolved from;
@@ -104,7 +134,7 @@ impl Qcow2Image {
         )?;
         let qcow2 = Qcow2::<imago::file::File>::builder(storage)
             .write(!readonly)
-            .open(PermissiveImplicitOpenGate::default())?;
+            .open(ImageFileGate)?;
         let external = qcow2.requires_external_data_file();
         let access = FormatAccess::new(qcow2);
         let size = access.size();
