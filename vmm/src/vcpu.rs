@@ -356,6 +356,15 @@ impl Vcpu {
                     self.exit.request(VmExit::Fatal(msg));
                     break;
                 }
+                Outcome::InternalError if self.was_reset() => {
+                    // An INIT (the guest's own IPI) put this vCPU back at the reset vector,
+                    // where a PC's firmware would run; there is none, so the instruction there
+                    // could not run. That is the guest resetting the machine: it ends as a
+                    // reset does, not as a failure of the VMM.
+                    log::warn!("vCPU {} was reset by the guest (INIT): resetting", self.id);
+                    self.exit.request(VmExit::Reset);
+                    break;
+                }
                 Outcome::InternalError => {
                     let msg = self.describe_internal_error();
                     self.exit.request(VmExit::Fatal(msg));
@@ -371,6 +380,16 @@ impl Vcpu {
         self.gate.update(|p| p.gone += 1);
         loop {
             std::thread::park();
+        }
+    }
+
+    /// Whether the vCPU is in the state a reset or INIT leaves it in.
+    fn was_reset(&self) -> bool {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => {
+                at_reset_vector(regs.rip, sregs.cs.selector, sregs.cs.base, sregs.cr0)
+            }
+            _ => false,
         }
     }
 
@@ -486,6 +505,13 @@ impl Vcpu {
             regs.rip
         )
     }
+}
+
+/// Whether these registers are those a reset or an INIT leaves an x86 CPU in (SDM Vol. 3,
+/// 10.1.1 "Processor State After Reset"): real mode, CS 0xf000 with base 0xffff0000, IP 0xfff0.
+fn at_reset_vector(rip: u64, cs_selector: u16, cs_base: u64, cr0: u64) -> bool {
+    const X86_CR0_PE: u64 = 1;
+    rip == 0xfff0 && cs_selector == 0xf000 && cs_base == 0xffff_0000 && cr0 & X86_CR0_PE == 0
 }
 
 enum Outcome {
@@ -697,6 +723,23 @@ mod tests {
         assert_eq!((cs.l, cs.db, cs.limit, cs.selector), (1, 0, 0xffff_ffff, 8));
         let ds = segment(GDT_DATA, 2);
         assert_eq!((ds.type_, ds.db, ds.present), (3, 1, 1));
+    }
+
+    #[test]
+    fn only_the_reset_state_counts_as_a_reset() {
+        assert!(at_reset_vector(0xfff0, 0xf000, 0xffff_0000, 0x6000_0010));
+        assert!(
+            !at_reset_vector(0xfff0, 0xf000, 0xffff_0000, 0x8005_0033),
+            "protected mode"
+        );
+        assert!(
+            !at_reset_vector(0xfff1, 0xf000, 0xffff_0000, 0x10),
+            "another IP"
+        );
+        assert!(
+            !at_reset_vector(0xfff0, 0x0010, 0, 0x10),
+            "another code segment"
+        );
     }
 
     #[test]
