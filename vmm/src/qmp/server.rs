@@ -601,11 +601,23 @@ mod tests {
             }
             fast
         });
-        let started = std::time::Instant::now();
-        for i in 0..total {
-            server.emit("SPAM", json!({"i": i, "pad": big}));
-        }
-        assert!(started.elapsed() < Duration::from_secs(5));
+        // An emit that waited for the slow client would never return (it never reads): the
+        // emits run on a thread of their own, and not ending within a minute — however loaded
+        // the machine — is that hang, reported instead of a test that never ends.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let emitter = {
+            let events = server.events();
+            thread::spawn(move || {
+                for i in 0..total {
+                    events.emit("SPAM", json!({"i": i, "pad": big}));
+                }
+                done_tx.send(()).unwrap();
+            })
+        };
+        done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("emit blocked on the client that does not read");
+        emitter.join().unwrap();
         let mut fast = reader.join().unwrap();
         assert_eq!(server.client_count(), 1);
         let r = fast.cmd("{\"execute\": \"query-status\"}");
