@@ -223,13 +223,6 @@ impl BarSpace {
         }
     }
 
-    /// Removes every mapping of `bdf` (e.g. when its device is unplugged).
-    pub fn unmap_all(&self, bdf: Bdf) {
-        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
-        maps.memory.retain(|_, m| m.bdf != bdf);
-        maps.io.retain(|_, m| m.bdf != bdf);
-    }
-
     /// Removes every mapping of `device`, wherever the guest put it and whatever bus number it
     /// had (e.g. when the device is unplugged), vacated ones that pass it writes included.
     /// Returns how many mappings went.
@@ -595,7 +588,7 @@ mod tests {
         space.reprogram_bars(bdf(1), &dev, &[change(Some(0x8000), None)]);
         assert!(space.is_empty());
         space.reprogram_bars(bdf(1), &dev, &[change(None, Some(0x8000))]);
-        space.unmap_all(bdf(1));
+        assert_eq!(space.unmap_device(&dev), 1);
         assert!(space.is_empty());
     }
 
