@@ -244,7 +244,7 @@ fn surprise_once(version: &str, cpus: u8) {
     // reader submits a request after the pull every time (on one vCPU while the guest handles
     // the slot's event on the other); on one it seldom does. Two passed 20 runs in a row on
     // both kernels here, but the first CI run on two (fresh clone, after the soak) failed on
-    // both kernels with the guest's shell silent (docs/surprise-removal.md), so CI stays on one
+    // both kernels in the wait for the readers (docs/surprise-removal.md), so CI stays on one
     // until that is understood.
     // The shared machine: rp0 and rp2 native, rp3 in ACPI mode.
     let opts = BootOptions::shared(version)
