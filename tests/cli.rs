@@ -202,8 +202,9 @@ fn a_disk_without_permission() {
         (format!("path={none},readonly=on"), "Permission denied"),
     ] {
         let args = ["--kernel", k.as_str(), "--disk", disk.as_str()];
-        assert_one_line_error_of(run_unprivileged(&args), &args, needle);
-        assert_one_line_error_of(run_unprivileged(&args), &args, "--disk");
+        let out = run_unprivileged(&args);
+        assert_one_line_error_of(out.clone(), &args, needle);
+        assert_one_line_error_of(out, &args, "--disk");
     }
     // Opened: what stops this VMM comes after the disks (its kernel, or /dev/kvm for nobody).
     let disk = format!("path={read_only},readonly=on");

@@ -324,6 +324,11 @@ fn soak(version: &str, seed: u64) {
     let opts = BootOptions::shared(version)
         .qmp(&sock)
         .hotplug_trace(&trace);
+    assert_eq!(
+        opts.memory,
+        format!("{}M", GUEST_RAM >> 20),
+        "anon_kib finds guest RAM by size"
+    );
     let mut g = Guest::restore(&opts);
     let files: Vec<String> = (0..NODES)
         .map(|n| make_disk(&dir, &format!("n{n}")).display().to_string())

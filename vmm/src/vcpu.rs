@@ -510,7 +510,6 @@ impl Vcpu {
 /// Whether these registers are those a reset or an INIT leaves an x86 CPU in (SDM Vol. 3,
 /// 10.1.1 "Processor State After Reset"): real mode, CS 0xf000 with base 0xffff0000, IP 0xfff0.
 fn at_reset_vector(rip: u64, cs_selector: u16, cs_base: u64, cr0: u64) -> bool {
-    const X86_CR0_PE: u64 = 1;
     rip == 0xfff0 && cs_selector == 0xf000 && cs_base == 0xffff_0000 && cr0 & X86_CR0_PE == 0
 }
 
