@@ -86,7 +86,7 @@ fn scenario(
     // The processes ended with an I/O error instead of hanging.
     match load {
         Load::Readers => {
-            let ends = wait_lines(g, &format!("/tmp/readers-{dev}"), 3);
+            let ends = wait_ends(g, q, &format!("/tmp/readers-{dev}"), 3);
             let errors = g.run(&format!("cat /tmp/dd-{dev}-*"));
             let kernel = g.run("dmesg | tail -30 | sed 's/^/K: /'");
             eprintln!("{bus}: readers ended: {ends}\n{errors}\n{reply}\n{kernel}");
@@ -108,7 +108,7 @@ fn scenario(
             // The writer's fsync was waiting on its data: failed, it fails, and the file
             // system issues nothing more (see start_ext4_writer).
             assert!(failed >= 1, "{bus}: {reply}");
-            let end = wait_lines(g, &format!("/tmp/writer-{dev}"), 1);
+            let end = wait_ends(g, q, &format!("/tmp/writer-{dev}"), 1);
             assert!(end.contains("WRITER EXIT 1"), "{bus}: writer: {end}");
             // The file system is dead; a lazy unmount lets it go.
             g.run(&format!("umount -l /mnt/{dev}"));
@@ -143,6 +143,17 @@ fn scenario(
     dmesg
 }
 
+/// Waits for the `lines` exit lines of the processes that used a pulled disk. If they never
+/// come, fails with the guest's side ([`try_wait_lines`]) and the VMM's: where the rings of the
+/// pulled disks stand — `used` ahead of `used-event` means the guest never took a completion
+/// the device published (the guest's race in docs/surprise-removal.md).
+fn wait_ends(g: &mut Guest, q: &mut QmpClient, path: &str, lines: usize) -> String {
+    try_wait_lines(g, path, lines).unwrap_or_else(|why| {
+        let pulled = q.ok("x-query-hotplug", json!({}))["pulled"].clone();
+        g.fail(&format!("{why}\nthe VMM's pulled disks: {pulled}"))
+    })
+}
+
 /// A disk pulled out (policy `fail`) from under a reader that nothing holds, as in the demo.
 /// Its requests spend most of their time in the guest's block stack, not in the device, so the
 /// pull rarely finds one in the device; the reader's next request is submitted after the pull,
@@ -168,7 +179,7 @@ fn free_reader(g: &mut Guest, q: &mut QmpClient, dir: &TempDir, bus: &str, tag: 
     eprintln!("{bus}: free reader: x-surprise-remove: {reply}");
     assert_eq!(reply["in-flight"], "fail", "{reply}");
     wait_block_removed(g, &dev);
-    let end = wait_lines(g, &format!("/tmp/readers-{dev}"), 1);
+    let end = wait_ends(g, q, &format!("/tmp/readers-{dev}"), 1);
     let error = g.run(&format!("cat /tmp/dd-{dev}-1"));
     assert!(end.contains("EXIT 1"), "{bus}: reader: {end} {error}");
     // virtio_blk's removal got every request back, virtio-pci reset the device, and the

@@ -99,25 +99,6 @@ pub fn pull_under_two_readers(
     (dev, pci, reply)
 }
 
-/// Names of the guest's tasks in uninterruptible sleep (D state).
-pub fn d_state_tasks(g: &mut Guest) -> Vec<String> {
-    // One grep over every status file: a process per task would take minutes on PVM hosts.
-    let out = g.run("grep -H -E '^(Name|State):' /proc/[0-9]*/status 2>/dev/null; true");
-    let mut names = std::collections::BTreeMap::new();
-    let mut stuck = Vec::new();
-    for line in out.lines() {
-        let Some((file, rest)) = line.split_once(":") else {
-            continue;
-        };
-        if let Some(name) = rest.strip_prefix("Name:") {
-            names.insert(file.to_string(), name.trim().to_string());
-        } else if rest.starts_with("State:") && rest.contains("D (") {
-            stuck.push(file.to_string());
-        }
-    }
-    stuck.iter().filter_map(|f| names.get(f).cloned()).collect()
-}
-
 /// Linux's virtio_blk (6.1 and 6.12) under the `drop` policy: a disk pulled out of `bus` while
 /// two readers have a request in it, which the device never completes. The guest removes the
 /// block device (`del_gendisk` unregisters it first) and then waits in `del_gendisk` for the
