@@ -548,6 +548,7 @@ impl Inner {
                 "failed": outcome.failed,
                 "dropped": outcome.dropped,
                 "host-io-pending": outcome.host_io_pending,
+                "collected": outcome.collected,
             }),
             None => json!({}),
         })
@@ -912,10 +913,27 @@ impl Inner {
         self.sync_pulled(&mut plane);
         // Disks pulled out by surprise whose driver has not reset them yet: they fail every
         // request it submits until then.
+        // With where their rings stand: a completion the driver never took shows as `used`
+        // ahead of `used-event`.
+        let rings = self.pci.pulled_rings();
         let pulled: Vec<Value> = plane
             .control
             .pulled()
-            .map(|f| json!({"id": f.id, "bus": f.slot.bus().to_string()}))
+            .map(|f| {
+                let queues: Vec<Value> = rings
+                    .iter()
+                    .find(|(id, _)| *id == f.id)
+                    .map(|(_, r)| {
+                        r.iter()
+                            .map(|q| {
+                                json!({"index": q.index, "avail": q.avail, "used": q.used,
+                                       "used-event": q.used_event})
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                json!({"id": f.id, "bus": f.slot.bus().to_string(), "queues": queues})
+            })
             .collect();
         let acpi = self.pci.acpi_hotplug();
         let topology = plane.control.topology().clone();

@@ -17,7 +17,7 @@ use devices::pci::{
 use devices::virtio::block::{
     AioBackend, BackendErrorObserver, Block, BlockConfig, Disk, ImageFormat,
 };
-use devices::virtio::pci::{VirtioPciDevice, VirtioPciState, BAR0_SIZE};
+use devices::virtio::pci::{RingIndices, VirtioPciDevice, VirtioPciState, BAR0_SIZE};
 use devices::virtio::{GuestMemory, InFlightOutcome, InFlightPolicy};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use serde::{Deserialize, Serialize};
@@ -793,6 +793,7 @@ impl PciDevices {
                 "failed": outcome.failed,
                 "dropped": outcome.dropped,
                 "host-io-pending": outcome.host_io_pending,
+                "collected": outcome.collected,
             }),
             None => json!({"surprise": false}),
         };
@@ -867,6 +868,17 @@ impl PciDevices {
     /// Lets go of pulled-out disk `key` (see [`surprise_remove`](Self::surprise_remove)).
     pub fn release_pulled_disk(&self, key: FunctionKey, by: PulledRelease) {
         self.release_pulled(|f| f.key == key, by);
+    }
+
+    /// Where the rings of each pulled-out disk still failing requests stand, by id.
+    pub fn pulled_rings(&self) -> Vec<(String, Vec<RingIndices>)> {
+        lock(&self.pulled)
+            .iter()
+            .map(|f| {
+                let d = lock(&f.device);
+                (d.device().id().to_string(), d.ring_indices())
+            })
+            .collect()
     }
 
     /// The pulled-out disks whose driver has reset them: they fail nothing any more.

@@ -138,6 +138,13 @@ pub struct InFlightOutcome {
     /// resets it ([`InFlightPolicy::Fail`]): the transport keeps the queues' notifications and
     /// the interrupt vectors connected until then.
     pub failing: bool,
+    /// With [`InFlightPolicy::Fail`]: whether the driver had taken every completion the
+    /// device published (the failed requests' and any before them) when the removal returned
+    /// — the device waits a short while for that, because a driver may ignore a completion it
+    /// finds after it learns of the removal (Linux does). `None`: the device cannot tell (the
+    /// driver did not negotiate `VIRTIO_RING_F_EVENT_IDX`), or did not wait (the VM is
+    /// paused, or the policy is [`InFlightPolicy::Drop`]).
+    pub collected: Option<bool>,
 }
 
 /// A queue the driver enabled, ready for the device: the `virtio-queue` state (sizes and ring

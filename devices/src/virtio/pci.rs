@@ -59,7 +59,7 @@ use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use serde::{Deserialize, Serialize};
@@ -433,6 +433,25 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
     cap
 }
 
+/// Where one enabled queue's rings stand, read from guest memory (§2.7.6, §2.7.8): how far
+/// the driver made chains available, how far the device used them, and how far the driver says
+/// it has taken the used ones (`used_event`, §2.7.10, with `VIRTIO_RING_F_EVENT_IDX`). `used` ahead
+/// of `used_event` while the driver waits on its requests means it never took a completion
+/// the device published.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct RingIndices {
+    /// The queue's index.
+    pub index: u16,
+    /// The available ring's `idx`.
+    pub avail: u16,
+    /// The used ring's `idx`.
+    pub used: u16,
+    /// The available ring's `used_event` (`None` without `VIRTIO_RING_F_EVENT_IDX`). Linux
+    /// writes 0 there while it takes completions, and the index it took up to when it
+    /// re-enables its callback.
+    pub used_event: Option<u16>,
+}
+
 /// One queue's registers in the saved state of a [`VirtioPciDevice`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueRegisters {
@@ -788,6 +807,38 @@ impl VirtioPciDevice {
             self.reset();
         }
         outcome
+    }
+
+    /// Where each enabled queue's rings stand ([`RingIndices`]), read from guest memory now;
+    /// empty unless the device is activated. For inspection (e.g. of a driver that waits on a
+    /// device pulled out by surprise): the device's own thread may move them at any time.
+    pub fn ring_indices(&self) -> Vec<RingIndices> {
+        if !self.activated {
+            return Vec::new();
+        }
+        let event_idx = self.driver_features & (1 << features::VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mem = self.memory.memory();
+        let read = |at: Option<u64>| -> Option<u16> {
+            at.and_then(|a| mem.read_obj::<u16>(GuestAddress(a)).ok())
+                .map(u16::from_le)
+        };
+        self.queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.enabled && q.max_size > 0)
+            .filter_map(|(index, q)| {
+                Some(RingIndices {
+                    index: index as u16,
+                    avail: read(q.driver.checked_add(2))?,
+                    used: read(q.device.checked_add(2))?,
+                    used_event: if event_idx {
+                        read(q.driver.checked_add(4 + 2 * u64::from(q.size)))
+                    } else {
+                        None
+                    },
+                })
+            })
+            .collect()
     }
 
     /// Whether the device, pulled out by surprise, still fails every request the driver makes
@@ -1684,6 +1735,37 @@ mod tests {
         fn interrupt(&self) -> Arc<dyn VirtioInterrupt> {
             self.log.lock().unwrap().interrupt.clone().unwrap()
         }
+    }
+
+    #[test]
+    fn ring_indices_are_read_from_the_rings_the_driver_set_up() {
+        let mut h = harness();
+        h.negotiate(VERSION_1 | EVENT_IDX);
+        h.setup_queue(0, 16, 0x1_0000, 1);
+        assert!(h.dev.ring_indices().is_empty(), "not activated yet");
+        h.driver_ok();
+        let mem = h.dev.memory.memory();
+        // avail.idx, used.idx, and used_event after the avail ring's 16 entries.
+        mem.write_obj(5u16.to_le(), GuestAddress(0x1_1000 + 2))
+            .unwrap();
+        mem.write_obj(3u16.to_le(), GuestAddress(0x1_2000 + 2))
+            .unwrap();
+        mem.write_obj(2u16.to_le(), GuestAddress(0x1_1000 + 4 + 2 * 16))
+            .unwrap();
+        assert_eq!(
+            h.dev.ring_indices(),
+            vec![RingIndices {
+                index: 0,
+                avail: 5,
+                used: 3,
+                used_event: Some(2)
+            }]
+        );
+        // Without VIRTIO_RING_F_EVENT_IDX the driver says nothing of what it took.
+        h.negotiate(VERSION_1);
+        h.setup_queue(0, 16, 0x1_0000, 1);
+        h.driver_ok();
+        assert_eq!(h.dev.ring_indices()[0].used_event, None);
     }
 
     #[test]

@@ -307,6 +307,8 @@ fn surprise_removal_fails_every_request_in_flight_and_available() {
             dropped: 0,
             host_io_pending: false,
             failing: true,
+            // No driver here takes them.
+            collected: Some(false),
         }
     );
     assert_eq!(q.used().idx().load(), 6);
@@ -330,11 +332,58 @@ fn surprise_removal_drops_and_counts_every_request_in_flight_and_available() {
             dropped: 6,
             host_io_pending: false,
             failing: false,
+            collected: None,
         }
     );
     assert_eq!(q.used().idx().load(), 0);
     assert!((0..6).all(|i| status(mem, i) == 0xee));
     assert!(!dev.is_active() && !dev.has_backend());
+}
+
+/// With `fail`, the removal returns only once the driver has taken every completion the device
+/// published (its `used_event` caught up with the used index), so that the VMM takes the device
+/// away after that: a driver that learns of the removal first may ignore a completion it has
+/// not taken (Linux's virtio-pci marks its virtqueues broken and does).
+#[test]
+fn surprise_removal_waits_for_the_driver_to_take_the_failed_completions() {
+    let tmp = image();
+    let rig = Rig::new();
+    let guard = rig.memory.memory();
+    let mem: &GuestRam = &guard;
+    let (mut dev, q, engine) = reads_in_flight(&tmp, &rig, mem, 4);
+    let host = complete_later(&engine);
+    let used_idx = GuestAddress(q.used_addr().0 + 2);
+    let used_event = GuestAddress(q.avail_addr().0 + 4 + 2 * u64::from(QUEUE));
+    let taken = std::sync::atomic::AtomicBool::new(false);
+    let outcome = std::thread::scope(|s| {
+        // The driver: takes the four failed completions a while after they are published,
+        // then re-enables its callback, which writes used_event.
+        s.spawn(|| {
+            wait_for("the failed completions", || {
+                mem.read_obj::<u16>(used_idx).unwrap() == 4
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            taken.store(true, std::sync::atomic::Ordering::SeqCst);
+            mem.write_obj(4u16.to_le(), used_event).unwrap();
+        });
+        dev.surprise_remove(InFlightPolicy::Fail)
+    });
+    host.join().unwrap();
+    assert!(
+        taken.load(std::sync::atomic::Ordering::SeqCst),
+        "the removal returned before the driver took the completions"
+    );
+    assert_eq!(
+        outcome,
+        InFlightOutcome {
+            failed: 4,
+            dropped: 0,
+            host_io_pending: false,
+            failing: true,
+            collected: Some(true),
+        }
+    );
+    dev.reset();
 }
 
 /// Host I/O that does not end (a dead network disk): the removal returns after its short
@@ -359,6 +408,7 @@ fn surprise_removal_returns_while_host_io_hangs_and_counts_it_dropped() {
             dropped: if failed_at_once { 4 } else { 6 },
             host_io_pending: true,
             failing: false,
+            collected: None,
         },
     );
     let published = q.used().idx().load();

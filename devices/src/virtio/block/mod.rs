@@ -505,13 +505,15 @@ impl VirtioDevice for Block {
     /// ([`InFlightOutcome::failing`]); otherwise the device is as after
     /// [`shutdown`](VirtioDevice::shutdown).
     fn surprise_remove(&mut self, in_flight: InFlightPolicy) -> InFlightOutcome {
-        // Paused (the VM is): the thread takes the pull as a running one would.
+        // Paused (the VM is): the thread takes the pull as a running one would, and no driver
+        // runs to take the completions.
+        let driver_runs = self.parked.is_none();
         if let Err(e) = self.resume_worker() {
             warn!("virtio-blk {}: {e}", self.config.id);
         }
         let before = self.stats.snapshot();
         let pulled = match self.worker.take() {
-            Some(w) => w.pull(in_flight),
+            Some(w) => w.pull(in_flight, driver_runs),
             None => Pulled::Ended,
         };
         self.needs_reset.store(false, Ordering::Release);
@@ -520,7 +522,11 @@ impl VirtioDevice for Block {
             failed: after.failed_on_removal - before.failed_on_removal,
             dropped: after.dropped_on_removal - before.dropped_on_removal,
             host_io_pending: matches!(pulled, Pulled::HostIoPending),
-            failing: matches!(pulled, Pulled::Failing(_)),
+            failing: matches!(pulled, Pulled::Failing(..)),
+            collected: match pulled {
+                Pulled::Failing(_, collected) => collected,
+                _ => None,
+            },
         };
         info!(
             "virtio-blk {}: pulled out ({} in-flight policy): {outcome:?}",
@@ -530,7 +536,7 @@ impl VirtioDevice for Block {
         if self.disk.take().is_some() && !outcome.host_io_pending {
             info!("virtio-blk {}: backend released", self.config.id);
         }
-        if let Pulled::Failing(worker) = pulled {
+        if let Pulled::Failing(worker, _) = pulled {
             self.worker = Some(worker);
         }
         outcome
@@ -833,6 +839,8 @@ mod tests {
                 dropped: 0,
                 host_io_pending: false,
                 failing: true,
+                // The test takes nothing until later.
+                collected: Some(false),
             }
         );
         // Completed with VIRTIO_BLK_S_IOERR (1), used length 1, the driver interrupted.

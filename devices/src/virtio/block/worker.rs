@@ -32,7 +32,9 @@
 //! every available chain with `VIRTIO_BLK_S_IOERR` at once, and every request in flight with
 //! `VIRTIO_BLK_S_IOERR` as its host I/O ends (whatever that I/O did), lets go of the backend
 //! once none is left, and from then on fails every chain the driver makes available, until the
-//! driver resets the device. A driver does not learn at once that its device is gone: Linux's
+//! driver resets the device. Meanwhile it watches, for a short while, for the driver to take
+//! every completion it published, so that the removal can hand the device to the VMM to take
+//! away only then ([`Worker::pull`]). A driver does not learn at once that its device is gone: Linux's
 //! virtio_blk goes on submitting requests until its removal path breaks the virtqueues, and
 //! waits in `del_gendisk` for every request it submitted — failing them is what lets it finish.
 
@@ -45,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::GuestAddressSpace;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -86,6 +88,15 @@ fn completion_token(i: usize) -> u64 {
 /// leaving the thread to finish them alone. Host I/O on a dead network backend can block
 /// for minutes; the control socket must not.
 pub(super) const PULL_WAIT: Duration = Duration::from_millis(500);
+
+/// How long a surprise removal with [`InFlightPolicy::Fail`], once every request in flight is
+/// failed, waits for the guest's driver to take the completions the device published before
+/// the device vanishes (see [`Worker::pull`]).
+pub(super) const COLLECT_WAIT: Duration = Duration::from_secs(1);
+
+/// How often the thread looks whether the driver has taken the completions, while a removal
+/// waits for that: the driver writes `used_event` without notifying the device.
+const COLLECT_POLL_MS: i32 = 1;
 
 /// What the thread is told to do, in one atomic the thread reads on every wake-up, before
 /// taking chains and before publishing each completion.
@@ -158,6 +169,9 @@ pub(super) struct Worker {
     failed_all: mpsc::Receiver<()>,
     /// Receives once the thread, told to drop the requests in flight, has counted them.
     counted: mpsc::Receiver<()>,
+    /// Receives once the thread, having failed everything in flight, saw the driver take every
+    /// completion the device had published.
+    collected: mpsc::Receiver<()>,
 }
 
 /// What [`Worker::pull`] left behind.
@@ -166,7 +180,9 @@ pub(super) enum Pulled {
     Ended,
     /// The thread failed every request in flight, released the backend, and goes on failing
     /// every chain the driver makes available until [`Worker::stop`] (the driver's reset).
-    Failing(Worker),
+    /// With whether the driver took every completion before the removal returned (`None`:
+    /// the removal did not wait, or the driver does not say: no `VIRTIO_RING_F_EVENT_IDX`).
+    Failing(Worker, Option<bool>),
     /// The host I/O in progress outlasted [`PULL_WAIT`]: the thread finishes it alone,
     /// publishing nothing more (the requests still in the host are counted dropped), releases
     /// the backend and ends.
@@ -214,6 +230,7 @@ impl Worker {
         let (exit_tx, exited) = mpsc::channel::<()>();
         let (failed_tx, failed_all) = mpsc::channel::<()>();
         let (counted_tx, counted) = mpsc::channel::<()>();
+        let (collected_tx, collected) = mpsc::channel::<()>();
         let thread_mode = mode.clone();
         let thread = thread::Builder::new().name(name).spawn(move || {
             let _exit = exit_tx;
@@ -222,6 +239,7 @@ impl Worker {
                 stop: thread_stop,
                 failed_all: failed_tx,
                 counted: counted_tx,
+                collected: Some(collected_tx),
             };
             run(events, ctx, engines, broken, &thread_mode)
         })?;
@@ -232,6 +250,7 @@ impl Worker {
             exited,
             failed_all,
             counted,
+            collected,
         })
     }
 
@@ -278,7 +297,16 @@ impl Worker {
     /// failing requests ([`Pulled::Failing`]). If the host I/O takes longer the thread is left
     /// to finish it alone, publishing nothing, and releases the backend (its reference to the
     /// disk) when it ends.
-    pub fn pull(self, in_flight: InFlightPolicy) -> Pulled {
+    ///
+    /// With [`InFlightPolicy::Fail`] and `await_driver`, it then waits up to [`COLLECT_WAIT`]
+    /// until the driver has taken every completion published (its `used_event` has caught up
+    /// with the used index, §2.7.10), so that the caller takes the device away only then.
+    /// Linux's virtio-pci (6.1, 6.12) marks the virtqueues broken as soon as its removal
+    /// starts, and a completion it has not taken by then is never taken: the request, and
+    /// `del_gendisk` behind it, wait forever. The driver takes them within microseconds on a
+    /// quiet host; on a busy one the vCPU that should may not run for milliseconds while
+    /// another runs the removal.
+    pub fn pull(self, in_flight: InFlightPolicy, await_driver: bool) -> Pulled {
         self.signal(match in_flight {
             InFlightPolicy::Fail => Mode::Fail,
             InFlightPolicy::Drop => Mode::Drop,
@@ -288,7 +316,17 @@ impl Worker {
             InFlightPolicy::Drop => self.exited.recv_timeout(PULL_WAIT),
         };
         match (in_flight, waited) {
-            (InFlightPolicy::Fail, Ok(())) => Pulled::Failing(self),
+            (InFlightPolicy::Fail, Ok(())) => {
+                let collected = await_driver
+                    .then(|| match self.collected.recv_timeout(COLLECT_WAIT) {
+                        Ok(()) => Some(true),
+                        // The driver does not say what it took.
+                        Err(RecvTimeoutError::Disconnected) => None,
+                        Err(RecvTimeoutError::Timeout) => Some(false),
+                    })
+                    .flatten();
+                Pulled::Failing(self, collected)
+            }
             (_, Err(RecvTimeoutError::Disconnected)) | (InFlightPolicy::Drop, Ok(())) => {
                 if self.thread.join().is_err() {
                     error!("virtio-blk: I/O thread panicked");
@@ -319,6 +357,8 @@ struct Events {
     stop: EventFd,
     failed_all: mpsc::Sender<()>,
     counted: mpsc::Sender<()>,
+    /// Taken (dropped) once sent, or once the driver turns out not to say what it took.
+    collected: Option<mpsc::Sender<()>>,
 }
 
 /// Per-queue state of the thread.
@@ -362,7 +402,7 @@ impl Mode {
 }
 
 fn run(
-    events: Events,
+    mut events: Events,
     ctx: WorkerContext,
     engines: Vec<Box<dyn IoEngine>>,
     broken: Vec<bool>,
@@ -409,6 +449,8 @@ fn run(
     let mut failed_all_sent = failing;
     let mut failed_at_announce = io.processor.failed_on_removal();
     let mut drop_counted = false;
+    // Until when the thread looks whether the driver took the completions (see Worker::pull).
+    let mut collect_until: Option<Instant> = None;
     let mut ready = vec![EpollEvent::default(); 2 * queues.len() + 1];
     loop {
         let now = Mode::load(mode);
@@ -451,6 +493,7 @@ fn run(
                 let _ = events.failed_all.send(());
                 failed_all_sent = true;
                 failed_at_announce = io.processor.failed_on_removal();
+                collect_until = Some(Instant::now() + COLLECT_WAIT);
             }
             Mode::Pause | Mode::PauseFailing if idle => {
                 let (queues, broken) = queues.into_iter().map(|q| (q.active, q.broken)).unzip();
@@ -479,6 +522,27 @@ fn run(
             Mode::Drop if idle => return None,
             _ => {}
         }
+        if let Some(until) = collect_until {
+            match io.driver_took_all(&queues) {
+                Some(false) if Instant::now() < until => {}
+                Some(false) => collect_until = None,
+                taken => {
+                    // Taken: say so. Unknown: the sender goes, which says that.
+                    let tx = events.collected.take();
+                    if taken == Some(true) {
+                        info!(
+                            "virtio-blk: pulled out; the driver took every completion {} µs after the last request in flight failed",
+                            (COLLECT_WAIT - until.saturating_duration_since(Instant::now()))
+                                .as_micros()
+                        );
+                        if let Some(tx) = tx {
+                            let _ = tx.send(());
+                        }
+                    }
+                    collect_until = None;
+                }
+            }
+        }
         if now == Mode::Run && io.worked && io.poll(&mut queues) {
             // Work came while polling: no sleep, no wake-up.
             for q in queues.iter_mut() {
@@ -489,7 +553,12 @@ fn run(
             continue;
         }
         io.worked = false;
-        let n = match events.epoll.wait(-1, &mut ready) {
+        let timeout = if collect_until.is_some() {
+            COLLECT_POLL_MS
+        } else {
+            -1
+        };
+        let n = match events.epoll.wait(timeout, &mut ready) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -787,6 +856,33 @@ impl Io<'_> {
             .map(|avail| u64::from(avail.0.wrapping_sub(q.active.queue.next_avail())))
             .unwrap_or(0);
         taken + available
+    }
+
+    /// Whether the driver has taken every completion published on every queue: its
+    /// `used_event` (VIRTIO_RING_F_EVENT_IDX, §2.7.10) equals the used index. Linux writes it
+    /// when it re-enables its callback after taking what it found (and 0 meanwhile). `None`
+    /// if a queue in use does not have it.
+    fn driver_took_all(&self, queues: &[QueueState]) -> Option<bool> {
+        let mut all = true;
+        for q in queues {
+            let queue = &q.active.queue;
+            if q.broken || !queue.ready() {
+                continue;
+            }
+            if !queue.event_idx_enabled() {
+                return None;
+            }
+            // The avail ring's last field: after flags, idx and the ring (§2.7.6).
+            let at = queue
+                .avail_ring()
+                .checked_add(4 + 2 * u64::from(queue.size()));
+            std::sync::atomic::fence(Ordering::Acquire);
+            let used_event = at
+                .and_then(|a| self.mem.read_obj::<u16>(GuestAddress(a)).ok())
+                .map(u16::from_le)?;
+            all &= used_event == queue.next_used();
+        }
+        Some(all)
     }
 
     /// Raises `q`'s interrupt if completions were published since the last time and the
