@@ -92,6 +92,9 @@ struct VirtioFunction {
     capacity: u64,
     /// Pulled out and still failing: what its BARs read meanwhile.
     pulled_bar_reads: Option<BarReads>,
+    /// Its queue notifications reach it through BAR 0, not ioeventfds: pulled out, it fails
+    /// requests on the vCPU that notifies ([`PciDevices::notify_by_bar`]).
+    notify_by_bar: bool,
 }
 
 /// Where a saved disk sat.
@@ -584,6 +587,7 @@ impl PciDevices {
                 identity,
                 capacity,
                 pulled_bar_reads: None,
+                notify_by_bar: false,
             },
         );
         match &placement {
@@ -809,9 +813,31 @@ impl PciDevices {
         );
         if outcome.failing {
             f.pulled_bar_reads = Some(bar_reads);
+            if bar_reads == BarReads::Zero {
+                self.notify_by_bar(&mut f);
+            }
             lock(&self.pulled).push(f);
         }
         Some(outcome)
+    }
+
+    /// A pulled-out device failing its driver's requests, whose vacated BAR still passes it
+    /// writes, fails them from now on on the vCPU that notifies it: its ioeventfds go, so that
+    /// a notification exits to the VMM, and the answer and its interrupt are there before that
+    /// vCPU runs on. Through an ioeventfd the answer comes from the device's I/O thread, which
+    /// a busy host may not run for milliseconds; meanwhile the guest's removal on another vCPU
+    /// can mark the queue broken, and Linux (6.1, 6.12) then ignores the answer and waits for
+    /// the request forever (docs/surprise-removal.md).
+    fn notify_by_bar(&self, f: &mut VirtioFunction) {
+        if !lock(&f.device).fail_on_notify() {
+            return;
+        }
+        if let Some(base) = f.bar0 {
+            self.unregister_ioeventfds(f, base);
+        }
+        f.notify_by_bar = true;
+        // What was notified through an ioeventfd since the device's thread let go of them.
+        lock(&f.device).notify_queues();
     }
 
     /// Lets go of what the VMM keeps of a function it took away: notification ioeventfds, the
@@ -900,21 +926,12 @@ impl PciDevices {
         if f.bar0 == new {
             return;
         }
-        let dev = lock(&f.device);
         if let Some(old) = f.bar0.take() {
-            for (addr, _len, evt) in dev.ioeventfds(old) {
-                if let Err(e) =
-                    self.vm
-                        .unregister_ioevent(&evt, &IoEventAddress::Mmio(addr), NoDatamatch)
-                {
-                    devices::guest_log::report(
-                        "ioeventfd move failed",
-                        log::Level::Warn,
-                        format_args!("{}: unregistering ioeventfd at {addr:#x}: {e}", dev.id()),
-                    );
-                }
+            if !f.notify_by_bar {
+                self.unregister_ioeventfds(f, old);
             }
         }
+        let dev = lock(&f.device);
         if let Some(base) = new {
             for (addr, _len, evt) in dev.ioeventfds(base) {
                 if let Err(e) =
@@ -930,6 +947,23 @@ impl PciDevices {
                 }
             }
             f.bar0 = Some(base);
+        }
+    }
+
+    /// Unregisters `f`'s ioeventfds, registered for BAR 0 at `base`.
+    fn unregister_ioeventfds(&self, f: &VirtioFunction, base: u64) {
+        let dev = lock(&f.device);
+        for (addr, _len, evt) in dev.ioeventfds(base) {
+            if let Err(e) =
+                self.vm
+                    .unregister_ioevent(&evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+            {
+                devices::guest_log::report(
+                    "ioeventfd move failed",
+                    log::Level::Warn,
+                    format_args!("{}: unregistering ioeventfd at {addr:#x}: {e}", dev.id()),
+                );
+            }
         }
     }
 
@@ -1235,6 +1269,7 @@ impl PciDevices {
             identity: d.identity,
             capacity: d.capacity,
             pulled_bar_reads: d.pulled_bar_reads,
+            notify_by_bar: false,
         };
         if attached {
             let added = match &placement {
@@ -1252,7 +1287,13 @@ impl PciDevices {
                 self.bars.reprogram_bars(bdf, &shared, &changes);
                 self.bars.vacate_device(&shared, VacatedWrites::ToDevice);
             }
-            self.move_ioeventfds(&mut f, d.bar0);
+            // As when it was pulled (notify_by_bar); the queues are looked at on resume.
+            if d.pulled_bar_reads == Some(BarReads::Zero) && lock(&f.device).fail_on_notify() {
+                f.bar0 = d.bar0;
+                f.notify_by_bar = true;
+            } else {
+                self.move_ioeventfds(&mut f, d.bar0);
+            }
             lock(&self.pulled).push(f);
         }
         log::info!(

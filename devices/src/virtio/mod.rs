@@ -231,6 +231,29 @@ pub trait VirtioDevice: Send {
         InFlightOutcome::default()
     }
 
+    /// After a surprise removal that left the device [`failing`](InFlightOutcome::failing):
+    /// from now on fail the driver's requests on the thread that notifies the device
+    /// ([`queue_notified`](Self::queue_notified)) instead of the device's own, so that each
+    /// answer is published, and its interrupt raised, before the vCPU that notified runs on.
+    /// (A driver that learns of the removal on another vCPU meanwhile may ignore an answer that
+    /// comes later: Linux's virtio-pci does.) Returns false if the device cannot (the default):
+    /// it goes on failing requests on its own thread, notified through its queues' events.
+    /// Otherwise the caller stops signalling those events (the VMM unregisters the
+    /// ioeventfds) and then has every queue looked at once more, through
+    /// [`queue_notified`](Self::queue_notified), for what was notified meanwhile.
+    fn fail_on_notify(&mut self) -> bool {
+        false
+    }
+
+    /// The driver notified queue `index` through a BAR write the transport received. A device
+    /// that [fails on notify](Self::fail_on_notify) serves the queue here, on the caller's
+    /// thread, and returns true; otherwise (the default) it returns false and the transport
+    /// signals the queue's notification event.
+    fn queue_notified(&mut self, index: u16) -> bool {
+        let _ = index;
+        false
+    }
+
     /// The VM pauses (to be saved or migrated): stop serving the queues, finishing and
     /// publishing the requests in flight (with their interrupts), and keep the queues to
     /// [`resume`](Self::resume). Returns where each active queue was left; nothing touches guest

@@ -1316,18 +1316,45 @@ impl VirtioPciDevice {
 
     // ---- The other regions of BAR 0 ----
 
-    fn notify_write(&self, offset: u64, data: &[u8]) {
+    fn notify_write(&mut self, offset: u64, data: &[u8]) {
         let multiplier = u64::from(NOTIFY_OFF_MULTIPLIER);
         if data.is_empty() || !offset.is_multiple_of(multiplier) {
             return;
         }
-        let index = usize::try_from(offset / multiplier).unwrap_or(usize::MAX);
-        if let (Some(event), Some(queue)) = (self.notify.get(index), self.queues.get(index)) {
-            if queue.max_size > 0 {
-                if let Err(e) = event.write(1) {
-                    log::warn!("virtio-pci: signalling queue {index} failed: {e}");
-                }
-            }
+        if let Ok(index) = u16::try_from(offset / multiplier) {
+            self.notify_queue(index);
+        }
+    }
+
+    /// Queue `index` was notified: the device serves it here if it
+    /// [fails on notify](VirtioDevice::fail_on_notify), or its event is signalled.
+    fn notify_queue(&mut self, index: u16) {
+        let i = usize::from(index);
+        let (Some(event), Some(queue)) = (self.notify.get(i), self.queues.get(i)) else {
+            return;
+        };
+        if queue.max_size == 0 || (self.activated && self.device.queue_notified(index)) {
+            return;
+        }
+        if let Err(e) = event.write(1) {
+            log::warn!("virtio-pci: signalling queue {index} failed: {e}");
+        }
+    }
+
+    /// A device pulled out by surprise that is still [failing](Self::is_failing) requests
+    /// fails them from now on on the thread that notifies it, through the BAR
+    /// ([`VirtioDevice::fail_on_notify`]). True if it does: the VMM then unregisters the
+    /// queues' ioeventfds and calls [`notify_queues`](Self::notify_queues); false: it goes on
+    /// failing them on its own thread, and the ioeventfds must stay.
+    pub fn fail_on_notify(&mut self) -> bool {
+        self.is_failing() && self.device.fail_on_notify()
+    }
+
+    /// As if the driver had notified every available queue through the BAR: for what was
+    /// notified while the VMM moved the notifications from ioeventfds to the BAR.
+    pub fn notify_queues(&mut self) {
+        for index in 0..self.queues.len() {
+            self.notify_queue(index as u16);
         }
     }
 

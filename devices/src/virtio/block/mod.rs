@@ -178,8 +178,11 @@ pub struct Block {
     stats: Arc<BlockStats>,
     needs_reset: Arc<AtomicBool>,
     worker: Option<Worker>,
-    /// The I/O thread's context while the device is paused.
+    /// The I/O thread's context while the device is paused, or while it fails on notify.
     parked: Option<Parked>,
+    /// Pulled out and failing requests on the thread that notifies it ([`VirtioDevice::fail_on_notify`]):
+    /// no I/O thread runs, `parked` holds the queues. With the failed-on-removal count then.
+    fails_on_notify: Option<u64>,
     backend_errors: Option<Arc<dyn BackendErrorObserver>>,
     /// Where the queues' engines come from (`config.aio`, unless a test says otherwise).
     engines: EngineSource,
@@ -286,6 +289,7 @@ impl Block {
             needs_reset: Arc::new(AtomicBool::new(false)),
             worker: None,
             parked: None,
+            fails_on_notify: None,
             backend_errors: None,
             engines: EngineSource::Backend(config.aio),
             config,
@@ -359,9 +363,10 @@ impl Block {
         self.engines = EngineSource::Factory(factory);
     }
 
-    /// Whether the I/O thread is running.
+    /// Whether the device serves its queues: its I/O thread runs, or, pulled out, it fails
+    /// requests on notify.
     pub fn is_active(&self) -> bool {
-        self.worker.is_some()
+        self.worker.is_some() || self.fails_on_notify.is_some()
     }
 
     /// Whether the image is still open (false after [`Block::shutdown`]).
@@ -370,6 +375,13 @@ impl Block {
     }
 
     fn stop_worker(&mut self) {
+        if let Some(at_switch) = self.fails_on_notify.take() {
+            info!(
+                "virtio-blk {}: pulled-out device reset; it failed {} request(s) submitted after the pull, on the vCPUs that notified",
+                self.config.id,
+                self.stats.snapshot().failed_on_removal - at_switch
+            );
+        }
         self.parked = None;
         if let Some(worker) = self.worker.take() {
             worker.stop();
@@ -380,8 +392,15 @@ impl Block {
         format!("blk-{}", self.config.id)
     }
 
-    /// Starts the paused I/O thread again, if there is one.
+    /// Starts the paused I/O thread again, if there is one (none while the device fails on
+    /// notify: it looks at its queues once instead, for what came while it was paused).
     fn resume_worker(&mut self) -> Result<(), ActivateError> {
+        if self.fails_on_notify.is_some() {
+            for index in 0..self.config.num_queues {
+                self.queue_notified(index);
+            }
+            return Ok(());
+        }
         let Some(parked) = self.parked.take() else {
             return Ok(());
         };
@@ -540,6 +559,36 @@ impl VirtioDevice for Block {
             self.worker = Some(worker);
         }
         outcome
+    }
+
+    /// The I/O thread, failing requests since a pull, hands its queues over: from now on a
+    /// notification is answered on the thread that delivers it. A running thread is paused
+    /// (it finishes nothing, all is failed); a parked context (the VM is paused, or was just
+    /// restored) stays parked.
+    fn fail_on_notify(&mut self) -> bool {
+        if self.fails_on_notify.is_some() {
+            return true;
+        }
+        if let Some(worker) = self.worker.take() {
+            self.parked = worker.pause();
+        }
+        match &self.parked {
+            Some(p) if p.ctx.failing => {
+                self.fails_on_notify = Some(self.stats.snapshot().failed_on_removal);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn queue_notified(&mut self, index: u16) -> bool {
+        if self.fails_on_notify.is_none() {
+            return false;
+        }
+        if let Some(parked) = self.parked.as_mut() {
+            worker::fail_available(parked, index);
+        }
+        true
     }
 
     /// Also writes a qcow2 image's cached tables back: a paused machine may be saved, or
@@ -822,6 +871,54 @@ mod tests {
         mem.write_slice(&[0xee, 0xee], GuestAddress(STATUS))
             .unwrap();
         (dev, q)
+    }
+
+    /// Pulled out and failing on notify: a request the driver submits is failed, and its
+    /// interrupt raised, before `queue_notified` returns, on the caller's thread (the vCPU
+    /// that notified); one made available while the VM was paused is failed on resume; the
+    /// driver's reset ends it.
+    #[test]
+    fn a_pulled_device_fails_on_notify_before_the_notification_returns() {
+        let tmp = image();
+        let rig = Rig::new();
+        let guard = rig.memory.memory();
+        let mem: &GuestRam = &guard;
+        let (mut dev, q) = two_requests_in_flight(&tmp, &rig, mem);
+        assert!(!dev.queue_notified(0), "served by its I/O thread");
+        let outcome = dev.surprise_remove(InFlightPolicy::Fail);
+        assert_eq!((outcome.failed, outcome.failing), (2, true));
+        assert!(dev.fail_on_notify());
+        assert!(dev.is_active());
+        assert!(!dev.has_backend());
+        let used_event = GuestAddress(q.avail_addr().0 + 4 + 2 * 16);
+        mem.write_obj(3u16, used_event).unwrap();
+        let late = late_request(mem);
+        q.add_desc_chains(&late, 9).unwrap();
+        // No I/O thread: nothing happens until the notification.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(q.used().idx().load(), 3);
+        assert!(dev.queue_notified(0));
+        assert_eq!(q.used().idx().load(), 4);
+        assert_eq!(status(mem, STATUS + 3), 1);
+        assert_eq!(rig.interrupt.queue.load(Ordering::SeqCst), 3);
+
+        // Paused (the VM is): a chain made available then is failed on resume.
+        assert_eq!(dev.pause().len(), 1);
+        mem.write_obj(4u16, used_event).unwrap();
+        mem.write_obj(0xeeu8, GuestAddress(STATUS + 3)).unwrap();
+        q.add_desc_chains(&late, 12).unwrap();
+        dev.resume().unwrap();
+        assert_eq!(q.used().idx().load(), 5);
+        assert_eq!(status(mem, STATUS + 3), 1);
+        assert_eq!(rig.interrupt.queue.load(Ordering::SeqCst), 4);
+        assert_eq!(dev.stats().snapshot().failed_on_removal, 4);
+
+        // The driver's reset ends it.
+        dev.reset();
+        assert!(!dev.is_active());
+        assert!(!dev.queue_notified(0));
+        q.add_desc_chains(&late, 9).unwrap();
+        assert_eq!(q.used().idx().load(), 5);
     }
 
     #[test]

@@ -349,6 +349,56 @@ impl Worker {
     }
 }
 
+/// Fails every chain available on queue `index` of a parked device that was pulled out and
+/// [fails on notify](crate::virtio::VirtioDevice::fail_on_notify), on the caller's thread (the
+/// vCPU that notified), and raises the queue's interrupt if the driver wants it. Returns how
+/// many it failed. A queue the device cannot use any more is given up on as the thread does.
+pub(super) fn fail_available(parked: &mut Parked, index: u16) -> u64 {
+    let ctx = &mut parked.ctx;
+    let Some(pos) = ctx.queues.iter().position(|q| q.index == index) else {
+        return 0;
+    };
+    if parked.broken[pos] || !ctx.queues[pos].queue.ready() {
+        return 0;
+    }
+    let guard = ctx.memory.memory();
+    let mem: &GuestRam = &guard;
+    let queue = &mut ctx.queues[pos].queue;
+    let processor = &mut ctx.processor;
+    let mut failed = 0;
+    let mut fail_all = || -> Result<bool, virtio_queue::Error> {
+        loop {
+            queue.disable_notification(mem)?;
+            while let Some(chain) = queue.iter(mem)?.next() {
+                let head = chain.head_index();
+                let len = processor.fail(chain);
+                queue.add_used(mem, head, len)?;
+                failed += 1;
+            }
+            if !queue.enable_notification(mem)? {
+                break;
+            }
+        }
+        Ok(failed > 0 && queue.needs_notification(mem)?)
+    };
+    let kind = match fail_all() {
+        Ok(true) => Some(VirtioInterruptType::Queue(index)),
+        Ok(false) => None,
+        Err(fault) => {
+            error!("virtio-blk: queue {index} unusable ({fault:?}): device needs reset");
+            parked.broken[pos] = true;
+            ctx.needs_reset.store(true, Ordering::Release);
+            Some(VirtioInterruptType::Config)
+        }
+    };
+    if let Some(kind) = kind {
+        if let Err(e) = ctx.interrupt.trigger(kind) {
+            warn!("virtio-blk: queue {index} interrupt failed: {e}");
+        }
+    }
+    failed
+}
+
 /// What the thread waits on, and how it tells [`Worker::pull`] it has failed everything.
 struct Events {
     epoll: Epoll,
