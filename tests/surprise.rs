@@ -161,8 +161,10 @@ fn wait_ends(g: &mut Guest, q: &mut QmpClient, path: &str, lines: usize) -> Stri
 /// virtio-pci's removal). The device fails such requests until the driver resets it. Were
 /// they left alone, virtio_blk's `del_gendisk` would wait for them forever: the reader and
 /// the removal in D state, the function on the guest's bus, the guest's hot-plug stuck.
-/// (Run with `RUST_LOG=info` to see how many requests the device failed after the pull: one
-/// each time in the runs so far.)
+/// The device fails them on the vCPU that notifies it, so that the answer is there before
+/// that vCPU runs on: the guest's removal on the other vCPU ignores an answer it has not taken
+/// when it marks the queue broken (docs/surprise-removal.md). (Run with `RUST_LOG=info` to see
+/// how many requests the device failed after the pull: none or one in the runs here.)
 fn free_reader(g: &mut Guest, q: &mut QmpClient, dir: &TempDir, bus: &str, tag: &str) {
     let (node, id) = (format!("{tag}-n"), format!("{tag}-d"));
     blockdev_add(q, &node, &make_disk(dir, &node));
