@@ -833,7 +833,7 @@ impl PciDevices {
             return;
         }
         if let Some(base) = f.bar0 {
-            self.unregister_ioeventfds(f, base);
+            self.set_ioeventfds(f, base, false);
         }
         f.notify_by_bar = true;
         // What was notified through an ioeventfd since the device's thread let go of them.
@@ -928,40 +928,35 @@ impl PciDevices {
         }
         if let Some(old) = f.bar0.take() {
             if !f.notify_by_bar {
-                self.unregister_ioeventfds(f, old);
+                self.set_ioeventfds(f, old, false);
             }
         }
-        let dev = lock(&f.device);
         if let Some(base) = new {
-            for (addr, _len, evt) in dev.ioeventfds(base) {
-                if let Err(e) =
-                    self.vm
-                        .register_ioevent(&evt, &IoEventAddress::Mmio(addr), NoDatamatch)
-                {
-                    // The notify write still reaches the device through the BAR: slower, correct.
-                    devices::guest_log::report(
-                        "ioeventfd move failed",
-                        log::Level::Warn,
-                        format_args!("{}: registering ioeventfd at {addr:#x}: {e}", dev.id()),
-                    );
-                }
-            }
+            self.set_ioeventfds(f, base, true);
             f.bar0 = Some(base);
         }
     }
 
-    /// Unregisters `f`'s ioeventfds, registered for BAR 0 at `base`.
-    fn unregister_ioeventfds(&self, f: &VirtioFunction, base: u64) {
+    /// Registers (`on`) or unregisters `f`'s ioeventfds for BAR 0 at `base`. One KVM refuses
+    /// is reported; the notify write still reaches the device through the BAR: slower, correct.
+    fn set_ioeventfds(&self, f: &VirtioFunction, base: u64, on: bool) {
         let dev = lock(&f.device);
         for (addr, _len, evt) in dev.ioeventfds(base) {
-            if let Err(e) =
-                self.vm
-                    .unregister_ioevent(&evt, &IoEventAddress::Mmio(addr), NoDatamatch)
-            {
+            let at = IoEventAddress::Mmio(addr);
+            let done = if on {
+                self.vm.register_ioevent(&evt, &at, NoDatamatch)
+            } else {
+                self.vm.unregister_ioevent(&evt, &at, NoDatamatch)
+            };
+            if let Err(e) = done {
                 devices::guest_log::report(
                     "ioeventfd move failed",
                     log::Level::Warn,
-                    format_args!("{}: unregistering ioeventfd at {addr:#x}: {e}", dev.id()),
+                    format_args!(
+                        "{}: {}registering ioeventfd at {addr:#x}: {e}",
+                        dev.id(),
+                        if on { "" } else { "un" }
+                    ),
                 );
             }
         }

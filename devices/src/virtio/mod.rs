@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use virtio_queue::Queue;
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
@@ -120,6 +120,20 @@ impl std::str::FromStr for InFlightPolicy {
             _ => Err(format!("'{s}' is not an in-flight policy (fail, drop)")),
         }
     }
+}
+
+/// Where the driver's `used_event` sits (§2.7.10, with `VIRTIO_RING_F_EVENT_IDX`): the last
+/// field of the available ring at `avail_ring`, after its flags, its idx and its `size`
+/// entries (§2.7.6).
+pub(crate) fn used_event_address(avail_ring: u64, size: u16) -> Option<GuestAddress> {
+    avail_ring
+        .checked_add(4 + 2 * u64::from(size))
+        .map(GuestAddress)
+}
+
+/// The little-endian `u16` the driver wrote at `at` in guest memory, if it is there.
+pub(crate) fn read_le16(mem: &GuestRam, at: GuestAddress) -> Option<u16> {
+    mem.read_obj::<u16>(at).ok().map(u16::from_le)
 }
 
 /// What a surprise removal did with the requests in flight.

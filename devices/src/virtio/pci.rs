@@ -59,14 +59,15 @@ use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use serde::{Deserialize, Serialize};
 
 use super::{
-    features, status, ActiveQueue, GuestMemory, InFlightOutcome, InFlightPolicy, QueueProgress,
-    VirtioDevice, VirtioInterrupt, VirtioInterruptType, VIRTIO_MSI_NO_VECTOR,
+    features, read_le16, status, used_event_address, ActiveQueue, GuestMemory, InFlightOutcome,
+    InFlightPolicy, QueueProgress, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    VIRTIO_MSI_NO_VECTOR,
 };
 use crate::interrupt::MsiInterruptGroup;
 use crate::pci::configuration::PciConfigurationState;
@@ -818,10 +819,7 @@ impl VirtioPciDevice {
         }
         let event_idx = self.driver_features & (1 << features::VIRTIO_RING_F_EVENT_IDX) != 0;
         let mem = self.memory.memory();
-        let read = |at: Option<u64>| -> Option<u16> {
-            at.and_then(|a| mem.read_obj::<u16>(GuestAddress(a)).ok())
-                .map(u16::from_le)
-        };
+        let read = |at: Option<u64>| read_le16(&mem, GuestAddress(at?));
         self.queues
             .iter()
             .enumerate()
@@ -831,11 +829,9 @@ impl VirtioPciDevice {
                     index: index as u16,
                     avail: read(q.driver.checked_add(2))?,
                     used: read(q.device.checked_add(2))?,
-                    used_event: if event_idx {
-                        read(q.driver.checked_add(4 + 2 * u64::from(q.size)))
-                    } else {
-                        None
-                    },
+                    used_event: used_event_address(q.driver, q.size)
+                        .filter(|_| event_idx)
+                        .and_then(|at| read_le16(&mem, at)),
                 })
             })
             .collect()
@@ -1489,7 +1485,7 @@ impl PciDevice for VirtioPciDevice {
 mod tests {
     use std::sync::Mutex;
 
-    use vm_memory::GuestMemoryAtomic;
+    use vm_memory::{Bytes, GuestMemoryAtomic};
 
     use super::super::ActivateError;
     use super::*;

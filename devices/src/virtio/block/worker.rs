@@ -47,14 +47,14 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::executor::{Completion, RequestProcessor, Started};
 use super::host_io::{EngineSource, HostResult, IoEngine};
 use super::in_flight::{InFlight, IoKind};
-use crate::virtio::GuestRam;
+use crate::virtio::{read_le16, used_event_address, GuestRam};
 use crate::virtio::{
     ActiveQueue, GuestMemory, InFlightPolicy, VirtioInterrupt, VirtioInterruptType,
 };
@@ -351,52 +351,70 @@ impl Worker {
 
 /// Fails every chain available on queue `index` of a parked device that was pulled out and
 /// [fails on notify](crate::virtio::VirtioDevice::fail_on_notify), on the caller's thread (the
-/// vCPU that notified), and raises the queue's interrupt if the driver wants it. Returns how
-/// many it failed. A queue the device cannot use any more is given up on as the thread does.
-pub(super) fn fail_available(parked: &mut Parked, index: u16) -> u64 {
+/// vCPU that notified), and raises the queue's interrupt if the driver wants it. A queue the
+/// device cannot use any more is given up on as the thread does.
+pub(super) fn fail_available(parked: &mut Parked, index: u16) {
     let ctx = &mut parked.ctx;
     let Some(pos) = ctx.queues.iter().position(|q| q.index == index) else {
-        return 0;
+        return;
     };
     if parked.broken[pos] || !ctx.queues[pos].queue.ready() {
-        return 0;
+        return;
     }
     let guard = ctx.memory.memory();
     let mem: &GuestRam = &guard;
     let queue = &mut ctx.queues[pos].queue;
-    let processor = &mut ctx.processor;
-    let mut failed = 0;
-    let mut fail_all = || -> Result<bool, virtio_queue::Error> {
-        loop {
-            queue.disable_notification(mem)?;
-            while let Some(chain) = queue.iter(mem)?.next() {
-                let head = chain.head_index();
-                let len = processor.fail(chain);
-                queue.add_used(mem, head, len)?;
-                failed += 1;
-            }
-            if !queue.enable_notification(mem)? {
-                break;
+    let wants_interrupt = fail_chains(queue, mem, &mut ctx.processor)
+        .and_then(|failed| Ok(failed > 0 && queue.needs_notification(mem)?));
+    match wants_interrupt {
+        Ok(true) => {
+            if let Err(e) = ctx.interrupt.trigger(VirtioInterruptType::Queue(index)) {
+                warn!("virtio-blk: queue {index} interrupt failed: {e}");
             }
         }
-        Ok(failed > 0 && queue.needs_notification(mem)?)
-    };
-    let kind = match fail_all() {
-        Ok(true) => Some(VirtioInterruptType::Queue(index)),
-        Ok(false) => None,
+        Ok(false) => {}
         Err(fault) => {
-            error!("virtio-blk: queue {index} unusable ({fault:?}): device needs reset");
             parked.broken[pos] = true;
-            ctx.needs_reset.store(true, Ordering::Release);
-            Some(VirtioInterruptType::Config)
-        }
-    };
-    if let Some(kind) = kind {
-        if let Err(e) = ctx.interrupt.trigger(kind) {
-            warn!("virtio-blk: queue {index} interrupt failed: {e}");
+            queue_unusable(index, fault, &ctx.needs_reset, ctx.interrupt.as_ref());
         }
     }
-    failed
+}
+
+/// Completes every chain available on `queue` with `VIRTIO_BLK_S_IOERR` (pulled out,
+/// [`InFlightPolicy::Fail`]), notifications off while it drains; returns how many.
+fn fail_chains(
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestRam,
+    processor: &mut RequestProcessor,
+) -> Result<u64, virtio_queue::Error> {
+    let mut failed = 0;
+    loop {
+        queue.disable_notification(mem)?;
+        while let Some(chain) = queue.iter(mem)?.next() {
+            let head = chain.head_index();
+            let len = processor.fail(chain);
+            queue.add_used(mem, head, len)?;
+            failed += 1;
+        }
+        if !queue.enable_notification(mem)? {
+            return Ok(failed);
+        }
+    }
+}
+
+/// Queue `index` cannot be served any more (`fault`): the device needs a reset, which a
+/// configuration-change interrupt tells the driver (§2.1.2).
+fn queue_unusable(
+    index: u16,
+    fault: virtio_queue::Error,
+    needs_reset: &AtomicBool,
+    interrupt: &dyn VirtioInterrupt,
+) {
+    error!("virtio-blk: queue {index} unusable ({fault:?}): device needs reset");
+    needs_reset.store(true, Ordering::Release);
+    if let Err(e) = interrupt.trigger(VirtioInterruptType::Config) {
+        warn!("virtio-blk: config interrupt failed: {e}");
+    }
 }
 
 /// What the thread waits on, and how it tells [`Worker::pull`] it has failed everything.
@@ -694,24 +712,23 @@ impl Io<'_> {
 
     fn take_available(&mut self, q: &mut QueueState, how: Take) -> Result<(), virtio_queue::Error> {
         let mem = self.mem;
+        if how == Take::Fail {
+            if fail_chains(&mut q.active.queue, mem, &mut self.processor)? > 0 {
+                q.used = true;
+            }
+            return Ok(());
+        }
         let mut pushed = 0usize;
         loop {
             q.active.queue.disable_notification(mem)?;
             loop {
-                if how == Take::Serve && q.requests.blocked() {
+                if q.requests.blocked() {
                     // Notifications stay off: completions make room and take the rest.
                     return Ok(());
                 }
                 let Some(chain) = q.active.queue.iter(mem)?.next() else {
                     break;
                 };
-                if how == Take::Fail {
-                    let head = chain.head_index();
-                    let len = self.processor.fail(chain);
-                    q.active.queue.add_used(mem, head, len)?;
-                    q.used = true;
-                    continue;
-                }
                 let Some(tag) = q.requests.alloc() else {
                     return Ok(());
                 };
@@ -922,14 +939,9 @@ impl Io<'_> {
             if !queue.event_idx_enabled() {
                 return None;
             }
-            // The avail ring's last field: after flags, idx and the ring (§2.7.6).
-            let at = queue
-                .avail_ring()
-                .checked_add(4 + 2 * u64::from(queue.size()));
             std::sync::atomic::fence(Ordering::Acquire);
-            let used_event = at
-                .and_then(|a| self.mem.read_obj::<u16>(GuestAddress(a)).ok())
-                .map(u16::from_le)?;
+            let used_event = used_event_address(queue.avail_ring(), queue.size())
+                .and_then(|at| read_le16(self.mem, at))?;
             all &= used_event == queue.next_used();
         }
         Some(all)
@@ -960,14 +972,7 @@ impl Io<'_> {
         if q.broken {
             return;
         }
-        error!(
-            "virtio-blk: queue {} unusable ({fault:?}): device needs reset",
-            q.active.index
-        );
         q.broken = true;
-        self.needs_reset.store(true, Ordering::Release);
-        if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Config) {
-            warn!("virtio-blk: config interrupt failed: {e}");
-        }
+        queue_unusable(q.active.index, fault, self.needs_reset, self.interrupt);
     }
 }
