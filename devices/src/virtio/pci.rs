@@ -799,7 +799,10 @@ impl VirtioPciDevice {
     /// that still reaches the transport (see [`is_failing`](Self::is_failing)) or
     /// [`reset`](Self::reset) — so that the device's completions keep reaching the driver
     /// meanwhile; the VMM keeps the queues' notification events (ioeventfds) connected until
-    /// then. Otherwise the transport forgets everything at once, as on a reset.
+    /// then. Until then the BAR's notify addresses and MSI-X table still take the driver's
+    /// writes (a vector it masks holds the device's interrupts pending), and every other write
+    /// but the reset changes nothing. Otherwise the transport forgets everything at once, as on
+    /// a reset.
     pub fn surprise_remove(&mut self, in_flight: InFlightPolicy) -> InFlightOutcome {
         let outcome = self.device.surprise_remove(in_flight);
         self.pulled = true;
@@ -1451,13 +1454,18 @@ impl PciDevice for VirtioPciDevice {
             return;
         }
         if self.pulled {
-            // Gone: only the driver's reset (and the notifications of a device that is still
-            // failing requests) means anything.
+            // Gone: only the driver's reset means anything, and, while the device still fails
+            // requests, what it still serves: the notifications, and the MSI-X table that its
+            // interrupts follow (a vector the driver masks holds them pending, as before).
             match offset {
                 o if o == COMMON_CFG_OFFSET + COMMON_DEVICE_STATUS && data == [0] => self.reset(),
                 o if (NOTIFY_CFG_OFFSET..MSIX_TABLE_OFFSET).contains(&o) && self.is_failing() => {
                     self.notify_write(o - NOTIFY_CFG_OFFSET, data)
                 }
+                o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) && self.is_failing() => self
+                    .interrupts
+                    .msix
+                    .write_table(o - MSIX_TABLE_OFFSET, data),
                 _ => {}
             }
             return;
@@ -2078,16 +2086,29 @@ mod tests {
         interrupt.trigger(VirtioInterruptType::Queue(0)).unwrap();
         assert_eq!(h.group.take(), vec![MsiEvent::Trigger(1)]);
         // Gone for the guest: its BAR reads zero; the driver's writes change nothing, but a
-        // notification still reaches the device.
+        // notification still reaches the device ...
         assert_eq!(h.status(), 0);
         assert_eq!(h.read(MSIX_TABLE_OFFSET + 16 + 8, 4), 0);
         h.write(COMMON_QUEUE_SELECT, 2, 1);
         h.set_status(status::FAILED);
-        h.write(MSIX_TABLE_OFFSET + 16 + 8, 4, 0x99);
         h.write(NOTIFY_CFG_OFFSET, 2, 0);
         assert_eq!(fds[0].2.read().unwrap(), 1);
         assert!(h.dev.is_failing());
         assert_eq!(h.log.lock().unwrap().resets, 0);
+        // ... and the interrupts it still sends follow the driver's MSI-X table: a masked
+        // vector holds them pending until the driver unmasks it, a new message is used.
+        let control = MSIX_TABLE_OFFSET + 16 + 12;
+        h.write(control, 4, 1);
+        interrupt.trigger(VirtioInterruptType::Queue(0)).unwrap();
+        assert!(h.dev.interrupts.msix.is_pending(1));
+        assert!(!h.group.take().contains(&MsiEvent::Trigger(1)));
+        h.write(control, 4, 0);
+        assert!(!h.dev.interrupts.msix.is_pending(1));
+        assert!(h.group.take().contains(&MsiEvent::Trigger(1)));
+        h.write(MSIX_TABLE_OFFSET + 16 + 8, 4, 0x99);
+        assert_eq!(h.dev.interrupts.msix.entry(1).unwrap().0.data, 0x99);
+        assert_eq!(h.read(MSIX_TABLE_OFFSET + 16 + 8, 4), 0, "still reads zero");
+        h.group.take();
         // The driver's reset ends it: the device is reset, the vectors forgotten.
         h.set_status(0);
         assert!(!h.dev.is_failing());
@@ -2096,6 +2117,11 @@ mod tests {
         assert!(h.group.take().is_empty());
         h.write(NOTIFY_CFG_OFFSET, 2, 0);
         assert!(fds[0].2.read().is_err(), "no notification after the reset");
+        h.write(control, 4, 1);
+        assert!(
+            !h.dev.interrupts.msix.entry(1).unwrap().1,
+            "nor a table write"
+        );
         // It stays gone: a new initialisation does nothing.
         h.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
         h.write(COMMON_QUEUE_ENABLE, 2, 1);
