@@ -17,6 +17,9 @@
 //! virtio-pci (`vp_reset`, 6.1 and 6.12 alike) polls the departed device's status until it
 //! reads zero, forever — the disk goes, but the function never leaves the guest's bus and the
 //! guest's hot-plug is stuck for good. `pin_virtio_reset_spin` shows that, last.
+//!
+//! `late_answer` pins the guest's race that is left (docs/surprise-removal.md): an answer that
+//! reaches Linux only after its removal began is never taken.
 
 use crate::common;
 
@@ -339,6 +342,139 @@ fn pin_virtio_reset_spin(version: &str, g: &mut Guest, q: &mut QmpClient, dir: &
     );
 }
 
+/// The guest's race of docs/surprise-removal.md, made deterministic: Linux's virtio-pci (6.1,
+/// 6.12) ignores an answer that reaches it only after its removal began. Two readers each have
+/// a request in a disk on rp0; the guest masks the function's queue vectors itself (in the
+/// MSI-X table, with `barpoke` from a tool disk); the disk is pulled out and both requests are
+/// failed at once, their answers in the used ring and their interrupts pending behind the mask,
+/// so the driver cannot take them (the VMM's wait for them gives up: `collected` false). Once
+/// the guest's removal has begun — its block device is gone, and virtio-pci marks the queues
+/// broken before it unregisters the disk — the guest unmasks the vectors: the interrupts come,
+/// the guest counts them and takes no answer. The VMM's rings show it (`used` ahead of
+/// `used-event`), the readers and pciehp's thread sleep in D state for good, and the function
+/// never leaves the bus: the hang the race leaves when it is lost, which only the guest can
+/// close. The guest's hot-plug is stuck after this, so the test has a guest of its own.
+fn late_answer(version: &str) {
+    let dir = TempDir::new(&format!("late-answer-{version}"));
+    let sock = dir.path("qmp.sock");
+    let opts = BootOptions::shared(version).cpus(2).qmp(&sock);
+    let mut g = Guest::restore(&opts);
+    let mut q = QmpClient::negotiated(&sock);
+    let (g, q) = (&mut g, &mut q);
+
+    // The tool, on an ext4 disk of its own in rp2.
+    let tools = dir.path("tools");
+    std::fs::create_dir(&tools).unwrap();
+    common::build_guest_tool("barpoke", &tools);
+    let image = make_disk(&dir, "la-tools");
+    format_ext4_with(&image, Some(&tools));
+    blockdev_add(q, "la-tools", &image);
+    let tdev = hot_add(g, q, "la-tools-d", "la-tools", "rp2");
+    g.run(&format!(
+        "mkdir -p /mnt/la && mount /dev/{tdev} /mnt/la && cp /mnt/la/barpoke /tmp/ && umount /mnt/la"
+    ));
+
+    let held = FuseDisk::start(&dir, "la-n");
+    blockdev_add(q, "la-n", &held.file());
+    let dev = hot_add(g, q, "la-d", "la-n", "rp0");
+    let pci = g.run(&format!(
+        "basename $(readlink -f /sys/block/{dev}/device/..)"
+    ));
+    let virtio = g.run(&format!("basename $(readlink -f /sys/block/{dev}/device)"));
+    // virtio-pci gives the configuration vector 0 and queue n vector n + 1.
+    let req = format!("{}-req.", virtio.trim());
+    let interrupts = |g: &mut Guest| -> (usize, u64) {
+        let lines = g.run(&format!("grep -F {req} /proc/interrupts"));
+        let counts = lines.lines().map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .map_while(|c| c.parse::<u64>().ok())
+                .sum::<u64>()
+        });
+        (lines.lines().count(), counts.sum())
+    };
+    let (queues, _) = interrupts(g);
+    assert!(queues >= 1, "{virtio}'s queue vectors in /proc/interrupts");
+    let control = |vector: usize, value: u32| {
+        let entry = devices::virtio::pci::MSIX_TABLE_OFFSET as usize + 16 * vector;
+        format!("{:#x}={value}", entry + 12)
+    };
+    let mask: Vec<String> = (1..=queues).map(|v| control(v, 1)).collect();
+    let unmask: Vec<String> = (1..=queues).map(|v| control(v, 0)).collect();
+
+    held.hold();
+    start_readers(g, &dev, 2, 2);
+    g.run(&format!(
+        "/tmp/barpoke /sys/bus/pci/devices/{}/resource0 {} wait:/tmp/unmask {} > /tmp/barpoke.out 2>&1 &",
+        pci.trim(),
+        mask.join(" "),
+        unmask.join(" ")
+    ));
+    wait_lines(g, "/tmp/barpoke.out", queues);
+    let (_, masked) = interrupts(g);
+
+    let reply = pull_releasing(g, q, &held, "la-d", Some("fail"), Some("zero"));
+    eprintln!("{version}: late answer: x-surprise-remove: {reply}");
+    // Both requests failed at once; the driver, its vectors masked, took neither answer.
+    assert_eq!(
+        (&reply["failed"], &reply["collected"]),
+        (&json!(2), &json!(false)),
+        "{reply}"
+    );
+    // The guest's removal has begun: virtio-pci broke the queues, then unregistered the disk.
+    wait_block_removed(g, &dev);
+    assert_eq!(interrupts(g).1, masked, "the mask held the interrupts back");
+    g.run("touch /tmp/unmask");
+    wait_lines(g, "/tmp/barpoke.out", 2 * queues + 1);
+    g.run("sleep 3");
+    let (_, delivered) = interrupts(g);
+    let pulled = q.ok("x-query-hotplug", json!({}))["pulled"].clone();
+    let stuck = d_state_tasks(g);
+    let readers = g.run(&format!("cat /tmp/readers-{dev} 2>&1; true"));
+    let devices = g.run("echo /sys/bus/pci/devices/*");
+    eprintln!(
+        "{version}: late answer: interrupts {masked} -> {delivered}; pulled {pulled}; \
+         tasks in D state {stuck:?}; readers' ends: {readers}"
+    );
+    assert!(
+        delivered > masked,
+        "the guest took the interrupts: {delivered}"
+    );
+    let disk = pulled
+        .as_array()
+        .and_then(|p| p.iter().find(|d| d["id"] == "la-d"))
+        .unwrap_or_else(|| panic!("la-d still fails requests: {pulled}"));
+    // Past `used-event` the driver has taken nothing: both answers are there, untaken.
+    let untaken: u64 = disk["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let (used, seen) = (
+                r["used"].as_u64().unwrap(),
+                r["used-event"].as_u64().unwrap(),
+            );
+            u64::from((used as u16).wrapping_sub(seen as u16))
+        })
+        .sum();
+    assert_eq!(untaken, 2, "the answers the driver never took: {disk}");
+    assert_eq!(
+        stuck.iter().filter(|t| *t == "dd").count(),
+        2,
+        "both readers wait for answers they were given: {stuck:?}"
+    );
+    assert!(!readers.contains("EXIT"), "no reader ended: {readers}");
+    assert!(
+        stuck.iter().any(|t| t.contains("pciehp")),
+        "the removal waits in del_gendisk: {stuck:?}"
+    );
+    assert!(
+        devices.contains(pci.trim()),
+        "{pci} never leaves the bus: {devices}"
+    );
+    q.ok("query-status", json!({}));
+}
+
 /// The trace of the run holds, in order, a surprise removal's request, the slot change with
 /// what happened to the requests in flight, the event, the guest's reads of Slot Status and its
 /// ACPI methods' accesses to the controller.
@@ -433,4 +569,14 @@ fn surprise_removal_linux_6_1() {
 #[test]
 fn surprise_removal_linux_6_12() {
     surprise("6.12");
+}
+
+#[test]
+fn late_answer_linux_6_1() {
+    late_answer("6.1");
+}
+
+#[test]
+fn late_answer_linux_6_12() {
+    late_answer("6.12");
 }
