@@ -395,12 +395,13 @@ fn late_answer(version: &str) {
     };
     let (queues, _) = interrupts(g);
     assert!(queues >= 1, "{virtio}'s queue vectors in /proc/interrupts");
-    let control = |vector: usize, value: u32| {
-        let entry = devices::virtio::pci::MSIX_TABLE_OFFSET as usize + 16 * vector;
-        format!("{:#x}={value}", entry + 12)
+    let control = |vector: u64, value: u32| {
+        use devices::pci::msix::{MSIX_ENTRY_VECTOR_CONTROL, MSIX_TABLE_ENTRY_SIZE};
+        let entry = devices::virtio::pci::MSIX_TABLE_OFFSET + MSIX_TABLE_ENTRY_SIZE * vector;
+        format!("{:#x}={value}", entry + MSIX_ENTRY_VECTOR_CONTROL)
     };
-    let mask: Vec<String> = (1..=queues).map(|v| control(v, 1)).collect();
-    let unmask: Vec<String> = (1..=queues).map(|v| control(v, 0)).collect();
+    let mask: Vec<String> = (1..=queues as u64).map(|v| control(v, 1)).collect();
+    let unmask: Vec<String> = (1..=queues as u64).map(|v| control(v, 0)).collect();
 
     held.hold();
     start_readers(g, &dev, 2, 2);
